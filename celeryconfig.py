@@ -1,0 +1,59 @@
+"""Celery configuration for ``celery -A worker worker``, read from the environment.
+
+Every value that matters for delivery guarantees is here, with the reason.
+"""
+
+from kombu import Queue
+
+from worker.settings import get_settings
+from worker.vendors import VENDORS
+
+_s = get_settings()
+
+broker_url = _s.redis_url
+broker_transport_options = {
+    # A message a worker holds (running, or waiting out a retry countdown) is
+    # handed to another worker only after this long: longer than any countdown.
+    "visibility_timeout": _s.visibility_timeout,
+    # A web handler must not hang on a dead broker: connect fast or fail.
+    "socket_connect_timeout": _s.publish_timeout,
+    "socket_timeout": 10,
+    "retry_on_timeout": False,
+    "health_check_interval": 30,
+}
+broker_connection_retry_on_startup = True
+broker_connection_timeout = _s.publish_timeout
+broker_pool_limit = 16
+
+# One queue per vendor: a slow or throttled vendor never blocks the others,
+# and operators may run `celery -A worker worker -Q loops` for one vendor.
+task_queues = [Queue(name, routing_key=name) for name in VENDORS]
+task_default_queue = next(iter(VENDORS))
+task_create_missing_queues = False
+
+# Publishing from a web handler: one quick retry, then EnqueueError.
+task_publish_retry = True
+task_publish_retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}
+
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+
+# At-least-once: acknowledge after the delivery finished (or was dead-lettered),
+# and give the message back if the worker dies under it.
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = True
+worker_prefetch_multiplier = 1
+
+# Delivery is I/O-bound: many threads, one pooled HTTP client per process.
+worker_pool = "threads"
+worker_concurrency = _s.worker_concurrency
+
+# Flower: task events on, including "sent".
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = True
+worker_redirect_stdouts = True
+worker_cancel_long_running_tasks_on_connection_loss = False

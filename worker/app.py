@@ -1,0 +1,24 @@
+"""The Celery application. ``celery -A worker worker`` finds it as ``worker.app``.
+
+Example::
+
+    $ celery -A worker worker              # every vendor queue
+    $ celery -A worker worker -Q loops     # Loops only
+"""
+
+from __future__ import annotations
+
+from celery import Celery, signals
+
+from .gate import QueueGate
+from .observability import init_sentry
+from .settings import get_settings
+
+app = Celery("worker")
+app.config_from_object("celeryconfig")
+app.steps["consumer"].add(QueueGate)
+
+
+@signals.celeryd_init.connect
+def _start_sentry(**_: object) -> None:
+    init_sentry(get_settings())

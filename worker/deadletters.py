@@ -1,0 +1,107 @@
+"""The dead-letter store: deliveries that failed for good, kept until replayed or purged.
+
+Entries live in Redis with no expiry: a hash ``<prefix>:deadletters`` (id ->
+JSON) and a sorted set ``<prefix>:deadletters:index`` (id by failure time).
+Credentials never reach an entry: requests are stored without their auth
+headers, and every stored text is scrubbed of the configured secrets.
+
+Example::
+
+    >>> store = DeadLetterStore(redis.Redis(), "vdw")          # doctest: +SKIP
+    >>> [(d.vendor, d.reason, d.status) for d in store.list()]  # doctest: +SKIP
+    [('loops', 'rejected', 422)]
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from .events import utc_now
+from .scrub import scrub
+
+#: A vendor's response body is kept up to this many characters.
+MAX_BODY_CHARS = 2048
+#: A malformed message's raw text is kept up to this many characters.
+MAX_RAW_CHARS = 4096
+
+# Reasons an entry was dead-lettered.
+REJECTED = "rejected"  # the vendor answered a permanent 4xx
+RETRIES_EXHAUSTED = "retries_exhausted"  # RETRY_MAX_ATTEMPTS transient failures
+PROPERTY_CAP = "property_cap"  # more than EVENT_PROPERTY_CAP properties; never sent
+MALFORMED = "malformed"  # the queue message was not a valid delivery
+VENDOR_DISABLED = "vendor_disabled"  # the vendor's credentials are not set on this worker
+REQUEST_ERROR = "request_error"  # the request could not be made (e.g. a bad base URL)
+
+
+class DeadLetter(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    vendor: str
+    operation: str | None
+    reason: str
+    status: int | None = None
+    attempts: int
+    event_id: str | None
+    failed_at: str = Field(default_factory=utc_now)
+    error: str = ""
+    response_body: str | None = None
+    request: dict[str, Any] | None = None
+    #: The event as it was queued, replayed as is; None for a malformed message.
+    event: dict[str, Any] | None = None
+    task_id: str | None = None
+    #: The raw message, for malformed ones.
+    raw: str | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.event is not None and self.reason != MALFORMED
+
+
+class DeadLetterStore:
+    def __init__(self, client: redis.Redis, prefix: str, secrets: Iterable[str] = ()) -> None:
+        self.client = client
+        self.hash_key = f"{prefix}:deadletters"
+        self.index_key = f"{prefix}:deadletters:index"
+        self.secrets = [s for s in secrets if s]
+
+    def add(self, entry: DeadLetter) -> DeadLetter:
+        if entry.response_body is not None:
+            entry.response_body = entry.response_body[:MAX_BODY_CHARS]
+        if entry.raw is not None:
+            entry.raw = entry.raw[:MAX_RAW_CHARS]
+        data = scrub(entry.model_dump_json(), self.secrets)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.hash_key, entry.id, data)
+        pipe.zadd(self.index_key, {entry.id: time.time()})
+        pipe.execute()
+        return DeadLetter.model_validate_json(data)
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        data = self.client.hget(self.hash_key, entry_id)
+        return DeadLetter.model_validate_json(data) if data else None
+
+    def list(self, vendor: str | None = None) -> list[DeadLetter]:
+        """Oldest first."""
+        ids = self.client.zrange(self.index_key, 0, -1)
+        if not ids:
+            return []
+        rows = self.client.hmget(self.hash_key, ids)
+        entries = [DeadLetter.model_validate_json(r) for r in rows if r]
+        return [e for e in entries if vendor is None or e.vendor == vendor]
+
+    def remove(self, entry_id: str) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(self.hash_key, entry_id)
+        pipe.zrem(self.index_key, entry_id)
+        return bool(pipe.execute()[0])
+
+    def purge(self, vendor: str | None = None) -> int:
+        return sum(self.remove(e.id) for e in self.list(vendor))
+
+    def count(self) -> int:
+        return self.client.hlen(self.hash_key)

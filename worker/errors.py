@@ -1,0 +1,42 @@
+"""The exceptions callers and operators see.
+
+Example::
+
+    >>> import worker
+    >>> try:
+    ...     worker.track("", email="jill@acme.co")
+    ... except worker.InvalidEvent as exc:
+    ...     print(exc)
+    event name must be a non-empty string
+"""
+
+from __future__ import annotations
+
+
+class InvalidEvent(ValueError):
+    """A producer call was malformed; nothing was enqueued."""
+
+
+class EnqueueError(RuntimeError):
+    """The broker could not take the event in time; nothing was enqueued."""
+
+
+class DeadLettered(Exception):
+    """A delivery failed for good and was stored as a dead letter.
+
+    It is the exception a delivery task ends with, so Flower shows it as
+    FAILURE and Sentry reports it once.
+    """
+
+    def __init__(self, vendor: str, status: int | None, reason: str, entry_id: str) -> None:
+        self.vendor = vendor
+        self.status = status
+        self.reason = reason
+        self.entry_id = entry_id
+        super().__init__(
+            f"{vendor}: status={status if status is not None else '-'} "
+            f"reason={reason} dead_letter={entry_id}"
+        )
+
+    def __reduce__(self):  # keep it picklable with its four arguments
+        return (type(self), (self.vendor, self.status, self.reason, self.entry_id))

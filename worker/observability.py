@@ -1,0 +1,56 @@
+"""Sentry: final failures reported once, tagged; retries never; credentials scrubbed.
+
+Sentry starts in worker processes when ``SENTRY_DSN`` is set (see
+:mod:`worker.app`). :func:`before_send` replaces every configured credential
+string anywhere in an event with ``[Filtered]``.
+
+Example::
+
+    >>> before_send({"message": "key sk-1"}, {}, secrets=["sk-1"])
+    {'message': 'key [Filtered]'}
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import sentry_sdk
+from sentry_sdk.integrations.celery import CeleryIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
+
+from .scrub import scrub_obj
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def before_send(event: dict[str, Any], hint: dict[str, Any], secrets: list[str]) -> dict[str, Any]:
+    return scrub_obj(event, secrets)
+
+
+def init_sentry(settings: Settings) -> bool:
+    """Start Sentry if SENTRY_DSN is set; returns whether it did."""
+    if settings.sentry_dsn is None:
+        return False
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn.get_secret_value(),
+        integrations=[
+            CeleryIntegration(monitor_beat_tasks=False),
+            # Error log lines are not events: the task failure is the one event.
+            LoggingIntegration(level=logging.INFO, event_level=None),
+        ],
+        send_default_pii=False,
+        before_send=partial(before_send, secrets=settings.secrets()),
+        traces_sample_rate=0.0,
+    )
+    log.info("Sentry reporting is on")
+    return True
+
+
+def tag_failure(vendor: str, status: int | None, reason: str) -> None:
+    """Tag the current task's scope so its Sentry event says which vendor failed and how."""
+    sentry_sdk.set_tag("vendor", vendor)
+    sentry_sdk.set_tag("status", str(status) if status is not None else "none")
+    sentry_sdk.set_tag("reason", reason)

@@ -1,0 +1,217 @@
+"""The vendor-agnostic delivery of one event to one vendor.
+
+    parse -> cap -> limiter -> send -> classify -> delivered | retry | dead letter
+
+No Celery here: :meth:`Pipeline.deliver` returns :class:`Delivered` or
+:class:`RetryLater` (the task turns it into a Celery retry), raises
+:class:`~worker.errors.DeadLettered` after storing a dead letter, or raises
+:class:`~worker.throttle.Throttled` when the vendor's tokens are all spoken for.
+
+Example::
+
+    >>> result = Pipeline.default().deliver("loops", payload, attempt=1)  # doctest: +SKIP
+    >>> result
+    Delivered(vendor='loops', status=200, attempt=1, elapsed=0.012)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import httpx
+import pydantic
+
+from . import backoff, clients, observability
+from .deadletters import (
+    MALFORMED,
+    PROPERTY_CAP,
+    REJECTED,
+    REQUEST_ERROR,
+    RETRIES_EXHAUSTED,
+    VENDOR_DISABLED,
+    DeadLetter,
+    DeadLetterStore,
+)
+from .errors import DeadLettered
+from .events import parse_event
+from .ratelimit import RateLimiter, limiter_for
+from .settings import Settings, get_settings
+from .throttle import Throttle
+from .vendors import VENDORS, Request, Vendor, Verdict
+
+log = logging.getLogger(__name__)
+
+#: Transport failures worth another attempt; anything else httpx raises is a request we cannot make.
+RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    vendor: str
+    status: int
+    attempt: int
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    vendor: str
+    status: int | None
+    attempt: int
+    countdown: float
+    error: str
+
+
+class RetryableError(Exception):
+    """What a delivery task shows while it waits to retry (Flower: RETRY)."""
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        http: httpx.Client,
+        store: DeadLetterStore,
+        limiters: dict[str, RateLimiter],
+        throttle: Throttle,
+        vendors: dict[str, Vendor] = VENDORS,
+    ) -> None:
+        self.settings = settings
+        self.http = http
+        self.store = store
+        self.limiters = limiters
+        self.throttle = throttle
+        self.vendors = vendors
+
+    _default: Pipeline | None = None
+    _default_lock = threading.Lock()
+
+    @classmethod
+    def default(cls) -> Pipeline:
+        """The process's pipeline, built from the environment on first use."""
+        with cls._default_lock:
+            if cls._default is None:
+                s = get_settings()
+                r = clients.redis_client()
+                limiters = {
+                    name: limiter_for(r, f"{s.key_prefix}:ratelimit:{name}", v.rate_limit(s))
+                    for name, v in VENDORS.items()
+                }
+                store = DeadLetterStore(r, s.key_prefix, s.secrets())
+                cls._default = cls(s, clients.http_client(), store, limiters, Throttle())
+            return cls._default
+
+    @classmethod
+    def reset_default(cls) -> None:
+        with cls._default_lock:
+            cls._default = None
+
+    # -- the flow -------------------------------------------------------------
+
+    def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None) -> Delivered | RetryLater:
+        vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
+        if vendor is None:
+            self._dead(
+                DeadLetter(vendor=str(vendor_name)[:64], operation=None, reason=MALFORMED, attempts=attempt,
+                           event_id=None, error=f"unknown vendor {vendor_name!r}", raw=_raw(payload), task_id=task_id)
+            )
+        try:
+            event = parse_event(payload)
+        except pydantic.ValidationError as exc:
+            self._dead(
+                DeadLetter(vendor=vendor.name, operation=_get(payload, "operation"), reason=MALFORMED,
+                           attempts=attempt, event_id=_get(payload, "id"), error=_summary(exc),
+                           raw=_raw(payload), task_id=task_id)
+            )
+
+        def dead(reason: str, error: str, **extra: Any) -> NoReturn:
+            self._dead(
+                DeadLetter(vendor=vendor.name, operation=event.operation, reason=reason, attempts=attempt,
+                           event_id=event.id, error=error, event=payload, task_id=task_id, **extra)
+            )
+
+        if not vendor.enabled(self.settings):
+            dead(VENDOR_DISABLED, f"{vendor.name} is not configured on this worker (set {vendor.credential_env})")
+        cap = self.settings.event_property_cap
+        if event.operation == "track" and len(event.properties) > cap:
+            dead(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}")
+
+        request = vendor.build(event, self.settings)
+        self.throttle.wait(vendor.name, self.limiters[vendor.name])
+
+        started = time.monotonic()
+        try:
+            response = self._send(vendor, request)
+        except RETRYABLE_ERRORS as exc:
+            return self._retry(vendor, event.id, request, attempt, None, None, f"{type(exc).__name__}: {exc}", payload, task_id)
+        except httpx.HTTPError as exc:
+            dead(REQUEST_ERROR, f"{type(exc).__name__}: {exc}", request=_request_dict(request))
+        elapsed = time.monotonic() - started
+
+        outcome = vendor.classify(response.status_code, response.headers, request)
+        if outcome.verdict is Verdict.DELIVERED:
+            log.info("delivered %s %s event=%s status=%s attempt=%s in %.0fms",
+                     vendor.name, event.operation, event.id, response.status_code, attempt, elapsed * 1000)
+            return Delivered(vendor.name, response.status_code, attempt, round(elapsed, 4))
+        if outcome.verdict is Verdict.REJECTED:
+            dead(REJECTED, f"{vendor.name} answered {response.status_code}", status=response.status_code,
+                 response_body=response.text, request=_request_dict(request))
+        if outcome.status == 429 and outcome.retry_after:
+            self.limiters[vendor.name].penalize(outcome.retry_after)
+        return self._retry(vendor, event.id, request, attempt, outcome.status, outcome.retry_after,
+                           f"{vendor.name} answered {response.status_code}", payload, task_id, response.text)
+
+    # -- steps ----------------------------------------------------------------
+
+    def _send(self, vendor: Vendor, request: Request) -> httpx.Response:
+        url = vendor.base_url(self.settings).rstrip("/") + request.path
+        headers = {**request.headers, **vendor.auth_headers(self.settings)}
+        return self.http.request(request.method, url, json=request.json, headers=headers)
+
+    def _retry(self, vendor: Vendor, event_id: str, request: Request, attempt: int, status: int | None,
+               retry_after: float | None, error: str, payload: Any, task_id: str | None,
+               body: str | None = None) -> RetryLater:
+        s = self.settings
+        if attempt >= s.retry_max_attempts:
+            self._dead(
+                DeadLetter(vendor=vendor.name, operation=payload.get("operation"), reason=RETRIES_EXHAUSTED,
+                           status=status, attempts=attempt, event_id=event_id, error=error, response_body=body,
+                           request=_request_dict(request), event=payload, task_id=task_id)
+            )
+        wait = backoff.countdown(attempt, retry_after, s.retry_backoff_base, s.retry_backoff_max)
+        log.warning("retrying %s event=%s status=%s attempt=%s/%s in %.2fs: %s",
+                    vendor.name, event_id, status, attempt, s.retry_max_attempts, wait, error)
+        return RetryLater(vendor.name, status, attempt, round(wait, 3), error)
+
+    def _dead(self, entry: DeadLetter) -> NoReturn:
+        stored = self.store.add(entry)
+        log.error("dead-lettered %s %s event=%s reason=%s status=%s attempts=%s id=%s: %s",
+                  stored.vendor, stored.operation, stored.event_id, stored.reason, stored.status,
+                  stored.attempts, stored.id, stored.error)
+        observability.tag_failure(stored.vendor, stored.status, stored.reason)
+        raise DeadLettered(stored.vendor, stored.status, stored.reason, stored.id)
+
+
+def _request_dict(request: Request) -> dict[str, Any]:
+    return {"method": request.method, "path": request.path, "json": request.json, "headers": dict(request.headers)}
+
+
+def _get(payload: Any, key: str) -> str | None:
+    value = payload.get(key) if isinstance(payload, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _raw(payload: Any) -> str:
+    try:
+        return json.dumps(payload, default=repr)
+    except (TypeError, ValueError):
+        return repr(payload)
+
+
+def _summary(exc: pydantic.ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors()[:5])

@@ -1,0 +1,168 @@
+"""The producer API a web handler calls: validate, fan out, enqueue, return.
+
+Each call returns the event id (also the Idempotency-Key) once one message per
+target vendor is on that vendor's queue. Nothing is enqueued when the input is
+bad (:class:`~worker.errors.InvalidEvent`) or the broker cannot take it in
+time (:class:`~worker.errors.EnqueueError`).
+
+Example::
+
+    >>> import worker
+    >>> worker.track("made_sale", email="jill@acme.co", properties={"amount": 1000})  # doctest: +SKIP
+    '5f0c6c1e4a1b4a8e9d7c2b1a0f9e8d7c'
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import pydantic
+from kombu.exceptions import KombuError, OperationalError
+
+from .errors import EnqueueError, InvalidEvent
+from .events import IdentifyEvent, SegmentEvent, TrackEvent, check_encodable, encode, iso_utc, utc_now
+from .settings import Settings, get_settings
+from .vendors import VENDORS
+
+log = logging.getLogger(__name__)
+
+
+def identify(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+             traits: Mapping[str, Any] | None = None, vendors: Iterable[str] | None = None) -> str:
+    """Create or update a person at every vendor that can carry it."""
+    fields = {"traits": _mapping("traits", traits)}
+    return _submit(IdentifyEvent, _identity(email, user_id, pid), fields, vendors)
+
+
+def track(event: str, *, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+          properties: Mapping[str, Any] | None = None, occurred_at: datetime | str | None = None,
+          vendors: Iterable[str] | None = None) -> str:
+    """Record an event on a person; at most EVENT_PROPERTY_CAP properties."""
+    if not isinstance(event, str) or not event.strip():
+        raise InvalidEvent("event name must be a non-empty string")
+    props = _mapping("properties", properties)
+    cap = get_settings().event_property_cap
+    if len(props) > cap:
+        raise InvalidEvent(f"properties has {len(props)} keys; at most {cap} are allowed (EVENT_PROPERTY_CAP)")
+    fields: dict[str, Any] = {"event": event, "properties": props}
+    if occurred_at is not None:
+        try:
+            fields["occurred_at"] = iso_utc(occurred_at)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)) from None
+    return _submit(TrackEvent, _identity(email, user_id, pid), fields, vendors)
+
+
+def segment(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+            add: Iterable[str] = (), remove: Iterable[str] = (), vendors: Iterable[str] | None = None) -> str:
+    """Add a person to segments and remove them from others."""
+    fields = {"add": _names("add", add), "remove": _names("remove", remove)}
+    return _submit(SegmentEvent, _identity(email, user_id, pid), fields, vendors)
+
+
+# -- validation ---------------------------------------------------------------
+
+def _identity(email: Any, user_id: Any, pid: Any) -> dict[str, Any]:
+    return {k: v for k, v in (("email", email), ("user_id", user_id), ("pid", pid)) if v is not None}
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidEvent(f"{name} must be a dict, not {type(value).__name__}")
+    return dict(value)
+
+
+def _names(name: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidEvent(f"{name} must be a list of segment names, not {type(value).__name__}")
+    return list(value)
+
+
+def _build(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any]):
+    data = {"id": uuid.uuid4().hex, "created_at": utc_now(), "identity": identity, **fields}
+    try:
+        event = model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise InvalidEvent(_explain(exc)) from None
+    payload = encode(event)
+    try:
+        check_encodable(payload)
+    except ValueError as exc:
+        raise InvalidEvent(str(exc)) from None
+    return event, payload
+
+
+def _explain(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(p) for p in err["loc"] if p != "identity"]
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def plan(event: Any, vendors: Iterable[str] | None, settings: Settings) -> list[str]:
+    """The vendors this event goes to. Named vendors must be able to take it."""
+    if vendors is None:
+        targets = []
+        for vendor in VENDORS.values():
+            if not vendor.enabled(settings):
+                continue
+            reason = vendor.refusal(event, settings)
+            if reason:
+                log.info("skipping %s for %s event %s: %s", vendor.name, event.operation, event.id, reason)
+            else:
+                targets.append(vendor.name)
+        if not targets:
+            log.warning("%s event %s goes to no vendor: none enabled can carry it", event.operation, event.id)
+        return targets
+    if isinstance(vendors, (str, bytes)) or not isinstance(vendors, Iterable):
+        raise InvalidEvent(f"vendors must be a list of vendor names, not {type(vendors).__name__}")
+    names = list(dict.fromkeys(vendors))
+    if not names:
+        raise InvalidEvent("vendors is empty; leave it out to send to every enabled vendor")
+    for name in names:
+        vendor = VENDORS.get(name) if isinstance(name, str) else None
+        if vendor is None:
+            raise InvalidEvent(f"unknown vendor {name!r}; known: {', '.join(VENDORS)}")
+        if not vendor.enabled(settings):
+            raise InvalidEvent(f"vendor {name!r} is not enabled: set {vendor.credential_env}")
+        reason = vendor.refusal(event, settings)
+        if reason:
+            raise InvalidEvent(f"vendor {name!r} cannot take this {event.operation}: {reason}")
+    return names
+
+
+def _submit(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any],
+            vendors: Iterable[str] | None) -> str:
+    event, payload = _build(model, identity, fields)
+    publish(payload, plan(event, vendors, get_settings()))
+    return event.id
+
+
+# -- enqueue ------------------------------------------------------------------
+
+def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> None:
+    """Put one delivery message per vendor on that vendor's queue, or raise EnqueueError."""
+    if not vendors:
+        return
+    from .tasks import deliver
+
+    app = deliver.app
+    try:
+        with app.producer_or_acquire() as producer:
+            for name in vendors:
+                deliver.apply_async(
+                    args=(name, payload),
+                    queue=name,
+                    task_id=f"{payload['id']}.{name}{task_id_suffix}",
+                    producer=producer,
+                )
+    except (OperationalError, KombuError, OSError) as exc:
+        raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: broker unreachable ({exc})") from exc

@@ -1,0 +1,115 @@
+"""Small httpx client for the sandbox control API (``/_sandbox``).
+
+Example::
+
+    client = SandboxClient("http://127.0.0.1:8900")
+    client.configure("loops", fail_next=[503], rate_limit=10)
+    ...  # exercise code that talks to Loops
+    sends = client.wait_for(2, vendor="loops")         # two 200s recorded
+    client.wait_for(lambda r: r["path"] == "/events/send", vendor="loops")
+    client.reset()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+__all__ = ["SandboxClient"]
+
+# Timeout of each control API call, in seconds.
+DEFAULT_HTTP_TIMEOUT = 10.0
+# Delay between polls in `SandboxClient.wait_for`, in seconds.
+POLL_INTERVAL = 0.02
+
+Record = dict[str, Any]
+
+
+class SandboxClient:
+    """Client for a running sandbox at ``url`` (its root, e.g. ``Sandbox.url``)."""
+
+    def __init__(self, url: str, timeout: float = DEFAULT_HTTP_TIMEOUT) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url + "/_sandbox", timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SandboxClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise RuntimeError(f"sandbox {method} {path} -> {response.status_code}: {response.text}")
+        return response.json()
+
+    def health(self) -> bool:
+        """True if the sandbox answers ``{"ok": true}``."""
+        return bool(self._call("GET", "/health").get("ok"))
+
+    def requests(
+        self,
+        vendor: str | None = None,
+        since: int | None = None,
+        status: int | None = None,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """Recorded vendor requests, oldest first (see the control API filters)."""
+        filters = {"vendor": vendor, "since": since, "status": status, "limit": limit}
+        params = {key: value for key, value in filters.items() if value is not None}
+        return self._call("GET", "/requests", params=params)["requests"]
+
+    def stats(self) -> dict[str, Any]:
+        """``{"vendors": {name: {"received": n, "by_status": {"200": n}}}}``."""
+        return self._call("GET", "/stats")
+
+    def configure(self, vendor: str, **switches: Any) -> dict[str, Any]:
+        """Set switches of ``vendor`` (or ``"*"`` for all); None clears a switch."""
+        return self._call("POST", "/config", json={"vendor": vendor, **switches})
+
+    def reset(self) -> None:
+        """Clear records, idempotency keys, switches and rate-limit buckets."""
+        self._call("POST", "/reset")
+
+    def wait_for(
+        self,
+        predicate_or_count: int | Callable[[Record], bool],
+        vendor: str | None = None,
+        status: int | None = 200,
+        timeout: float = 10.0,
+        *,
+        count: int = 1,
+    ) -> list[Record]:
+        """Poll until enough recorded requests match; returns the matches.
+
+        ``predicate_or_count`` is either the number of requests to wait for, or a
+        per-record predicate (then ``count`` matches are awaited, default 1).
+        ``vendor``/``status`` filter first (``status=None``: any status).
+        Raises TimeoutError describing what was seen instead.
+        """
+        if callable(predicate_or_count):
+            predicate: Callable[[Record], bool] = predicate_or_count
+        else:
+            count, predicate = predicate_or_count, lambda record: True
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = [r for r in self.requests(vendor=vendor, status=status) if predicate(r)]
+            if len(matches) >= count:
+                return matches
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL)
+        seen = self.requests(vendor=vendor)
+        summary = ", ".join(f"{r['method']} {r['vendor']}{r['path']} -> {r['status']}" for r in seen[-10:])
+        raise TimeoutError(
+            f"waited {timeout}s for {count} request(s) (vendor={vendor!r}, status={status!r}"
+            f"{', predicate' if callable(predicate_or_count) else ''}); {len(matches)} matched, "
+            f"{len(seen)} recorded for that vendor; last: [{summary or 'none'}]"
+        )

@@ -1,0 +1,125 @@
+"""Configuration, read from the environment only (pydantic-settings).
+
+A vendor is enabled when its credentials are set. Credentials are
+:class:`~pydantic.SecretStr` so that a ``repr`` or a log line of the settings
+never shows them; :func:`secrets` lists their raw values for scrubbers.
+
+Example::
+
+    >>> from worker.settings import get_settings
+    >>> get_settings().event_property_cap
+    15
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Broker, limiter state and dead letters all live here by default.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: Requests per second per vendor, shared by every worker on every host.
+DEFAULT_RATE_LIMIT = 10.0
+#: ConveYour blocks event objects with more than 15 key/value pairs.
+DEFAULT_EVENT_PROPERTY_CAP = 15
+#: First backoff step in seconds; the n-th retry waits up to base * 2**(n-1).
+DEFAULT_RETRY_BACKOFF_BASE = 2.0
+#: No retry waits longer than this many seconds.
+DEFAULT_RETRY_BACKOFF_MAX = 600.0
+#: Attempts per delivery, the first one included (about 17 minutes of retries at most).
+DEFAULT_RETRY_MAX_ATTEMPTS = 10
+#: Seconds for a whole HTTP exchange with a vendor.
+DEFAULT_HTTP_TIMEOUT = 10.0
+#: Threads per worker process: delivery is I/O-bound.
+DEFAULT_WORKER_CONCURRENCY = 32
+#: Seconds a producer may spend publishing before it gives up with EnqueueError.
+DEFAULT_PUBLISH_TIMEOUT = 0.25
+
+
+class Settings(BaseSettings):
+    """Every knob of the product; each field is the upper-cased env variable."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    redis_url: str = DEFAULT_REDIS_URL
+    #: Prefix of the Redis keys this product owns (limiter, dead letters).
+    key_prefix: str = "vdw"
+
+    convertloop_app_id: SecretStr | None = None
+    convertloop_api_key: SecretStr | None = None
+    convertloop_base_url: str = "https://api.convertloop.co/v1"
+    convertloop_rate_limit: float = Field(DEFAULT_RATE_LIMIT, ge=0)
+
+    loops_api_key: SecretStr | None = None
+    loops_base_url: str = "https://app.loops.so/api/v1"
+    loops_mailing_lists: dict[str, str] = Field(default_factory=dict)
+    loops_rate_limit: float = Field(DEFAULT_RATE_LIMIT, ge=0)
+
+    conveyour_appkey: SecretStr | None = None
+    conveyour_token: SecretStr | None = None
+    conveyour_base_url: str | None = None
+    conveyour_rate_limit: float = Field(DEFAULT_RATE_LIMIT, ge=0)
+
+    event_property_cap: int = Field(DEFAULT_EVENT_PROPERTY_CAP, ge=0)
+
+    retry_backoff_base: float = Field(DEFAULT_RETRY_BACKOFF_BASE, gt=0)
+    retry_backoff_max: float = Field(DEFAULT_RETRY_BACKOFF_MAX, gt=0)
+    retry_max_attempts: int = Field(DEFAULT_RETRY_MAX_ATTEMPTS, ge=1)
+    http_timeout: float = Field(DEFAULT_HTTP_TIMEOUT, gt=0)
+
+    sentry_dsn: SecretStr | None = None
+
+    worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
+    publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
+    #: Seconds before an unacknowledged message is handed to another worker;
+    #: default: longer than any retry countdown (see :attr:`visibility_timeout`).
+    broker_visibility_timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _complete_credentials(self) -> Settings:
+        pairs = {
+            "CONVERTLOOP": (self.convertloop_app_id, self.convertloop_api_key),
+            "CONVEYOUR": (self.conveyour_appkey, self.conveyour_token),
+        }
+        for vendor, values in pairs.items():
+            if any(values) and not all(values):
+                raise ValueError(
+                    f"{vendor} credentials are incomplete: set both "
+                    + (
+                        "CONVERTLOOP_APP_ID and CONVERTLOOP_API_KEY"
+                        if vendor == "CONVERTLOOP"
+                        else "CONVEYOUR_APPKEY and CONVEYOUR_TOKEN"
+                    )
+                )
+        if all(pairs["CONVEYOUR"]) and not self.conveyour_base_url:
+            raise ValueError(
+                "CONVEYOUR_BASE_URL must be set when ConveYour credentials are "
+                "(e.g. https://acme.conveyour.com/api)"
+            )
+        return self
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Longer than the longest retry countdown, so a waiting retry is never redelivered."""
+        if self.broker_visibility_timeout is not None:
+            return self.broker_visibility_timeout
+        return self.retry_backoff_max + 4 * self.http_timeout + 60
+
+    def secrets(self) -> list[str]:
+        """The raw credential strings, for scrubbing logs, dead letters and Sentry events."""
+        values = [
+            self.convertloop_app_id,
+            self.convertloop_api_key,
+            self.loops_api_key,
+            self.conveyour_appkey,
+            self.conveyour_token,
+        ]
+        return [v.get_secret_value() for v in values if v and v.get_secret_value()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once; ``get_settings.cache_clear()`` re-reads."""
+    return Settings()

@@ -1,0 +1,114 @@
+"""The small contract every vendor module fulfils: build requests, classify responses.
+
+A vendor module is pure: no I/O, no Celery, no Redis. The delivery pipeline
+(:mod:`worker.pipeline`) does the sending. Credentials only ever appear in
+:meth:`Vendor.auth_headers`, which the pipeline adds at send time, so built
+requests can be logged and dead-lettered safely.
+
+Example::
+
+    >>> from worker.vendors import VENDORS
+    >>> VENDORS["loops"].classify(409, {}, Request("POST", "/events/send", {}, {"Idempotency-Key": "e1"})).verdict
+    <Verdict.DELIVERED: 'delivered'>
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+from ..events import IdentifyEvent, SegmentEvent, TrackEvent
+from ..settings import Settings
+
+AnyEvent = IdentifyEvent | TrackEvent | SegmentEvent
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request to a vendor, relative to its base URL, without credentials."""
+
+    method: str
+    path: str
+    json: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Verdict(str, enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a response means for the delivery."""
+
+    verdict: Verdict
+    status: int | None
+    #: Seconds the vendor asked us to wait (``Retry-After``), if it did.
+    retry_after: float | None = None
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value: delta-seconds or an HTTP date.
+
+    >>> parse_retry_after("3")
+    3.0
+    >>> parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=datetime(2015, 10, 21, 7, 27, 58, tzinfo=timezone.utc))
+    2.0
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+class Vendor:
+    """Base class: one instance per vendor, registered in :data:`worker.vendors.VENDORS`."""
+
+    #: The vendor's name, also the name of its Celery queue.
+    name: ClassVar[str]
+    #: The env variables that enable it, for error messages.
+    credential_env: ClassVar[str]
+
+    def enabled(self, settings: Settings) -> bool:
+        raise NotImplementedError
+
+    def base_url(self, settings: Settings) -> str:
+        raise NotImplementedError
+
+    def rate_limit(self, settings: Settings) -> float:
+        """Requests per second across all workers; 0 means unlimited."""
+        return float(getattr(settings, f"{self.name}_rate_limit"))
+
+    def auth_headers(self, settings: Settings) -> dict[str, str]:
+        raise NotImplementedError
+
+    def refusal(self, event: AnyEvent, settings: Settings) -> str | None:
+        """Why this vendor cannot carry ``event``, or None when it can."""
+        return None
+
+    def build(self, event: AnyEvent, settings: Settings) -> Request:
+        raise NotImplementedError
+
+    def classify(self, status: int, headers: Mapping[str, str], request: Request) -> Outcome:
+        """2xx delivered; 429, 408 and 5xx retried (with Retry-After); any other status rejected."""
+        if 200 <= status < 300:
+            return Outcome(Verdict.DELIVERED, status)
+        if status in (408, 429) or status >= 500:
+            return Outcome(Verdict.RETRY, status, parse_retry_after(headers.get("retry-after")))
+        return Outcome(Verdict.REJECTED, status)

@@ -1,0 +1,52 @@
+"""ConvertLoop: ``/people`` for identify and segments, ``/event_logs`` for events.
+
+Document: ``shared/vendor-docs/convertloop-api.txt``. Basic auth ``app_id:api_key``.
+
+Example::
+
+    >>> from worker.events import TrackEvent, Identity
+    >>> e = TrackEvent(id="e1", created_at="2026-01-01T00:00:00Z", identity=Identity(email="j@a.co"),
+    ...                event="made_sale", properties={"amount": 1000})
+    >>> ConvertLoop().build(e, None).json
+    {'name': 'made_sale', 'person': {'email': 'j@a.co'}, 'metadata': {'amount': 1000}}
+"""
+
+from __future__ import annotations
+
+import base64
+
+from ..settings import Settings
+from .base import AnyEvent, Request, Vendor
+
+#: The key ConvertLoop's own client libraries send for an event's time (sic).
+OCCURRED_AT_KEY = "ocurred_at"
+
+
+class ConvertLoop(Vendor):
+    name = "convertloop"
+    credential_env = "CONVERTLOOP_APP_ID and CONVERTLOOP_API_KEY"
+
+    def enabled(self, settings: Settings) -> bool:
+        return bool(settings.convertloop_app_id and settings.convertloop_api_key)
+
+    def base_url(self, settings: Settings) -> str:
+        return settings.convertloop_base_url
+
+    def auth_headers(self, settings: Settings) -> dict[str, str]:
+        pair = f"{settings.convertloop_app_id.get_secret_value()}:{settings.convertloop_api_key.get_secret_value()}"
+        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+
+    def build(self, event: AnyEvent, settings: Settings) -> Request:
+        identity = event.identity.as_dict()
+        if event.operation == "identify":
+            return Request("POST", "/people", {**event.traits, **identity})
+        if event.operation == "track":
+            body = {"name": event.event, "person": identity, "metadata": dict(event.properties)}
+            if event.occurred_at:
+                body[OCCURRED_AT_KEY] = event.occurred_at
+            return Request("POST", "/event_logs", body)
+        return Request(
+            "POST",
+            "/people",
+            {**identity, "add_to_segments": list(event.add), "remove_from_segments": list(event.remove)},
+        )
