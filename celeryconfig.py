@@ -44,7 +44,6 @@ result_backend = None
 # and give the message back if the worker dies under it.
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
 worker_prefetch_multiplier = 1
 
 # Delivery is I/O-bound: many threads, one pooled HTTP client per process.

@@ -1,0 +1,111 @@
+"""Shared fixtures: a private Redis, the vendor sandbox, the environment, workers.
+
+Nothing here touches the machine's shared Redis: every test run starts its own
+``redis-server`` on a free port and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from tests.support.procs import RedisServer, WorkerProcess
+from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
+
+#: Mailing lists the tests map segments to.
+MAILING_LISTS = {"vip": "list_vip", "trial": "list_trial", "newsletter": "list_news"}
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    with Sandbox(port=0) as box:
+        yield box
+
+
+@pytest.fixture(scope="session")
+def base_env(redis_server, sandbox) -> dict[str, str]:
+    """The environment the product runs with in tests (workers get a copy)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_"))}
+    env.update(SANDBOX_CREDENTIALS)
+    urls = sandbox.base_urls
+    env.update(
+        REDIS_URL=redis_server.url,
+        CONVERTLOOP_BASE_URL=urls["convertloop"],
+        LOOPS_BASE_URL=urls["loops"],
+        CONVEYOUR_BASE_URL=urls["conveyour"],
+        LOOPS_MAILING_LISTS=json.dumps(MAILING_LISTS),
+        CONVERTLOOP_RATE_LIMIT="0",
+        LOOPS_RATE_LIMIT="0",
+        CONVEYOUR_RATE_LIMIT="0",
+        RETRY_BACKOFF_BASE="0.2",
+        RETRY_BACKOFF_MAX="2",
+        RETRY_MAX_ATTEMPTS="4",
+        HTTP_TIMEOUT="5",
+        WORKER_CONCURRENCY="16",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def product_env(base_env, monkeypatch, redis_server):
+    """Point this process (producer, CLI, pipeline) at the test Redis and sandbox."""
+    from worker import clients
+    from worker.pipeline import Pipeline
+    from worker.settings import get_settings
+
+    for key in list(os.environ):
+        if key.startswith(("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_")):
+            monkeypatch.delenv(key)
+    for key, value in base_env.items():
+        monkeypatch.setenv(key, value)
+
+    def refresh():
+        get_settings.cache_clear()
+        clients.reset()
+        Pipeline.reset_default()
+
+    refresh()
+    yield base_env
+    monkeypatch.undo()
+    refresh()
+
+
+@pytest.fixture
+def sandbox_client(sandbox):
+    client = SandboxClient(sandbox.url)
+    client.reset()
+    yield client
+    client.reset()
+
+
+@pytest.fixture
+def unique_email() -> str:
+    return f"u{uuid.uuid4().hex[:12]}@example.com"
+
+
+@pytest.fixture(scope="module")
+def worker_factory(base_env, tmp_path_factory):
+    """Start Celery worker subprocesses; all are stopped when the module ends."""
+    started: list[WorkerProcess] = []
+    log_dir = str(tmp_path_factory.mktemp("worker-logs"))
+
+    def start(name: str | None = None, args: tuple[str, ...] = (), **env_overrides: str) -> WorkerProcess:
+        env = {**base_env, **{k: str(v) for k, v in env_overrides.items()}}
+        proc = WorkerProcess(env, name or f"w{len(started)}-{uuid.uuid4().hex[:6]}", args, log_dir)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
