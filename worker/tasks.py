@@ -11,6 +11,7 @@ vendor's message goes back on its queue (no attempt counted).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery.exceptions import Reject
@@ -22,6 +23,26 @@ from .throttle import Throttled
 
 DELIVER_TASK = "worker.deliver"
 
+log = logging.getLogger(__name__)
+
+
+class ThrottledReject(Reject):
+    """The message goes back on its queue: the vendor's tokens are all spoken for."""
+
+
+class _QuietThrottledRejects(logging.Filter):
+    """Celery logs every Reject as a warning with a traceback; a throttled requeue is routine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ThrottledReject):
+            log.debug("requeued: %s", exc.reason)
+            return False
+        return True
+
+
+logging.getLogger("celery.app.trace").addFilter(_QuietThrottledRejects())
+
 
 @app.task(bind=True, name=DELIVER_TASK, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **extra_kwargs: Any) -> dict[str, Any]:
@@ -32,7 +53,7 @@ def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **ext
         result = Pipeline.default().deliver(vendor, event, attempt=self.request.retries + 1, task_id=self.request.id)
     except Throttled as throttled:
         gate.pause(throttled.vendor, throttled.retry_after)
-        raise Reject(str(throttled), requeue=True) from None
+        raise ThrottledReject(str(throttled), requeue=True) from None
     if isinstance(result, Delivered):
         return {"vendor": result.vendor, "status": result.status, "attempt": result.attempt}
     raise self.retry(countdown=result.countdown, exc=RetryableError(result.error), max_retries=None)

@@ -1,0 +1,510 @@
+"""Tests for the vendor sandbox (worker.sandbox), over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient, base_urls
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CONVERTLOOP_AUTH = ("sandbox-app", "sandbox-convertloop-key")
+LOOPS_HEADERS = {"Authorization": "Bearer sandbox-loops-key"}
+CONVEYOUR_HEADERS = {"x-conveyour-appkey": "sandbox-appkey", "x-conveyour-token": "sandbox-conveyour-token"}
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    # Pin credentials so developer environment variables cannot change the defaults.
+    with Sandbox(port=0, credentials=dict(SANDBOX_CREDENTIALS)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def control(sandbox: Sandbox) -> Iterator[SandboxClient]:
+    with SandboxClient(sandbox.url) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def _reset(control: SandboxClient) -> None:
+    control.reset()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+def urls(sandbox: Sandbox) -> dict[str, str]:
+    return sandbox.base_urls
+
+
+def convertloop(http: httpx.Client, urls: dict[str, str], path: str, body: Any, **kw: Any) -> httpx.Response:
+    kw.setdefault("auth", CONVERTLOOP_AUTH)
+    return http.post(urls["convertloop"] + path, json=body, **kw)
+
+
+def loops(
+    http: httpx.Client, urls: dict[str, str], path: str, body: Any, method: str = "POST", **kw: Any
+) -> httpx.Response:
+    headers = {**LOOPS_HEADERS, **kw.pop("headers", {})}
+    return http.request(method, urls["loops"] + path, json=body, headers=headers, **kw)
+
+
+def conveyour(http: httpx.Client, urls: dict[str, str], path: str, body: Any, **kw: Any) -> httpx.Response:
+    headers = {**CONVEYOUR_HEADERS, **kw.pop("headers", {})}
+    return http.post(urls["conveyour"] + path, json=body, headers=headers, **kw)
+
+
+def send_event(http: httpx.Client, urls: dict[str, str], **kw: Any) -> httpx.Response:
+    return loops(http, urls, "/events/send", {"email": "ada@example.com", "eventName": "signup"}, **kw)
+
+
+# -- layout --------------------------------------------------------------------
+
+
+def test_base_urls_are_the_documented_mount_points(sandbox: Sandbox) -> None:
+    assert base_urls("http://h:1/") == {
+        "convertloop": "http://h:1/convertloop/v1",
+        "loops": "http://h:1/loops/api/v1",
+        "conveyour": "http://h:1/conveyour/api",
+    }
+    assert sandbox.url.startswith("http://127.0.0.1:") and sandbox.port > 0
+    assert sandbox.base_urls == base_urls(sandbox.url)
+
+
+def test_health_and_unknown_paths(control: SandboxClient, http: httpx.Client, sandbox: Sandbox) -> None:
+    assert control.health() is True
+    response = http.get(sandbox.url + "/nowhere")
+    assert response.status_code == 404
+    assert response.json()["mounts"]["loops"] == "/loops/api/v1"
+    assert http.get(sandbox.url + "/_sandbox/nope").status_code == 404
+
+
+# -- valid requests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/people", {"email": "ada@example.com", "plan": "pro", "add_to_segments": ["Trial"]}),
+        ("/people", {"pid": "cookie-1", "remove_from_segments": ["Churned"]}),
+        (
+            "/event_logs",
+            {
+                "name": "purchased",
+                "person": {"user_id": "42"},
+                "metadata": {"amount": 10},
+                "ocurred_at": "2024-05-01T12:00:00Z",
+            },
+        ),
+    ],
+)
+def test_convertloop_valid(http: httpx.Client, urls: dict[str, str], path: str, body: dict[str, Any]) -> None:
+    response = convertloop(http, urls, path, body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"success": True}
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_loops_valid_endpoints(http: httpx.Client, urls: dict[str, str]) -> None:
+    update = loops(
+        http, urls, "/contacts/update", {"email": "ada@example.com", "mailingLists": {"l1": True}}, method="PUT"
+    )
+    assert update.status_code == 200, update.text
+    assert update.json()["success"] is True and update.json()["id"]
+    create = loops(http, urls, "/contacts/create", {"email": "ada@example.com", "firstName": "Ada"})
+    assert create.status_code == 200
+    assert create.json()["id"] == update.json()["id"]  # stable id per email
+    by_user = loops(http, urls, "/contacts/update", {"userId": "u-1"}, method="PUT")
+    assert by_user.status_code == 200 and by_user.json()["id"] != update.json()["id"]
+    event = loops(
+        http, urls, "/events/send", {"userId": "u-1", "eventName": "signup", "eventProperties": {"plan": "pro"}}
+    )
+    assert event.status_code == 200 and event.json() == {"success": True}
+
+
+def test_conveyour_valid_endpoints(http: httpx.Client, urls: dict[str, str]) -> None:
+    single = conveyour(
+        http, urls, "/analytics/identify", {"id": "u1", "traits": {"tags": {"add": ["a"], "remove": ["b"]}}}
+    )
+    assert single.status_code == 200 and single.json() == {"success": True}
+    bulk = conveyour(http, urls, "/analytics/identify", [{"id": "u1"}, {"id": "u2", "traits": {"x": 1}}])
+    assert bulk.status_code == 200 and bulk.json() == {"success": True, "count": 2}
+    props = {f"k{i}": i for i in range(15)}
+    track = conveyour(
+        http, urls, "/analytics/track", {"id": "u1", "events": [{"event": "sale", "properties": props}]}
+    )
+    assert track.status_code == 200 and track.json() == {"success": True}
+
+
+# -- auth ----------------------------------------------------------------------------
+
+
+LOOPS_EVENT = {"email": "a@b.c", "eventName": "e"}
+CONVEYOUR_TRACK = {"id": "u", "events": [{"event": "e"}]}
+STOLEN_CONVEYOUR = {"x-conveyour-appkey": "sandbox-appkey", "x-conveyour-token": "stolen-secret"}
+
+
+@pytest.mark.parametrize(
+    ("vendor", "path", "body", "kwargs"),
+    [
+        ("convertloop", "/people", {"email": "a@b.c"}, {"auth": ("sandbox-app", "stolen-secret")}),
+        ("convertloop", "/people", {"email": "a@b.c"}, {}),
+        ("loops", "/events/send", LOOPS_EVENT, {"headers": {"Authorization": "Bearer stolen-secret"}}),
+        ("loops", "/events/send", LOOPS_EVENT, {}),
+        ("conveyour", "/analytics/track", CONVEYOUR_TRACK, {"headers": STOLEN_CONVEYOUR}),
+        ("conveyour", "/analytics/track", CONVEYOUR_TRACK, {}),
+    ],
+)
+def test_bad_or_missing_auth_is_401(
+    http: httpx.Client,
+    urls: dict[str, str],
+    control: SandboxClient,
+    vendor: str,
+    path: str,
+    body: Any,
+    kwargs: dict[str, Any],
+) -> None:
+    response = http.post(urls[vendor] + path, json=body, **kwargs)
+    assert response.status_code == 401
+    assert response.json()["success"] is False
+    assert "stolen-secret" not in response.text and "sandbox-" not in response.text
+    [record] = control.requests(vendor=vendor)
+    assert record["auth_ok"] is False and record["status"] == 401
+
+
+def test_credentials_can_be_overridden(http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOPS_API_KEY", "from-env")
+    with Sandbox(credentials={"CONVEYOUR_TOKEN": "explicit"}) as other:
+        urls = other.base_urls
+        assert send_event(http, urls, headers={"Authorization": "Bearer from-env"}).status_code == 200
+        assert send_event(http, urls).status_code == 401
+        body = {"id": "u"}
+        ok = http.post(urls["conveyour"] + "/analytics/identify", json=body,
+                       headers={**CONVEYOUR_HEADERS, "x-conveyour-token": "explicit"})
+        assert ok.status_code == 200
+        assert conveyour(http, urls, "/analytics/identify", body).status_code == 401
+
+
+# -- validation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/people", {"first_name": "Ada"}, "pid, user_id or email"),
+        ("/people", {"email": ""}, "pid, user_id or email"),
+        ("/people", {"email": "a@b.c", "add_to_segments": "Trial"}, "add_to_segments"),
+        ("/event_logs", {"person": {"email": "a@b.c"}}, "name"),
+        ("/event_logs", {"name": "x", "person": {"plan": "pro"}}, "person"),
+        ("/event_logs", {"name": "x", "metadata": [1]}, "metadata"),
+        ("/event_logs", {"name": "x", "ocurred_at": "yesterday"}, "ocurred_at"),
+    ],
+)
+def test_convertloop_domain_errors_are_422(
+    http: httpx.Client, urls: dict[str, str], path: str, body: dict[str, Any], fragment: str
+) -> None:
+    response = convertloop(http, urls, path, body)
+    assert response.status_code == 422
+    assert fragment in response.json()["message"]
+
+
+def test_non_json_and_wrong_top_level_type_are_400(http: httpx.Client, urls: dict[str, str]) -> None:
+    raw = http.post(urls["convertloop"] + "/people", content=b"not json{", auth=CONVERTLOOP_AUTH)
+    assert raw.status_code == 400
+    assert convertloop(http, urls, "/people", ["a"]).status_code == 400
+    assert conveyour(http, urls, "/analytics/track", [{"id": "u"}]).status_code == 400
+    assert conveyour(http, urls, "/analytics/identify", "u1").status_code == 400
+    assert loops(http, urls, "/events/send", None).status_code == 400
+
+
+def test_unknown_path_404_and_wrong_method_405(http: httpx.Client, urls: dict[str, str]) -> None:
+    assert convertloop(http, urls, "/segments", {}).status_code == 404
+    wrong_method = loops(http, urls, "/contacts/update", {"email": "a@b.c"}, method="POST")
+    assert wrong_method.status_code == 405
+    assert "PUT" in wrong_method.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "method"),
+    [
+        ("/events/send", {"email": "a@b.c"}, "POST"),
+        ("/events/send", {"eventName": "signup"}, "POST"),
+        ("/events/send", {"email": "a@b.c", "eventName": "x", "eventProperties": "p"}, "POST"),
+        ("/contacts/update", {"firstName": "Ada"}, "PUT"),
+        ("/contacts/update", {"email": "a@b.c", "mailingLists": {"l1": "yes"}}, "PUT"),
+        ("/contacts/create", {"userId": "u-1"}, "POST"),
+    ],
+)
+def test_loops_validation_errors_are_400(
+    http: httpx.Client, urls: dict[str, str], path: str, body: dict[str, Any], method: str
+) -> None:
+    response = loops(http, urls, path, body, method=method)
+    assert response.status_code == 400
+    assert response.json()["success"] is False and response.json()["message"]
+
+
+def test_conveyour_16_event_properties_is_422(http: httpx.Client, urls: dict[str, str]) -> None:
+    props = {f"k{i}": i for i in range(16)}
+    response = conveyour(
+        http, urls, "/analytics/track", {"id": "u1", "events": [{"event": "sale", "properties": props}]}
+    )
+    assert response.status_code == 422
+    assert response.json() == {
+        "success": False,
+        "message": "We block storing event objects with more than 15 key/value pairs",
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"events": [{"event": "e"}]},
+        {"id": "u", "events": []},
+        {"id": "u", "events": [{"properties": {}}]},
+        {"id": "u", "events": [{"event": "e", "properties": [1]}]},
+    ],
+)
+def test_conveyour_track_shape_errors_are_422(http: httpx.Client, urls: dict[str, str], body: Any) -> None:
+    assert conveyour(http, urls, "/analytics/track", body).status_code == 422
+
+
+def test_conveyour_bulk_identify_lists_every_bad_index(http: httpx.Client, urls: dict[str, str]) -> None:
+    items = [
+        {"id": "ok-0"},
+        {"traits": {"first_name": "no id"}},
+        {"id": "ok-2"},
+        {"id": "u3", "traits": {"tags": {"add": "not-a-list"}}},
+    ]
+    response = conveyour(http, urls, "/analytics/identify", items)
+    assert response.status_code == 422
+    payload = response.json()
+    assert payload["success"] is False
+    assert [e["index"] for e in payload["errors"]] == [1, 3]
+    assert "tags" in payload["errors"][1]["message"]
+
+
+# -- idempotency -----------------------------------------------------------------------
+
+
+def test_loops_idempotency_key_reuse_is_409(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    first = send_event(http, urls, headers={"Idempotency-Key": "evt-1"})
+    second = send_event(http, urls, headers={"Idempotency-Key": "evt-1"})
+    other = send_event(http, urls, headers={"Idempotency-Key": "evt-2"})
+    assert (first.status_code, second.status_code, other.status_code) == (200, 409, 200)
+    assert second.json() == {"success": False, "message": "Idempotency key already used"}
+    assert [r["idempotency_key"] for r in control.requests(vendor="loops")] == ["evt-1", "evt-1", "evt-2"]
+
+
+def test_loops_idempotency_key_only_kept_after_success(http: httpx.Client, urls: dict[str, str]) -> None:
+    invalid = loops(http, urls, "/events/send", {"email": "a@b.c"}, headers={"Idempotency-Key": "k"})
+    assert invalid.status_code == 400
+    assert send_event(http, urls, headers={"Idempotency-Key": "k"}).status_code == 200
+    assert send_event(http, urls, headers={"Idempotency-Key": "k"}).status_code == 409
+
+
+# -- switches ----------------------------------------------------------------------------
+
+
+def test_fail_next_then_success(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    config = control.configure("loops", fail_next=[503, {"status": 429, "retry_after": "2", "body": {"x": 1}}])
+    assert config["fail_next"] == [503, {"status": 429, "retry_after": "2", "body": {"x": 1}}]
+    first, second, third = (send_event(http, urls) for _ in range(3))
+    assert first.status_code == 503 and first.json()["success"] is False
+    assert second.status_code == 429 and second.headers["retry-after"] == "2" and second.json() == {"x": 1}
+    assert third.status_code == 200
+    assert [r["status"] for r in control.requests(vendor="loops")] == [503, 429, 200]
+    # Other vendors are unaffected.
+    assert convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code == 200
+
+
+def test_fail_next_comes_before_auth(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    control.configure("convertloop", fail_next=[500])
+    assert convertloop(http, urls, "/people", {"email": "a@b.c"}, auth=("x", "y")).status_code == 500
+    assert convertloop(http, urls, "/people", {"email": "a@b.c"}, auth=("x", "y")).status_code == 401
+
+
+def test_fail_all_outage_until_cleared(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    control.configure("conveyour", fail_all=503, fail_all_retry_after=7)
+    body = {"id": "u1"}
+    responses = [conveyour(http, urls, "/analytics/identify", body) for _ in range(3)]
+    assert [r.status_code for r in responses] == [503, 503, 503]
+    assert responses[0].headers["retry-after"] == "7"
+    control.configure("conveyour", fail_all=None)
+    assert conveyour(http, urls, "/analytics/identify", body).status_code == 200
+    assert control.stats()["vendors"]["conveyour"] == {"received": 4, "by_status": {"503": 3, "200": 1}}
+
+
+def test_configure_all_vendors_with_star(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    result = control.configure("*", fail_all=502)
+    assert set(result["vendors"]) == {"convertloop", "loops", "conveyour"}
+    assert convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code == 502
+    assert send_event(http, urls).status_code == 502
+    assert conveyour(http, urls, "/analytics/identify", {"id": "u"}).status_code == 502
+
+
+def test_invalid_config_is_rejected(control: SandboxClient) -> None:
+    with pytest.raises(RuntimeError, match="unknown switch"):
+        control.configure("loops", explode=True)
+    with pytest.raises(RuntimeError, match="vendor"):
+        control.configure("mailchimp", fail_all=500)
+    with pytest.raises(RuntimeError, match="rate_limit"):
+        control.configure("loops", rate_limit=0)
+    assert control.configure("loops")["fail_all"] is None
+
+
+def test_rate_limit_429_with_retry_after_seconds(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    control.configure("loops", rate_limit=2, retry_after=3)
+    statuses = [send_event(http, urls) for _ in range(4)]
+    assert [r.status_code for r in statuses[:2]] == [200, 200]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited, [r.status_code for r in statuses]
+    assert limited[0].headers["retry-after"] == "3"
+    time.sleep(0.6)  # refills one token at 2/s
+    assert send_event(http, urls).status_code == 200
+
+
+def test_rate_limit_429_with_http_date_retry_after(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    control.configure("convertloop", rate_limit=2, retry_after=30, retry_after_format="http-date")
+    codes = [convertloop(http, urls, "/people", {"email": "a@b.c"}) for _ in range(4)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited
+    header = limited[0].headers["retry-after"]
+    assert header.endswith("GMT")
+    delta = (parsedate_to_datetime(header) - datetime.now(timezone.utc)).total_seconds()
+    assert 25 <= delta <= 31
+
+
+def test_rate_limit_is_checked_after_auth(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    control.configure("loops", rate_limit=1)
+    bad = [send_event(http, urls, headers={"Authorization": "Bearer nope"}) for _ in range(3)]
+    assert [r.status_code for r in bad] == [401, 401, 401]
+    assert send_event(http, urls).status_code == 200  # unauthenticated calls used no tokens
+
+
+def test_latency_is_applied(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    control.configure("convertloop", latency_ms=150)
+    started = time.perf_counter()
+    response = convertloop(http, urls, "/people", {"email": "a@b.c"})
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert elapsed >= 0.15
+    started = time.perf_counter()
+    assert send_event(http, urls).status_code == 200
+    assert time.perf_counter() - started < 0.15  # other vendors unaffected
+
+
+# -- recording / control API -------------------------------------------------------------
+
+
+def test_recorded_requests_redact_secret_headers(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    convertloop(http, urls, "/people?debug=1", {"email": "a@b.c"})
+    send_event(http, urls, headers={"Idempotency-Key": "k-1"})
+    conveyour(http, urls, "/analytics/identify", {"id": "u1"})
+    http.post(urls["loops"] + "/events/send", content=b"plain text", headers=LOOPS_HEADERS)
+    records = control.requests()
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]
+    cl, lp, cy, raw = records
+    assert cl["vendor"] == "convertloop" and cl["path"] == "/people" and cl["query"] == "debug=1"
+    assert cl["headers"]["authorization"] == "<redacted>"
+    assert cl["body"] == {"email": "a@b.c"} and cl["status"] == 200 and cl["auth_ok"] is True
+    assert lp["headers"]["authorization"] == "<redacted>" and lp["idempotency_key"] == "k-1"
+    assert cy["headers"]["x-conveyour-appkey"] == "<redacted>"
+    assert cy["headers"]["x-conveyour-token"] == "<redacted>"
+    assert raw["body"] == "plain text" and raw["status"] == 400
+    dumped = repr(records)
+    for secret in ("sandbox-convertloop-key", "sandbox-loops-key", "sandbox-appkey", "sandbox-conveyour-token"):
+        assert secret not in dumped
+    assert all(isinstance(r["ts"], float) and r["ts"] <= time.time() for r in records)
+
+
+def test_request_filters(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    send_event(http, urls)
+    loops(http, urls, "/events/send", {"email": "a@b.c"})
+    send_event(http, urls)
+    convertloop(http, urls, "/people", {"email": "a@b.c"})
+    assert len(control.requests(vendor="loops")) == 3
+    assert [r["seq"] for r in control.requests(since=2)] == [3, 4]
+    assert [r["status"] for r in control.requests(status=400)] == [400]
+    assert [r["seq"] for r in control.requests(vendor="loops", status=200, limit=1)] == [1]
+
+
+def test_reset_clears_everything(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
+    control.configure("loops", rate_limit=1, latency_ms=10, fail_next=[500, 500])
+    send_event(http, urls, headers={"Idempotency-Key": "once"})  # consumes one 500
+    control.configure("loops", fail_next=None)
+    assert send_event(http, urls, headers={"Idempotency-Key": "once"}).status_code == 200
+    control.reset()
+    assert control.requests() == []
+    assert control.stats()["vendors"]["loops"] == {"received": 0, "by_status": {}}
+    config = control.configure("loops")
+    assert config["rate_limit"] is None and config["latency_ms"] == 0 and config["fail_next"] == []
+    assert send_event(http, urls, headers={"Idempotency-Key": "once"}).status_code == 200  # key forgotten
+    assert send_event(http, urls).status_code == 200  # no rate limit left
+
+
+def test_wait_for_count_predicate_and_timeout(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    send_event(http, urls)
+    loops(http, urls, "/contacts/create", {"email": "a@b.c"})
+    assert len(control.wait_for(2, vendor="loops", timeout=2)) == 2
+    matched = control.wait_for(lambda r: r["path"] == "/contacts/create", vendor="loops", timeout=2)
+    assert [r["path"] for r in matched] == ["/contacts/create"]
+    with pytest.raises(TimeoutError, match="1 request.*conveyour"):
+        control.wait_for(1, vendor="conveyour", timeout=0.2)
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_serves_until_terminated() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.sandbox", "--port", "0"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "sandbox CLI printed nothing within 20s"
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        prefix = "sandbox listening on "
+        assert line.startswith(prefix), (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line[len(prefix) :]
+        vendor_lines = [proc.stdout.readline().strip() for _ in range(3)]
+        assert vendor_lines == [f"{name}: {base}" for name, base in base_urls(url).items()]
+        assert httpx.get(url + "/_sandbox/health", timeout=5).json() == {"ok": True}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
