@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.support.procs import RedisServer, WorkerProcess
+from worker.localstack import RedisServer, WorkerProcess
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
 
 #: Mailing lists the tests map segments to.

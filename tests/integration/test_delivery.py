@@ -7,7 +7,7 @@ import time
 import pytest
 
 import worker
-from tests.support.procs import wait_until
+from worker.localstack import wait_until
 from worker import clients
 from worker.deadletters import DeadLetterStore
 from worker.producer import publish

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import worker
-from tests.support.procs import wait_until
+from worker.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

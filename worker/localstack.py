@@ -1,4 +1,11 @@
-"""Real processes for tests: a private redis-server and Celery worker subprocesses."""
+"""A local stack for the demo and the tests: a private redis-server and Celery worker processes.
+
+Example::
+
+    >>> server = RedisServer().start()          # doctest: +SKIP
+    >>> server.url                              # doctest: +SKIP
+    'redis://127.0.0.1:40123/0'
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,6 @@ import time
 from pathlib import Path
 
 import redis
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -78,7 +83,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO",
                "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip", *self.args]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while " ready." not in self.log():
