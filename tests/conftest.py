@@ -11,6 +11,7 @@ import os
 import uuid
 
 import pytest
+import redis
 
 from worker.localstack import RedisServer, WorkerProcess
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
@@ -95,8 +96,12 @@ def unique_email() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker_factory(base_env, tmp_path_factory):
-    """Start Celery worker subprocesses; all are stopped when the module ends."""
+def worker_factory(base_env, tmp_path_factory, redis_server):
+    """Start Celery worker subprocesses; all are stopped when the module ends.
+
+    Then the private Redis is emptied, so that messages a module left queued
+    (a throttled backlog, pending retries) do not reach the next module's workers.
+    """
     started: list[WorkerProcess] = []
     log_dir = str(tmp_path_factory.mktemp("worker-logs"))
 
@@ -109,3 +114,4 @@ def worker_factory(base_env, tmp_path_factory):
     yield start
     for proc in started:
         proc.stop()
+    redis.Redis.from_url(redis_server.url).flushdb()
