@@ -1,0 +1,132 @@
+"""The delivery pipeline against mocked HTTP (respx) and the test Redis."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import redis
+import respx
+
+from worker.deadletters import DeadLetterStore
+from worker.errors import DeadLettered
+from worker.pipeline import Delivered, Pipeline, RetryLater
+from worker.ratelimit import Unlimited
+from worker.sandbox import SANDBOX_CREDENTIALS
+from worker.settings import Settings
+from worker.throttle import Throttle
+from worker.vendors import VENDORS
+
+BASE = "https://vendor.test"
+SECRETS = list(SANDBOX_CREDENTIALS.values())
+
+
+@pytest.fixture
+def store(redis_server, request):
+    client = redis.Redis.from_url(redis_server.url)
+    s = DeadLetterStore(client, f"unit-{request.node.name}", SECRETS)
+    yield s
+    s.purge()
+
+
+@pytest.fixture
+def pipeline(store):
+    settings = Settings(
+        _env_file=None,
+        convertloop_app_id=SANDBOX_CREDENTIALS["CONVERTLOOP_APP_ID"],
+        convertloop_api_key=SANDBOX_CREDENTIALS["CONVERTLOOP_API_KEY"],
+        convertloop_base_url=f"{BASE}/cl",
+        loops_api_key=SANDBOX_CREDENTIALS["LOOPS_API_KEY"],
+        loops_base_url=f"{BASE}/loops",
+        conveyour_appkey=None, conveyour_token=None,
+        retry_max_attempts=3, retry_backoff_base=1, retry_backoff_max=8,
+    )
+    with httpx.Client() as http:
+        yield Pipeline(settings, http, store, {v: Unlimited() for v in VENDORS}, Throttle())
+
+
+def track(n_props: int = 1, email: str = "j@a.co") -> dict:
+    return {"id": "ev1", "operation": "track", "created_at": "2026-01-01T00:00:00Z", "identity": {"email": email},
+            "event": "sale", "properties": {f"p{i}": i for i in range(n_props)}, "occurred_at": None}
+
+
+@respx.mock
+def test_2xx_is_delivered_with_credentials_only_in_headers(pipeline):
+    route = respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(200, json={"success": True}))
+    result = pipeline.deliver("loops", track(), attempt=1)
+    assert isinstance(result, Delivered) and result.status == 200
+    sent = route.calls.last.request
+    assert sent.headers["authorization"] == f"Bearer {SANDBOX_CREDENTIALS['LOOPS_API_KEY']}"
+    assert sent.headers["idempotency-key"] == "ev1"
+    assert json.loads(sent.content)["eventName"] == "sale"
+
+
+@respx.mock
+def test_5xx_retries_with_backoff_then_dead_letters_when_exhausted(pipeline, store):
+    respx.post(f"{BASE}/cl/event_logs").mock(return_value=httpx.Response(503, text="busy"))
+    first = pipeline.deliver("convertloop", track(), attempt=1)
+    assert isinstance(first, RetryLater) and first.status == 503 and 0 <= first.countdown <= 1
+    second = pipeline.deliver("convertloop", track(), attempt=2)
+    assert 0 <= second.countdown <= 2
+    with pytest.raises(DeadLettered) as info:
+        pipeline.deliver("convertloop", track(), attempt=3)
+    (entry,) = store.list()
+    assert (entry.reason, entry.status, entry.attempts, entry.vendor) == ("retries_exhausted", 503, 3, "convertloop")
+    assert info.value.entry_id == entry.id and "status=503" in str(info.value)
+
+
+@respx.mock
+def test_429_retry_after_sets_the_countdown(pipeline):
+    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
+    result = pipeline.deliver("loops", track(), attempt=1)
+    assert isinstance(result, RetryLater) and 5 <= result.countdown <= 5.5
+
+
+@respx.mock
+def test_network_errors_are_retried(pipeline):
+    respx.post(f"{BASE}/loops/events/send").mock(side_effect=httpx.ConnectError("refused"))
+    result = pipeline.deliver("loops", track(), attempt=1)
+    assert isinstance(result, RetryLater) and result.status is None and "ConnectError" in result.error
+
+
+@respx.mock
+def test_422_is_dead_lettered_with_body_and_without_secrets(pipeline, store):
+    echo = f"bad key {SANDBOX_CREDENTIALS['LOOPS_API_KEY']}"
+    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(422, text=echo))
+    with pytest.raises(DeadLettered):
+        pipeline.deliver("loops", track(), attempt=1)
+    (entry,) = store.list()
+    assert (entry.reason, entry.status, entry.attempts, entry.operation) == ("rejected", 422, 1, "track")
+    assert entry.response_body == "bad key [Filtered]"
+    raw = store.client.hget(store.hash_key, entry.id).decode()
+    assert not any(s in raw for s in SECRETS)
+    assert entry.request["path"] == "/events/send" and "authorization" not in json.dumps(entry.request).lower()
+
+
+@respx.mock
+def test_property_cap_dead_letters_without_sending(pipeline, store):
+    route = respx.post(f"{BASE}/loops/events/send")
+    with pytest.raises(DeadLettered):
+        pipeline.deliver("loops", track(n_props=16), attempt=1)
+    assert not route.called
+    assert store.list()[0].reason == "property_cap"
+
+
+@pytest.mark.parametrize(
+    ("vendor", "payload"),
+    [("mailchimp", track()), (None, track()), ("loops", "not json"), ("loops", {"operation": "track"}),
+     ("loops", {**track(), "operation": "delete"}), ("loops", {**track(), "identity": {}}), ("loops", [1, 2])],
+)
+def test_malformed_messages_are_dead_lettered(pipeline, store, vendor, payload):
+    with pytest.raises(DeadLettered):
+        pipeline.deliver(vendor, payload, attempt=1)
+    (entry,) = store.list()
+    assert entry.reason == "malformed" and not entry.replayable and entry.raw
+
+
+def test_disabled_vendor_is_dead_lettered_for_later_replay(pipeline, store):
+    with pytest.raises(DeadLettered):
+        pipeline.deliver("conveyour", track(), attempt=1)
+    (entry,) = store.list()
+    assert entry.reason == "vendor_disabled" and "CONVEYOUR_APPKEY" in entry.error and entry.replayable
