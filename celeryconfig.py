@@ -11,6 +11,8 @@ from worker.vendors import VENDORS
 _s = get_settings()
 
 broker_url = _s.redis_url
+# kombu's Redis transport, made to dead-letter undecodable messages instead of dying on them.
+broker_transport = "worker.transport:Transport"
 broker_transport_options = {
     # A message a worker holds (running, or waiting out a retry countdown) is
     # handed to another worker only after this long: longer than any countdown.

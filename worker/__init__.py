@@ -14,9 +14,9 @@ Example::
     '5f0c6c1e4a1b4a8e9d7c2b1a0f9e8d7c'
 """
 
+from . import tasks  # noqa: F401  (registers worker.deliver)
 from .app import app
 from .errors import DeadLettered, EnqueueError, InvalidEvent
 from .producer import identify, segment, track
-from . import tasks  # noqa: F401  (registers worker.deliver)
 
 __all__ = ["app", "identify", "track", "segment", "InvalidEvent", "DeadLettered", "EnqueueError"]

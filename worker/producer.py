@@ -24,7 +24,15 @@ import pydantic
 from kombu.exceptions import KombuError, OperationalError
 
 from .errors import EnqueueError, InvalidEvent
-from .events import IdentifyEvent, SegmentEvent, TrackEvent, check_encodable, encode, iso_utc, utc_now
+from .events import (
+    IdentifyEvent,
+    SegmentEvent,
+    TrackEvent,
+    check_encodable,
+    encode,
+    iso_utc,
+    utc_now,
+)
 from .settings import Settings, get_settings
 from .vendors import VENDORS
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 import worker
-from worker.localstack import wait_until
 from worker import clients
 from worker.deadletters import DeadLetterStore
+from worker.localstack import wait_until
 from worker.producer import publish
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import yaml  # noqa: E402  (PyYAML: dev extra)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

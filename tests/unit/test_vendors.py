@@ -8,7 +8,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from worker.events import Identity, IdentifyEvent, SegmentEvent, TrackEvent
+from worker.events import IdentifyEvent, Identity, SegmentEvent, TrackEvent
 from worker.settings import Settings
 from worker.vendors import VENDORS, Request, Verdict, parse_retry_after
 

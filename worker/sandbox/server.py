@@ -30,8 +30,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .base import VendorAPI, error
-from .conveyour import ConveYourAPI
 from .convertloop import ConvertLoopAPI
+from .conveyour import ConveYourAPI
 from .loops import LoopsAPI
 from .state import SandboxState
 

@@ -9,8 +9,8 @@ Example::
 from __future__ import annotations
 
 from .base import Outcome, Request, Vendor, Verdict, parse_retry_after
-from .conveyour import ConveYour
 from .convertloop import ConvertLoop
+from .conveyour import ConveYour
 from .loops import Loops
 
 VENDORS: dict[str, Vendor] = {v.name: v for v in (ConvertLoop(), Loops(), ConveYour())}

@@ -1,0 +1,77 @@
+"""kombu's Redis transport, hardened: a malformed message never kills a worker.
+
+Stock kombu decodes each message popped from a Redis list inline; a list entry
+that is not JSON, or JSON that is not a kombu envelope, raises out of the
+consumer and stops the worker ("Unrecoverable error"). This transport catches
+exactly those cases, stores the raw entry as a ``malformed`` dead letter (the
+vendor is the queue's name) and goes on. ``celeryconfig.broker_transport``
+selects it; ``REDIS_URL`` keeps its ordinary ``redis://`` form.
+
+Example::
+
+    >>> from kombu import Connection
+    >>> Connection("redis://127.0.0.1:6379/0", transport="worker.transport:Transport").transport_cls
+    'worker.transport:Transport'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+log = logging.getLogger(__name__)
+
+#: Keys every kombu message envelope has.
+ENVELOPE_KEYS = ("body", "properties", "headers")
+
+
+def quarantine(queue: str, raw: str, error: str) -> None:
+    """Keep a message the worker cannot even decode, as a dead letter an operator can see and purge."""
+    from . import clients
+    from .deadletters import MALFORMED, DeadLetter, DeadLetterStore
+    from .settings import get_settings
+
+    s = get_settings()
+    log.error("malformed message on queue %s dead-lettered: %s", queue, error)
+    try:
+        DeadLetterStore(clients.redis_client(), s.key_prefix, s.secrets()).add(
+            DeadLetter(vendor=queue, operation=None, reason=MALFORMED, attempts=0, event_id=None,
+                       error=f"not a message: {error}", raw=raw)
+        )
+    except Exception:  # never let bookkeeping of garbage stop the consumer
+        log.exception("could not store the malformed message from %s: %r", queue, raw[:200])
+
+
+def _is_envelope(message: Any) -> bool:
+    return (
+        isinstance(message, dict)
+        and all(k in message for k in ENVELOPE_KEYS)
+        and isinstance(message["properties"], dict)
+        and isinstance(message["headers"], dict)
+        and isinstance(message["properties"].get("delivery_info", {}), dict)
+    )
+
+
+class Channel(kombu_redis.Channel):
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return super()._brpop_read(**options)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            items = getattr(self._queue_cycle, "items", None) or ["?"]
+            raw = exc.doc if isinstance(exc, json.JSONDecodeError) else repr(exc.object[:4096])
+            quarantine(str(items[-1]), raw, f"{type(exc).__name__}: {exc}")
+            raise kombu_redis.Empty() from None
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        if not _is_envelope(message):
+            quarantine(queue, dumps(message) if not isinstance(message, str) else message, "not a kombu envelope")
+            return
+        super()._deliver(message, queue)
