@@ -17,6 +17,10 @@ broker_transport_options = {
     # A message a worker holds (running, or waiting out a retry countdown) is
     # handed to another worker only after this long: longer than any countdown.
     "visibility_timeout": _s.visibility_timeout,
+    # ...and it is looked for often: kombu's default scans only every ~100 s
+    # (10 s interval x throttle 10), so a dead worker's messages would sit idle.
+    "unacked_restore_interval": min(10.0, _s.visibility_timeout / 4),
+    "unacked_restore_throttle": 1,
     # A web handler must not hang on a dead broker: connect fast or fail.
     "socket_connect_timeout": _s.publish_timeout,
     "socket_timeout": 10,
