@@ -13,8 +13,8 @@ import uuid
 import pytest
 import redis
 
-from worker.localstack import RedisServer, WorkerProcess
-from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
+from worker.localstack import RedisServer, WorkerProcess, sandbox_env
+from worker.sandbox import Sandbox, SandboxClient
 
 #: Mailing lists the tests map segments to.
 MAILING_LISTS = {"vip": "list_vip", "trial": "list_trial", "newsletter": "list_news"}
@@ -36,14 +36,9 @@ def sandbox():
 @pytest.fixture(scope="session")
 def base_env(redis_server, sandbox) -> dict[str, str]:
     """The environment the product runs with in tests (workers get a copy)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_"))}
-    env.update(SANDBOX_CREDENTIALS)
-    urls = sandbox.base_urls
-    env.update(
-        REDIS_URL=redis_server.url,
-        CONVERTLOOP_BASE_URL=urls["convertloop"],
-        LOOPS_BASE_URL=urls["loops"],
-        CONVEYOUR_BASE_URL=urls["conveyour"],
+    return sandbox_env(
+        redis_server.url,
+        sandbox.base_urls,
         LOOPS_MAILING_LISTS=json.dumps(MAILING_LISTS),
         CONVERTLOOP_RATE_LIMIT="0",
         LOOPS_RATE_LIMIT="0",
@@ -53,9 +48,7 @@ def base_env(redis_server, sandbox) -> dict[str, str]:
         RETRY_MAX_ATTEMPTS="4",
         HTTP_TIMEOUT="5",
         WORKER_CONCURRENCY="16",
-        PYTHONUNBUFFERED="1",
     )
-    return env
 
 
 @pytest.fixture

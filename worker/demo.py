@@ -30,23 +30,16 @@ DEMO_MAILING_LISTS = {"vip": "list_vip", "trial": "list_trial"}
 
 
 def _env(redis_url: str, urls: dict[str, str]) -> dict[str, str]:
-    from .sandbox import SANDBOX_CREDENTIALS
+    from .localstack import sandbox_env
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_"))}
-    env.update(SANDBOX_CREDENTIALS)
-    env.update(
-        REDIS_URL=redis_url,
-        CONVERTLOOP_BASE_URL=urls["convertloop"],
-        LOOPS_BASE_URL=urls["loops"],
-        CONVEYOUR_BASE_URL=urls["conveyour"],
+    return sandbox_env(
+        redis_url, urls,
         LOOPS_MAILING_LISTS=json.dumps(DEMO_MAILING_LISTS),
         RETRY_BACKOFF_BASE="0.5",
         RETRY_BACKOFF_MAX="5",
         RETRY_MAX_ATTEMPTS="5",
         KEY_PREFIX="vdw-demo",
-        PYTHONUNBUFFERED="1",
     )
-    return env
 
 
 def _say(text: str) -> None:

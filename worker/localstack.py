@@ -110,6 +110,30 @@ class WorkerProcess:
             self._log.close()
 
 
+#: Variables a stack environment never inherits from the caller's shell.
+_VENDOR_PREFIXES = ("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_")
+
+
+def sandbox_env(redis_url: str, base_urls: dict[str, str], **overrides: str) -> dict[str, str]:
+    """The environment that points the product at a sandbox: its URLs and credentials, this Redis.
+
+    The caller's own vendor variables are dropped, so real credentials never reach a local stack.
+    """
+    from .sandbox import SANDBOX_CREDENTIALS
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_VENDOR_PREFIXES)}
+    env.update(SANDBOX_CREDENTIALS)
+    env.update(
+        REDIS_URL=redis_url,
+        CONVERTLOOP_BASE_URL=base_urls["convertloop"],
+        LOOPS_BASE_URL=base_urls["loops"],
+        CONVEYOUR_BASE_URL=base_urls["conveyour"],
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
