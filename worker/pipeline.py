@@ -43,6 +43,7 @@ from .ratelimit import RateLimiter, limiter_for
 from .settings import Settings, get_settings
 from .throttle import Throttle
 from .vendors import VENDORS, Request, Vendor, Verdict
+from .vendors.base import AnyEvent
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,22 @@ class RetryLater:
     attempt: int
     countdown: float
     error: str
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt at delivering a parsed event to a vendor."""
+
+    vendor: Vendor
+    event: AnyEvent
+    payload: dict[str, Any]
+    number: int
+    task_id: str | None
+
+    def dead_letter(self, reason: str, error: str, **extra: Any) -> DeadLetter:
+        return DeadLetter(vendor=self.vendor.name, operation=self.event.operation, reason=reason,
+                          attempts=self.number, event_id=self.event.id, error=error, event=self.payload,
+                          task_id=self.task_id, **extra)
 
 
 class RetryableError(Exception):
@@ -128,18 +145,14 @@ class Pipeline:
                            attempts=attempt, event_id=_get(payload, "id"), error=_summary(exc),
                            raw=_raw(payload), task_id=task_id)
             )
-
-        def dead(reason: str, error: str, **extra: Any) -> NoReturn:
-            self._dead(
-                DeadLetter(vendor=vendor.name, operation=event.operation, reason=reason, attempts=attempt,
-                           event_id=event.id, error=error, event=payload, task_id=task_id, **extra)
-            )
+        this = _Attempt(vendor, event, payload, attempt, task_id)
 
         if not vendor.enabled(self.settings):
-            dead(VENDOR_DISABLED, f"{vendor.name} is not configured on this worker (set {vendor.credential_env})")
+            self._dead(this.dead_letter(VENDOR_DISABLED, f"{vendor.name} is not configured on this worker "
+                                                         f"(set {vendor.credential_env})"))
         cap = self.settings.event_property_cap
         if event.operation == "track" and len(event.properties) > cap:
-            dead(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}")
+            self._dead(this.dead_letter(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
 
         request = vendor.build(event, self.settings)
         self.throttle.wait(vendor.name, self.limiters[vendor.name])
@@ -148,9 +161,9 @@ class Pipeline:
         try:
             response = self._send(vendor, request)
         except RETRYABLE_ERRORS as exc:
-            return self._retry(vendor, event.id, request, attempt, None, None, f"{type(exc).__name__}: {exc}", payload, task_id)
+            return self._retry(this, request, None, None, f"{type(exc).__name__}: {exc}")
         except httpx.HTTPError as exc:
-            dead(REQUEST_ERROR, f"{type(exc).__name__}: {exc}", request=_request_dict(request))
+            self._dead(this.dead_letter(REQUEST_ERROR, f"{type(exc).__name__}: {exc}", request=_request_dict(request)))
         elapsed = time.monotonic() - started
 
         outcome = vendor.classify(response.status_code, response.headers, request)
@@ -158,13 +171,13 @@ class Pipeline:
             log.info("delivered %s %s event=%s status=%s attempt=%s in %.0fms",
                      vendor.name, event.operation, event.id, response.status_code, attempt, elapsed * 1000)
             return Delivered(vendor.name, response.status_code, attempt, round(elapsed, 4))
+        error = f"{vendor.name} answered {response.status_code}"
         if outcome.verdict is Verdict.REJECTED:
-            dead(REJECTED, f"{vendor.name} answered {response.status_code}", status=response.status_code,
-                 response_body=response.text, request=_request_dict(request))
+            self._dead(this.dead_letter(REJECTED, error, status=response.status_code, response_body=response.text,
+                                        request=_request_dict(request)))
         if outcome.status == 429 and outcome.retry_after:
             self.limiters[vendor.name].penalize(outcome.retry_after)
-        return self._retry(vendor, event.id, request, attempt, outcome.status, outcome.retry_after,
-                           f"{vendor.name} answered {response.status_code}", payload, task_id, response.text)
+        return self._retry(this, request, outcome.status, outcome.retry_after, error, response.text)
 
     # -- steps ----------------------------------------------------------------
 
@@ -173,20 +186,16 @@ class Pipeline:
         headers = {**request.headers, **vendor.auth_headers(self.settings)}
         return self.http.request(request.method, url, json=request.json, headers=headers)
 
-    def _retry(self, vendor: Vendor, event_id: str, request: Request, attempt: int, status: int | None,
-               retry_after: float | None, error: str, payload: Any, task_id: str | None,
-               body: str | None = None) -> RetryLater:
+    def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
+               error: str, body: str | None = None) -> RetryLater:
         s = self.settings
-        if attempt >= s.retry_max_attempts:
-            self._dead(
-                DeadLetter(vendor=vendor.name, operation=payload.get("operation"), reason=RETRIES_EXHAUSTED,
-                           status=status, attempts=attempt, event_id=event_id, error=error, response_body=body,
-                           request=_request_dict(request), event=payload, task_id=task_id)
-            )
-        wait = backoff.countdown(attempt, retry_after, s.retry_backoff_base, s.retry_backoff_max)
+        if this.number >= s.retry_max_attempts:
+            self._dead(this.dead_letter(RETRIES_EXHAUSTED, error, status=status, response_body=body,
+                                        request=_request_dict(request)))
+        wait = backoff.countdown(this.number, retry_after, s.retry_backoff_base, s.retry_backoff_max)
         log.warning("retrying %s event=%s status=%s attempt=%s/%s in %.2fs: %s",
-                    vendor.name, event_id, status, attempt, s.retry_max_attempts, wait, error)
-        return RetryLater(vendor.name, status, attempt, round(wait, 3), error)
+                    this.vendor.name, this.event.id, status, this.number, s.retry_max_attempts, wait, error)
+        return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error)
 
     def _dead(self, entry: DeadLetter) -> NoReturn:
         stored = self.store.add(entry)
