@@ -46,9 +46,8 @@ logging.getLogger("celery.app.trace").addFilter(_QuietThrottledRejects())
 
 @app.task(bind=True, name=DELIVER_TASK, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **extra_kwargs: Any) -> dict[str, Any]:
-    if extra_args or extra_kwargs:  # not a message we sent: dead-letter it as malformed
-        event = {"args": [vendor, event, *extra_args], "kwargs": extra_kwargs}
-        vendor = vendor if isinstance(vendor, str) and not extra_kwargs else f"?{vendor}"
+    if extra_args or extra_kwargs:  # not a message we sent: the pipeline dead-letters it as malformed
+        event = {"unexpected_arguments": {"args": [event, *extra_args], "kwargs": extra_kwargs}}
     try:
         result = Pipeline.default().deliver(vendor, event, attempt=self.request.retries + 1, task_id=self.request.id)
     except Throttled as throttled:
