@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         cli(["deadletters", "list"])
         _say("\nreplay it with:  python -m worker deadletters replay --all --vendor conveyour"
              f"   (with REDIS_URL={redis_url} KEY_PREFIX={env['KEY_PREFIX']})")
-        _say(f"Flower shows the retry (RETRY) and the dead letter (FAILURE): http://127.0.0.1:{flower_port}/tasks")
+        _say(f"Flower shows the dead letter as FAILURE (DeadLettered) and the retry (RETRY, then SUCCESS): "
+             f"http://127.0.0.1:{flower_port}/tasks")
         if args.exit_after is None:
             _say("\nrunning; Ctrl-C to stop")
             while True:
