@@ -13,19 +13,12 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import clients
 from .deadletters import DeadLetter, DeadLetterStore
 from .errors import EnqueueError
-from .settings import get_settings
 from .vendors import VENDORS
 
 #: Characters of the error shown per row in the table listing.
 ERROR_WIDTH = 60
-
-
-def _store() -> DeadLetterStore:
-    s = get_settings()
-    return DeadLetterStore(clients.redis_client(), s.key_prefix, s.secrets())
 
 
 def _summary(e: DeadLetter) -> dict:
@@ -33,7 +26,7 @@ def _summary(e: DeadLetter) -> dict:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    entries = _store().list(args.vendor)
+    entries = DeadLetterStore.default().list(args.vendor)
     if args.json:
         print(json.dumps([_summary(e) for e in entries], indent=2))
         return 0
@@ -49,7 +42,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    entry = _store().get(args.id)
+    entry = DeadLetterStore.default().get(args.id)
     if entry is None:
         print(f"no dead letter {args.id}", file=sys.stderr)
         return 1
@@ -60,7 +53,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from .producer import publish
 
-    store = _store()
+    store = DeadLetterStore.default()
     if args.all:
         entries = store.list(args.vendor)
     else:
@@ -91,7 +84,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    print(f"{_store().purge(args.vendor)} dead letter(s) purged")
+    print(f"{DeadLetterStore.default().purge(args.vendor)} dead letter(s) purged")
     return 0
 
 

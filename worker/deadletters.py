@@ -69,6 +69,15 @@ class DeadLetterStore:
         self.index_key = f"{prefix}:deadletters:index"
         self.secrets = [s for s in secrets if s]
 
+    @classmethod
+    def default(cls) -> DeadLetterStore:
+        """The store the settings name: the process's Redis client, KEY_PREFIX, the credentials to scrub."""
+        from . import clients
+        from .settings import get_settings
+
+        s = get_settings()
+        return cls(clients.redis_client(), s.key_prefix, s.secrets())
+
     def add(self, entry: DeadLetter) -> DeadLetter:
         if entry.response_body is not None:
             entry.response_body = entry.response_body[:MAX_BODY_CHARS]

@@ -71,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
         worker = WorkerProcess(env, "demo", log_dir=log_dir).start()
         _say(f"worker   celery -A worker worker   (log: {worker.log_path})")
         flower_port = args.flower_port or free_port()
-        flower_log = open(os.path.join(log_dir, "flower.log"), "wb")
-        flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={flower_port}",
-             "--address=127.0.0.1", f"--basic-auth={FLOWER_LOGIN}"],
-            env=env, stdout=flower_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(os.path.join(log_dir, "flower.log"), "wb") as flower_log:  # the child keeps its own handle
+            flower = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={flower_port}",
+                 "--address=127.0.0.1", f"--basic-auth={FLOWER_LOGIN}"],
+                env=env, stdout=flower_log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         _say(f"flower   http://127.0.0.1:{flower_port}   (login {FLOWER_LOGIN})")
         wait_until(lambda: _flower_up(flower_port), timeout=30, interval=0.2, message="Flower")
 
@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         retried = product.track("upgraded", email="jill@acme.co", properties={"plan": "team"}, vendors=["loops"])
         box.configure("conveyour", fail_next=[{"status": 422, "body": {"error": "field 'seats' is not a number"}}])
         rejected = product.identify(user_id="jack", traits={"seats": "many"}, vendors=["conveyour"])
-        wait_until(lambda: box.requests(vendor="loops", status=200, since=0) and
-                   any(r.get("idempotency_key") == retried for r in box.requests(vendor="loops", status=200)),
-                   timeout=30, message="the retried delivery")
+        box.wait_for(lambda r: r.get("idempotency_key") == retried, vendor="loops", status=200, timeout=30)
         from .cli import main as cli
 
         wait_until(lambda: _dead_letter_for(rejected), timeout=20, message="the dead letter")
@@ -141,12 +139,9 @@ def _flower_up(port: int) -> bool:
 
 
 def _dead_letter_for(event_id: str) -> bool:
-    from . import clients
     from .deadletters import DeadLetterStore
-    from .settings import get_settings
 
-    s = get_settings()
-    return any(d.event_id == event_id for d in DeadLetterStore(clients.redis_client(), s.key_prefix).list())
+    return any(d.event_id == event_id for d in DeadLetterStore.default().list())
 
 
 def main(argv: list[str] | None = None) -> int:

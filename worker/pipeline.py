@@ -119,8 +119,7 @@ class Pipeline:
                     name: limiter_for(r, f"{s.key_prefix}:ratelimit:{name}", v.rate_limit(s))
                     for name, v in VENDORS.items()
                 }
-                store = DeadLetterStore(r, s.key_prefix, s.secrets())
-                cls._default = cls(s, clients.http_client(), store, limiters, Throttle())
+                cls._default = cls(s, clients.http_client(), DeadLetterStore.default(), limiters, Throttle())
             return cls._default
 
     @classmethod

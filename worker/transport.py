@@ -31,14 +31,11 @@ ENVELOPE_KEYS = ("body", "properties", "headers")
 
 def quarantine(queue: str, raw: str, error: str) -> None:
     """Keep a message the worker cannot even decode, as a dead letter an operator can see and purge."""
-    from . import clients
     from .deadletters import MALFORMED, DeadLetter, DeadLetterStore
-    from .settings import get_settings
 
-    s = get_settings()
     log.error("malformed message on queue %s dead-lettered: %s", queue, error)
     try:
-        DeadLetterStore(clients.redis_client(), s.key_prefix, s.secrets()).add(
+        DeadLetterStore.default().add(
             DeadLetter(vendor=queue, operation=None, reason=MALFORMED, attempts=0, event_id=None,
                        error=f"not a message: {error}", raw=raw)
         )

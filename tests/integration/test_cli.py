@@ -8,10 +8,8 @@ import sys
 
 import pytest
 
-from worker import clients
 from worker.deadletters import DeadLetter, DeadLetterStore
 from worker.localstack import wait_until
-from worker.settings import get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +22,7 @@ def cli(env, *args):
 
 @pytest.fixture
 def store(product_env):
-    s = DeadLetterStore(clients.redis_client(), get_settings().key_prefix)
+    s = DeadLetterStore.default()
     s.purge()
     yield s
     s.purge()

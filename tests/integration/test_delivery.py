@@ -7,7 +7,6 @@ import time
 import pytest
 
 import worker
-from worker import clients
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 from worker.producer import publish
@@ -37,8 +36,7 @@ def body_has(email):
 
 
 def dead_letters(event_id):
-    s = worker.producer.get_settings()
-    store = DeadLetterStore(clients.redis_client(), s.key_prefix)
+    store = DeadLetterStore.default()
     return [d for d in store.list() if d.event_id == event_id]
 
 

@@ -11,10 +11,8 @@ import pytest
 import redis
 
 import worker
-from worker import clients
 from worker.deadletters import DeadLetterStore
 from worker.localstack import RedisServer, wait_until
-from worker.settings import get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +43,7 @@ def test_malformed_messages_are_dead_lettered_and_delivery_goes_on(worker_factor
     worker.app.send_task("worker.deliver", args=("loops", {"id": "x" * 100_000, "operation": "track"}), queue="loops",
                          task_id="junk-6")
 
-    store = DeadLetterStore(clients.redis_client(), get_settings().key_prefix)
+    store = DeadLetterStore.default()
     junk = {"junk-2", "junk-3", "junk-4", "junk-6"}
     entries = wait_until(lambda: (found := [d for d in store.list() if d.task_id in junk]) and len(found) == 4 and found,
                          timeout=20, message="malformed dead letters")
