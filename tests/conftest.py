@@ -13,7 +13,12 @@ import uuid
 import pytest
 import redis
 
-from worker.localstack import RedisServer, WorkerProcess, sandbox_env
+from worker.localstack import (
+    VENDOR_ENV_PREFIXES,
+    RedisServer,
+    WorkerProcess,
+    sandbox_env,
+)
 from worker.sandbox import Sandbox, SandboxClient
 
 #: Mailing lists the tests map segments to.
@@ -59,7 +64,7 @@ def product_env(base_env, monkeypatch, redis_server):
     from worker.settings import get_settings
 
     for key in list(os.environ):
-        if key.startswith(("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_")):
+        if key.startswith(VENDOR_ENV_PREFIXES):
             monkeypatch.delenv(key)
     for key, value in base_env.items():
         monkeypatch.setenv(key, value)

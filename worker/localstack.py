@@ -111,7 +111,7 @@ class WorkerProcess:
 
 
 #: Variables a stack environment never inherits from the caller's shell.
-_VENDOR_PREFIXES = ("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_")
+VENDOR_ENV_PREFIXES = ("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_")
 
 
 def sandbox_env(redis_url: str, base_urls: dict[str, str], **overrides: str) -> dict[str, str]:
@@ -121,7 +121,7 @@ def sandbox_env(redis_url: str, base_urls: dict[str, str], **overrides: str) -> 
     """
     from .sandbox import SANDBOX_CREDENTIALS
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_VENDOR_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(VENDOR_ENV_PREFIXES)}
     env.update(SANDBOX_CREDENTIALS)
     env.update(
         REDIS_URL=redis_url,
