@@ -56,9 +56,9 @@ worker_prefetch_multiplier = 1
 worker_pool = "threads"
 worker_concurrency = _s.worker_concurrency
 
-# Flower: task events on, including "sent".
+# Flower: task events on. Producers publish without Celery ("sent" events would cost every web call a round trip).
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 worker_hijack_root_logger = True
 worker_redirect_stdouts = True
 worker_cancel_long_running_tasks_on_connection_loss = False

@@ -39,7 +39,7 @@ def sandbox():
 
 
 @pytest.fixture(scope="session")
-def base_env(redis_server, sandbox) -> dict[str, str]:
+def base_env(redis_server, sandbox, tmp_path_factory) -> dict[str, str]:
     """The environment the product runs with in tests (workers get a copy)."""
     return sandbox_env(
         redis_server.url,
@@ -53,6 +53,7 @@ def base_env(redis_server, sandbox) -> dict[str, str]:
         RETRY_MAX_ATTEMPTS="4",
         HTTP_TIMEOUT="5",
         WORKER_CONCURRENCY="16",
+        SPOOL_DIR=str(tmp_path_factory.mktemp("spool")),
     )
 
 
@@ -61,6 +62,7 @@ def product_env(base_env, monkeypatch, redis_server):
     """Point this process (producer, CLI, pipeline) at the test Redis and sandbox."""
     from worker import clients
     from worker.pipeline import Pipeline
+    from worker.publisher import Publisher
     from worker.settings import get_settings
 
     for key in list(os.environ):
@@ -73,6 +75,7 @@ def product_env(base_env, monkeypatch, redis_server):
         get_settings.cache_clear()
         clients.reset()
         Pipeline.reset_default()
+        Publisher.reset_default()
 
     refresh()
     yield base_env

@@ -18,7 +18,7 @@ class InvalidEvent(ValueError):
 
 
 class EnqueueError(RuntimeError):
-    """The broker could not take the event in time; nothing was enqueued."""
+    """Neither the broker nor the local spool could take the event; nothing was enqueued."""
 
 
 class DeadLettered(Exception):

@@ -59,14 +59,16 @@ class RedisServer:
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """Shut Redis down (SIGTERM: it writes its AOF); ``keep_data`` lets :meth:`start` bring it back."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class WorkerProcess:

@@ -1,9 +1,10 @@
 """The producer API a web handler calls: validate, fan out, enqueue, return.
 
 Each call returns the event id (also the Idempotency-Key) once one message per
-target vendor is on that vendor's queue. Nothing is enqueued when the input is
-bad (:class:`~worker.errors.InvalidEvent`) or the broker cannot take it in
-time (:class:`~worker.errors.EnqueueError`).
+target vendor is on that vendor's queue, or, while Redis is unreachable, in the
+local spool (:mod:`worker.publisher`). Nothing is enqueued when the input is
+bad (:class:`~worker.errors.InvalidEvent`); when neither Redis nor the spool can
+take it the call raises :class:`~worker.errors.EnqueueError`.
 
 Example::
 
@@ -21,9 +22,9 @@ from datetime import datetime
 from typing import Any
 
 import pydantic
-from kombu.exceptions import KombuError, OperationalError
 
-from .errors import EnqueueError, InvalidEvent
+from . import publisher
+from .errors import InvalidEvent
 from .events import (
     IdentifyEvent,
     SegmentEvent,
@@ -157,20 +158,5 @@ def _submit(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: d
 # -- enqueue ------------------------------------------------------------------
 
 def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> None:
-    """Put one delivery message per vendor on that vendor's queue, or raise EnqueueError."""
-    if not vendors:
-        return
-    from .tasks import deliver
-
-    app = deliver.app
-    try:
-        with app.producer_or_acquire() as producer:
-            for name in vendors:
-                deliver.apply_async(
-                    args=(name, payload),
-                    queue=name,
-                    task_id=f"{payload['id']}.{name}{task_id_suffix}",
-                    producer=producer,
-                )
-    except (OperationalError, KombuError, OSError) as exc:
-        raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: broker unreachable ({exc})") from exc
+    """Put one delivery message per vendor on that vendor's queue (or the local spool), or raise EnqueueError."""
+    publisher.publish(payload, vendors, task_id_suffix)

@@ -34,8 +34,12 @@ DEFAULT_RETRY_MAX_ATTEMPTS = 10
 DEFAULT_HTTP_TIMEOUT = 10.0
 #: Threads per worker process: delivery is I/O-bound.
 DEFAULT_WORKER_CONCURRENCY = 32
-#: Seconds a producer may spend publishing before it gives up with EnqueueError.
+#: Seconds a producer call may wait on Redis before its messages go to the local spool.
 DEFAULT_PUBLISH_TIMEOUT = 0.25
+#: Where a producer keeps events while Redis is unreachable (/var/tmp survives reboots).
+DEFAULT_SPOOL_DIR = "/var/tmp/vendor-delivery-worker/spool"
+#: The spool refuses new events (EnqueueError) beyond this many bytes, about 40 000 events.
+DEFAULT_SPOOL_MAX_BYTES = 128 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -73,6 +77,10 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
+    #: Spool events on local disk while Redis is unreachable; off means EnqueueError at once.
+    spool_enabled: bool = True
+    spool_dir: str = DEFAULT_SPOOL_DIR
+    spool_max_bytes: int = Field(DEFAULT_SPOOL_MAX_BYTES, ge=0)
     #: Seconds before an unacknowledged message is handed to another worker;
     #: default: longer than any retry countdown (see :attr:`visibility_timeout`).
     broker_visibility_timeout: float | None = Field(None, gt=0)

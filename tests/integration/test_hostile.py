@@ -77,9 +77,9 @@ print(json.dumps(results), flush=True)
 """
 
 
-def test_dead_broker_fails_fast_with_enqueue_error(product_env):
+def test_dead_broker_without_spool_fails_fast_with_enqueue_error(product_env):
     server = RedisServer().start()
-    env = {**product_env, "REDIS_URL": server.url}
+    env = {**product_env, "REDIS_URL": server.url, "SPOOL_ENABLED": "false"}
     proc = subprocess.Popen([sys.executable, "-c", PRODUCER_SCRIPT], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -92,5 +92,5 @@ def test_dead_broker_fails_fast_with_enqueue_error(product_env):
     results = json.loads(out.strip().splitlines()[-1])
     print("\n".join(f"{outcome[:60]:60} {elapsed * 1000:7.1f} ms" for outcome, elapsed in results))
     assert all(outcome.startswith("EnqueueError: could not enqueue track event") for outcome, _ in results), results
-    assert all("broker unreachable" in outcome for outcome, _ in results)
+    assert all("broker unreachable" in outcome and "SPOOL_ENABLED=false" in outcome for outcome, _ in results)
     assert max(elapsed for _, elapsed in results) < 1.0

@@ -1,0 +1,139 @@
+"""Suite 3: Redis goes away under a web process that keeps calling ``worker.track()``.
+
+No call may hold the caller longer than PUBLISH_TIMEOUT; every accepted event
+is delivered to every vendor once Redis is back, published from the local spool
+by the same (still running) web process.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from worker.localstack import RedisServer, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: What the test allows a call: the default PUBLISH_TIMEOUT.
+BOUND = 0.25
+
+WEB_PROCESS = """
+import json, sys, time
+import worker
+from worker.publisher import Publisher
+
+tag, seconds, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+print("ready", flush=True)
+start = time.monotonic()
+i = 0
+while time.monotonic() - start < seconds:
+    t0 = time.monotonic()
+    try:
+        event_id = worker.track("outage_probe", email=f"{i}-{tag}@example.com", properties={"n": i})
+        outcome = "accepted"
+    except Exception as exc:
+        event_id, outcome = None, f"{type(exc).__name__}: {exc}"
+    print(json.dumps([i, outcome, time.monotonic() - t0, event_id, round(t0 - start, 3)]), flush=True)
+    i += 1
+    time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+spool = Publisher.default().spool
+deadline = time.monotonic() + 30
+while spool.pending() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(json.dumps({"done": i, "spool_left": spool.pending()}), flush=True)
+"""
+
+
+def _email(record: dict) -> str:
+    body = record["body"]
+    if record["vendor"] == "convertloop":
+        return body["person"]["email"]
+    if record["vendor"] == "loops":
+        return body["email"]
+    return body["id"]
+
+
+def test_redis_outage_at_the_producer_loses_nothing_and_never_blocks(
+    worker_factory, product_env, sandbox_client, unique_email, tmp_path
+):
+    tag = unique_email.split("@")[0]
+    server = RedisServer(persist=True).start()
+    env = {**product_env, "REDIS_URL": server.url, "SPOOL_DIR": str(tmp_path / "spool"),
+           "PUBLISH_TIMEOUT": str(BOUND)}
+    worker_factory("outage", REDIS_URL=server.url)
+    web = subprocess.Popen([sys.executable, "-c", WEB_PROCESS, tag, "9", "0.02"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert web.stdout.readline().strip() == "ready", web.stderr.read()
+        time.sleep(1.5)
+        server.stop(keep_data=True)                # Redis gone: connections refused
+        time.sleep(2.5)
+        server.start()                             # back on the same port, with its AOF
+        time.sleep(1.5)
+        server.proc.send_signal(signal.SIGSTOP)    # Redis hangs: connections accepted, never answered
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGCONT)
+        out, err = web.communicate(timeout=60)
+    finally:
+        web.kill()
+        if server.proc and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith(("[", "{"))]
+    calls, summary = lines[:-1], lines[-1]
+    assert summary["spool_left"] == 0, f"the web process did not flush its spool: {summary}\n{err[-2000:]}"
+    outcomes = Counter(outcome.split(":")[0] for _, outcome, *_ in calls)
+    slowest = sorted(calls, key=lambda c: c[2])[-3:]
+    print(f"\n{len(calls)} calls: {dict(outcomes)}; slowest: "
+          + ", ".join(f"{c[2] * 1000:.1f} ms at t={c[4]}s" for c in slowest))
+    assert outcomes == {"accepted": len(calls)}, "a call failed although the spool was on"
+    assert max(c[2] for c in calls) < BOUND, f"a call blocked longer than PUBLISH_TIMEOUT: {slowest}"
+
+    expected = {f"{i}-{tag}@example.com" for i, *_ in calls}
+    vendors = ("convertloop", "loops", "conveyour")
+
+    def delivered(vendor: str) -> Counter:
+        return Counter(_email(r) for r in sandbox_client.requests(vendor=vendor) if tag in str(r["body"])
+                       and r["status"] in (200, 201, 409))
+
+    for vendor in vendors:
+        wait_until(lambda v=vendor: expected <= set(delivered(v)), timeout=90,
+                   message=f"every accepted event at {vendor}")
+    duplicates = {v: sum(n - 1 for n in delivered(v).values()) for v in vendors}
+    print(f"all {len(expected)} events reached all three vendors; requests beyond one per event: {duplicates}")
+    server.stop()
+
+
+def test_full_spool_refuses_with_enqueue_error(product_env, monkeypatch, tmp_path):
+    """Broker down and spool full: the call raises EnqueueError naming SPOOL_MAX_BYTES; nothing is dropped silently."""
+    import worker
+    from worker.publisher import Publisher
+    from worker.settings import get_settings
+
+    server = RedisServer().start()
+    monkeypatch.setenv("REDIS_URL", server.url)
+    monkeypatch.setenv("SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("SPOOL_MAX_BYTES", "6000")
+    get_settings.cache_clear()
+    Publisher.reset_default()
+    server.stop()
+    try:
+        accepted, errors = [], []
+        for i in range(10):
+            try:
+                accepted.append(worker.track("sale", email=f"{i}@example.com"))
+            except worker.EnqueueError as exc:
+                errors.append(str(exc))
+        spool = Publisher.default().spool
+        assert accepted and errors, (accepted, errors)
+        assert spool.pending() == len(accepted), "every accepted event is in the spool"
+        assert all("SPOOL_MAX_BYTES" in e and "broker unreachable" in e for e in errors), errors
+        assert spool.size() <= 6000
+    finally:
+        Publisher.reset_default()
+        get_settings.cache_clear()

@@ -1,0 +1,251 @@
+"""Put delivery messages on the vendor queues: one round trip, bounded, spooled when Redis is away.
+
+A producer call fans out to up to three vendor queues. Publishing each message
+through ``apply_async`` costs a web handler three Celery publishes; this module
+builds the same Celery (protocol 2) messages from a template that Celery itself
+makes once per process, and sends all of them in one pipelined write to Redis.
+
+The caller is never held longer than ``PUBLISH_TIMEOUT``. When Redis cannot
+take the messages in that time they go to the local :class:`~worker.spool.Spool`
+and a background thread publishes them once Redis answers again. While Redis is
+known to be down, calls go straight to the spool without waiting on it. If the
+spool is disabled or full the call raises :class:`~worker.errors.EnqueueError`.
+
+Example::
+
+    >>> Publisher.default().publish("5f0c...", {"id": "5f0c...", ...}, ["loops", "conveyour"])  # doctest: +SKIP
+    'queued'
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import EnqueueError
+from .settings import Settings, get_settings
+from .spool import Message, Spool, SpoolFull
+
+log = logging.getLogger(__name__)
+
+DELIVER_TASK = "worker.deliver"
+#: Seconds between the spool flusher's attempts to reach Redis.
+FLUSH_INTERVAL = 0.5
+#: Share of PUBLISH_TIMEOUT one connect or write may take: two tries fit, with room for the spool.
+ATTEMPT_SHARE = 0.4
+#: Entries the flusher publishes per round before it checks on Redis again.
+FLUSH_BATCH = 500
+
+QUEUED = "queued"
+SPOOLED = "spooled"
+
+# Markers in the message template, replaced per message.
+_TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR = "@@task_id@@", "@@queue@@", "@@tag@@", "@@body@@", "@@argsrepr@@"
+
+
+class TaskMessages:
+    """Serialized ``worker.deliver`` messages, as Celery and kombu's Redis transport would write them.
+
+    The headers come from Celery (``app.amqp.as_task_v2``) once per process;
+    each message only fills in its task id, queue, delivery tag and body.
+    """
+
+    def __init__(self, app: Any) -> None:
+        m = app.amqp.as_task_v2(_TASK_ID, DELIVER_TASK, args=(), kwargs={}, argsrepr=_ARGSREPR, kwargsrepr="{}")
+        envelope = {
+            "body": _BODY,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": m.headers,
+            "properties": {
+                **m.properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": _QUEUE},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": _TAG,
+            },
+        }
+        template = json.dumps(envelope).replace("%", "%%")
+        for marker in (_TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR):
+            template = template.replace(marker, f"%({marker.strip('@')})s")
+        self._template = template
+        self._embed = json.dumps(m.body[2])
+
+    def build(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> list[Message]:
+        """One (queue, message) per vendor; the task arguments are ``(vendor, payload)``."""
+        event_json = json.dumps(payload)
+        event_id, operation = payload["id"], payload["operation"]
+        out = []
+        for vendor in vendors:
+            body = f'[[{json.dumps(vendor)}, {event_json}], {{}}, {self._embed}]'
+            task_id = f"{event_id}.{vendor}{task_id_suffix}"
+            out.append((vendor, self._template % {
+                "task_id": task_id,
+                "queue": vendor,
+                "tag": uuid.uuid4().hex,
+                "body": base64.b64encode(body.encode()).decode(),
+                "argsrepr": f"('{vendor}', <{operation} {event_id}>)",
+            }))
+        return out
+
+
+def _push(client: redis.Redis, messages: list[Message]) -> None:
+    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries)."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands([("LPUSH", q, m) for q, m in messages]))
+        for _ in messages:
+            conn.read_response()
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+class Publisher:
+    """Publishes fan-out messages for one process; thread-safe."""
+
+    def __init__(self, settings: Settings, app: Any) -> None:
+        self.settings = settings
+        self.messages = TaskMessages(app)
+        attempt = settings.publish_timeout * ATTEMPT_SHARE
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=attempt,
+            socket_timeout=attempt,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+        )
+        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_enabled else None
+        self._down = False
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
+        if self.spool is not None and self.spool.pending():
+            self._start_flusher()  # left over from an earlier process
+
+    _default: Publisher | None = None
+    _default_pid: int | None = None
+    _default_lock = threading.Lock()
+
+    @classmethod
+    def default(cls) -> Publisher:
+        """The process's publisher (made anew in a forked child)."""
+        with cls._default_lock:
+            if cls._default is None or cls._default_pid != os.getpid():
+                from .app import app
+
+                cls._default, cls._default_pid = cls(get_settings(), app), os.getpid()
+            return cls._default
+
+    @classmethod
+    def reset_default(cls) -> None:
+        with cls._default_lock:
+            if cls._default is not None and cls._default_pid == os.getpid():
+                cls._default.close()
+            cls._default = None
+
+    # -- publishing -------------------------------------------------------------
+
+    def publish(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> str:
+        """Queue one message per vendor, or spool them; returns QUEUED or SPOOLED."""
+        messages = self.messages.build(payload, vendors, task_id_suffix)
+        error = None
+        if not self._down:
+            started = time.monotonic()
+            error = self._try_push(messages)
+            # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
+            if error and time.monotonic() - started < self.settings.publish_timeout * ATTEMPT_SHARE:
+                error = self._try_push(messages)
+            if error is None:
+                return QUEUED
+            self._mark_down(error)
+        return self._spool(payload, messages, error)
+
+    def _try_push(self, messages: list[Message]) -> Exception | None:
+        try:
+            _push(self.redis, messages)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            return exc
+        return None
+
+    def _spool(self, payload: dict[str, Any], messages: list[Message], error: Exception | None) -> str:
+        what = f"{payload['operation']} event {payload['id']}"
+        cause = f"broker unreachable ({error})" if error else "broker unreachable"
+        if self.spool is None:
+            raise EnqueueError(f"could not enqueue {what}: {cause}, and the local spool is off (SPOOL_ENABLED=false)")
+        try:
+            self.spool.put(payload["id"], messages)
+        except SpoolFull as full:
+            raise EnqueueError(f"could not enqueue {what}: {cause}, and {full}") from None
+        except OSError as exc:
+            raise EnqueueError(f"could not enqueue {what}: {cause}, and the spool cannot be written "
+                               f"(SPOOL_DIR={self.settings.spool_dir}: {exc})") from None
+        self._start_flusher()
+        return SPOOLED
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self._down:
+                log.warning("broker unreachable, spooling events to %s until it is back: %s",
+                            self.settings.spool_dir if self.spool else "(spool off)", exc)
+            self._down = True
+        self._start_flusher()
+
+    # -- the flusher ------------------------------------------------------------
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flusher is not None and self._flusher.is_alive():
+                return
+            self._stop.clear()
+            self._flusher = threading.Thread(target=self._flush_loop, name="vdw-spool-flusher", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            if self.flush_once():
+                return
+
+    def flush_once(self) -> bool:
+        """One round: publish what the spool holds. True when Redis is up and the spool is empty."""
+        try:
+            self.redis.ping()
+            if self.spool is not None:
+                while self.spool.drain(lambda msgs: _push(self.redis, msgs), limit=FLUSH_BATCH):
+                    pass
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+        with self._lock:
+            if self._down:
+                log.warning("broker reachable again; spool drained")
+            self._down = False
+            # Entries spooled by a call racing with this round are taken by the next flusher.
+            if self.spool is not None and self.spool.pending():
+                return False
+            self._flusher = None
+            return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self.redis.close()
+
+
+def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> str:
+    """Queue (or spool) one ``worker.deliver`` message per vendor; see :class:`Publisher`."""
+    if not vendors:
+        return QUEUED
+    return Publisher.default().publish(payload, vendors, task_id_suffix)

@@ -1,0 +1,193 @@
+"""A durable local spool: messages that could not reach the broker wait here.
+
+One file per producer call, holding the ready-made broker messages of every
+vendor it fans out to. A file is written to a temporary name, fsynced and
+renamed into place, so a crash never leaves half an entry. The spool is bounded
+(``SPOOL_MAX_BYTES``): when it is full, :meth:`Spool.put` raises
+:class:`SpoolFull` and the caller gets :class:`~worker.errors.EnqueueError`.
+
+Draining is safe with several processes on one host: a process claims a file
+by renaming it, pushes its messages, then deletes it. A claim left by a process
+that died is taken back on the next drain. A crash between the push and the
+delete publishes that entry again (at-least-once: the vendors' idempotency
+keys are the event ids).
+
+Example::
+
+    >>> spool = Spool("/var/tmp/vdw-spool", max_bytes=1 << 20)              # doctest: +SKIP
+    >>> spool.put("e1", [("loops", '{"body": "..."}')])                     # doctest: +SKIP
+    >>> spool.drain(lambda messages: push(messages))                        # doctest: +SKIP
+    1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: (queue name, serialized broker message) — what a spool entry holds, one per vendor.
+Message = tuple[str, str]
+
+#: File suffix of a complete entry waiting to be published.
+READY = ".json"
+#: Infix of an entry a process has claimed for publishing: ``<name>.json.claimed-<pid>``.
+CLAIMED = ".claimed-"
+#: Seconds the cached size of the spool may be old before the directory is summed again.
+SIZE_CACHE_SECONDS = 1.0
+
+
+class SpoolFull(Exception):
+    """The spool holds SPOOL_MAX_BYTES already; the entry was not written."""
+
+
+class Spool:
+    """A bounded directory of broker messages waiting to be published."""
+
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._size: int | None = None
+        self._size_at = 0.0
+
+    # -- writing ----------------------------------------------------------------
+
+    def put(self, event_id: str, messages: list[Message]) -> Path:
+        """Store one call's messages durably; raises SpoolFull or OSError."""
+        data = json.dumps({"event_id": event_id, "spooled_at": time.time(), "messages": messages}).encode()
+        with self._lock:
+            used = self._used_bytes()
+            if used + len(data) > self.max_bytes:
+                raise SpoolFull(f"spool {self.directory} is full ({used} of {self.max_bytes} bytes, SPOOL_MAX_BYTES)")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            name = f"{time.time_ns():020d}-{os.getpid()}-{event_id}"
+            tmp = self.directory / f".{name}.tmp"
+            final = self.directory / f"{name}{READY}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            self._size = used + len(data)
+        return final
+
+    # -- reading ----------------------------------------------------------------
+
+    def pending(self) -> int:
+        """How many entries wait (claimed ones included)."""
+        return sum(1 for _ in self._entries(claimed=True))
+
+    def size(self) -> int:
+        with self._lock:
+            self._size = None
+            return self._used_bytes()
+
+    def drain(self, push: Callable[[list[Message]], None], limit: int | None = None) -> int:
+        """Publish waiting entries oldest first with ``push``; returns how many were published.
+
+        Stops at the first entry ``push`` fails on (it stays for the next drain)
+        and re-raises that error.
+        """
+        self._reclaim_orphans()
+        done = 0
+        for path in sorted(self._entries(claimed=False)):
+            if limit is not None and done >= limit:
+                break
+            claimed = path.with_name(f"{path.name}{CLAIMED}{os.getpid()}")
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:  # another process took it
+                continue
+            try:
+                entry = json.loads(claimed.read_bytes())
+                messages = [(str(q), str(m)) for q, m in entry["messages"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("spool entry %s is unreadable, set aside as %s.bad: %s", path.name, path.name, exc)
+                os.replace(claimed, path.with_name(path.name + ".bad"))
+                continue
+            try:
+                push(messages)
+            except BaseException:
+                os.replace(claimed, path)  # give it back, untouched
+                raise
+            claimed.unlink()
+            done += 1
+        if done:
+            with self._lock:
+                self._size = None
+        return done
+
+    # -- internals --------------------------------------------------------------
+
+    def _entries(self, claimed: bool) -> Iterator[Path]:
+        try:
+            with os.scandir(self.directory) as it:
+                for entry in it:
+                    name = entry.name
+                    if name.endswith(READY) or (claimed and CLAIMED in name):
+                        yield Path(entry.path)
+        except FileNotFoundError:
+            return
+
+    def _used_bytes(self) -> int:
+        now = time.monotonic()
+        if self._size is None or now - self._size_at > SIZE_CACHE_SECONDS:
+            total = 0
+            try:
+                with os.scandir(self.directory) as it:
+                    for entry in it:
+                        try:
+                            total += entry.stat().st_size
+                        except FileNotFoundError:
+                            pass
+            except FileNotFoundError:
+                pass
+            self._size, self._size_at = total, now
+        return self._size
+
+    def _reclaim_orphans(self) -> None:
+        """Give back entries claimed by processes that no longer exist."""
+        for path in list(self._entries(claimed=True)):
+            name, sep, pid = path.name.rpartition(CLAIMED)
+            if not sep or not pid.isdigit() or _alive(int(pid)):
+                continue
+            try:
+                os.rename(path, path.with_name(name))
+                log.warning("spool entry %s was claimed by dead process %s; it will be published again", name, pid)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
