@@ -1,9 +1,10 @@
-"""``python -m worker deadletters list|show|replay|purge``: the operator's commands.
+"""``python -m worker deadletters list|show|replay|purge`` and ``spool status|flush``: the operator's commands.
 
 Example::
 
     $ python -m worker deadletters list --vendor loops
     $ python -m worker deadletters replay --all --vendor loops
+    $ python -m worker spool flush      # publish what a producer left in SPOOL_DIR
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             skipped += 1
             continue
         try:
-            publish(entry.event, [entry.vendor], task_id_suffix=f".replay-{entry.id[:8]}")
+            # Never to the spool: the entry is removed here, and this process ends before a flusher would run.
+            publish(entry.event, [entry.vendor], task_id_suffix=f".replay-{entry.id[:8]}", spool=False)
         except EnqueueError as exc:
             print(f"stopped: {exc}", file=sys.stderr)
             return 1
@@ -85,6 +87,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     print(f"{DeadLetterStore.default().purge(args.vendor)} dead letter(s) purged")
+    return 0
+
+
+def cmd_spool_status(args: argparse.Namespace) -> int:
+    from .settings import get_settings
+    from .spool import Spool
+
+    s = get_settings()
+    spool = Spool(s.spool_dir, s.spool_max_bytes)
+    state = "on" if s.spool_enabled else "off (SPOOL_ENABLED=false)"
+    print(f"spool {s.spool_dir} ({state}): {spool.pending()} event(s) waiting, "
+          f"{spool.size()} of {s.spool_max_bytes} bytes")
+    return 0
+
+
+def cmd_spool_flush(args: argparse.Namespace) -> int:
+    from .publisher import Publisher
+
+    publisher = Publisher.default()
+    if publisher.spool is None:
+        print("the spool is off (SPOOL_ENABLED=false)", file=sys.stderr)
+        return 1
+    before = publisher.spool.pending()
+    if not publisher.flush_once():
+        print(f"stopped: broker unreachable; {publisher.spool.pending()} event(s) still waiting", file=sys.stderr)
+        return 1
+    print(f"{before} spooled event(s) published")
     return 0
 
 
@@ -113,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
     pg = dsub.add_parser("purge", help="delete dead letters for good")
     pg.add_argument("--vendor", **vendor)
     pg.set_defaults(func=cmd_purge)
+
+    sp = sub.add_parser("spool", help="events a producer kept on local disk while Redis was unreachable")
+    ssub = sp.add_subparsers(dest="action", required=True)
+    ssub.add_parser("status", help="how many events wait in SPOOL_DIR").set_defaults(func=cmd_spool_status)
+    ssub.add_parser("flush", help="publish them now").set_defaults(func=cmd_spool_flush)
     return p
 
 

@@ -157,6 +157,6 @@ def _submit(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: d
 
 # -- enqueue ------------------------------------------------------------------
 
-def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> None:
+def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True) -> None:
     """Put one delivery message per vendor on that vendor's queue (or the local spool), or raise EnqueueError."""
-    publisher.publish(payload, vendors, task_id_suffix)
+    publisher.publish(payload, vendors, task_id_suffix, spool)

@@ -165,11 +165,12 @@ class Publisher:
 
     # -- publishing -------------------------------------------------------------
 
-    def publish(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> str:
-        """Queue one message per vendor, or spool them; returns QUEUED or SPOOLED."""
+    def publish(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
+                spool: bool = True) -> str:
+        """Queue one message per vendor, or spool them (unless ``spool=False``); returns QUEUED or SPOOLED."""
         messages = self.messages.build(payload, vendors, task_id_suffix)
         error = None
-        if not self._down:
+        if not self._down or not spool:
             started = time.monotonic()
             error = self._try_push(messages)
             # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
@@ -178,6 +179,9 @@ class Publisher:
             if error is None:
                 return QUEUED
             self._mark_down(error)
+        if not spool:
+            raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
+                               f"broker unreachable ({error})")
         return self._spool(payload, messages, error)
 
     def _try_push(self, messages: list[Message]) -> Exception | None:
@@ -249,8 +253,8 @@ class Publisher:
         self.redis.close()
 
 
-def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> str:
+def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True) -> str:
     """Queue (or spool) one ``worker.deliver`` message per vendor; see :class:`Publisher`."""
     if not vendors:
         return QUEUED
-    return Publisher.default().publish(payload, vendors, task_id_suffix)
+    return Publisher.default().publish(payload, vendors, task_id_suffix, spool)

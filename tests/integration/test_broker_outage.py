@@ -137,3 +137,37 @@ def test_full_spool_refuses_with_enqueue_error(product_env, monkeypatch, tmp_pat
     finally:
         Publisher.reset_default()
         get_settings.cache_clear()
+
+
+def test_an_operator_flushes_a_spool_a_dead_process_left(product_env, monkeypatch, tmp_path, capsys):
+    """Events spooled by a process that ended before Redis came back are published by `spool flush`."""
+    import redis
+
+    import worker
+    from worker.cli import main
+    from worker.publisher import Publisher
+    from worker.settings import get_settings
+
+    server = RedisServer(persist=True).start()
+    monkeypatch.setenv("REDIS_URL", server.url)
+    monkeypatch.setenv("SPOOL_DIR", str(tmp_path / "spool"))
+    get_settings.cache_clear()
+    Publisher.reset_default()
+    server.stop(keep_data=True)
+    try:
+        ids = [worker.track("sale", email=f"{i}@example.com", vendors=["loops", "conveyour"]) for i in range(3)]
+        Publisher.reset_default()  # the web process is gone; its flusher with it
+        server.start()
+        assert main(["spool", "status"]) == 0
+        assert "3 event(s) waiting" in capsys.readouterr().out
+        assert main(["spool", "flush"]) == 0
+        assert "3 spooled event(s) published" in capsys.readouterr().out
+        client = redis.Redis.from_url(server.url)
+        queued = [m for q in ("loops", "conveyour") for m in client.lrange(q, 0, -1)]
+        assert len(queued) == 6 and all(any(i.encode() in m for i in ids) for m in queued)
+        assert main(["spool", "status"]) == 0
+        assert "0 event(s) waiting" in capsys.readouterr().out
+    finally:
+        Publisher.reset_default()
+        get_settings.cache_clear()
+        server.stop()
