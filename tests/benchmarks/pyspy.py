@@ -1,0 +1,119 @@
+"""Where a worker's time goes: py-spy samples of a worker process, summarised.
+
+:class:`PySpy` records a running process (``py-spy record --format raw``, collapsed
+stacks, idle threads excluded: this is CPU time). :func:`summarize` ranks frames by
+*self* samples (the leaf of a stack) and by *inclusive* samples (anywhere on it),
+and groups them by area (logging, HTTP client, Redis, kombu/celery, JSON, ...).
+``python -m tests.benchmarks.pyspy FILE`` prints the summary of a recorded file.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+#: (area, pattern on "function (file:line)") — the first match wins, checked leaf first.
+AREAS = [
+    ("logging", r"/logging/|celery/utils/log|kombu/log"),
+    ("HTTP client (httpx/httpcore/h11)", r"/httpx/|/httpcore/|/h11/"),
+    ("Redis client (redis-py)", r"/redis/"),
+    ("JSON", r"/json/|kombu/utils/json"),
+    ("pydantic", r"/pydantic"),
+    ("sockets/ssl/selectors", r"socket\.py|ssl\.py|selectors\.py"),
+    ("threading/queue", r"threading\.py|queue\.py|concurrent/futures"),
+    ("kombu", r"/kombu/"),
+    ("celery", r"/celery/|/billiard/"),
+    ("product (worker/)", r"/worker/"),
+]
+
+
+class PySpy:
+    def __init__(self, pid: int, out: Path, rate: int = 200) -> None:
+        self.out = out
+        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.proc = subprocess.Popen([binary, "record", "-p", str(pid), "-o", str(out), "--format", "raw",
+                                      "-r", str(rate), "--nonblocking"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> str:
+        """Stop recording (py-spy writes its file on SIGINT); returns py-spy's stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return (err or b"").decode(errors="replace")
+
+
+def _frames(stack: str) -> list[str]:
+    return [f for f in stack.split(";") if f]
+
+
+def _short(frame: str) -> str:
+    m = re.match(r"(.*) \((.*?):(\d+)\)$", frame)
+    if not m:
+        return frame
+    func, path, _line = m.groups()
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{func} ({path})"
+
+
+def _area(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, pattern in AREAS:
+            if re.search(pattern, frame):
+                return name
+    return "other"
+
+
+def summarize(path: Path, top: int = 15) -> dict:
+    self_counts: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = _frames(stack)
+        if frames and frames[0].startswith("process "):
+            frames = frames[1:]
+        if frames and frames[0].startswith("thread "):
+            frames = frames[1:]
+        if not frames:
+            continue
+        total += n
+        self_counts[_short(frames[-1])] += n
+        for f in {_short(f) for f in frames}:
+            incl[f] += n
+        areas[_area(frames)] += n
+
+    def pct(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / total, 1)) for k, v in c.most_common(top)] if total else []
+
+    return {"samples": total, "self": pct(self_counts), "inclusive": pct(incl), "areas": pct(areas)}
+
+
+def render(summary: dict) -> str:
+    out = [f"  {summary['samples']} samples (CPU, idle excluded)", "  by area (leaf-most match):"]
+    out += [f"    {p:5.1f}%  {k}" for k, p in summary["areas"]]
+    out.append("  top self:")
+    out += [f"    {p:5.1f}%  {k}" for k, p in summary["self"]]
+    out.append("  top inclusive:")
+    out += [f"    {p:5.1f}%  {k}" for k, p in summary["inclusive"]]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render(summarize(Path(sys.argv[1]), top=int(sys.argv[2]) if len(sys.argv) > 2 else 15)))

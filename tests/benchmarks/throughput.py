@@ -1,0 +1,118 @@
+"""Deliveries per second: a preloaded backlog of track events to ConvertLoop, drained by one worker.
+
+Each run: empty Redis and the sandbox, preload N messages on the ``convertloop``
+queue (clones of one the producer wrote), start one worker process
+(``-Q convertloop``, default pool and ``WORKER_CONCURRENCY``), and time from the
+first message taken to the last one acknowledged (queue length and kombu's
+unacked hash, polled every 10 ms). Every event must reach the sandbox with a 200.
+
+- baseline: the same number of no-op Celery tasks, same queue, pool and concurrency.
+- ours: track deliveries, sandbox without latency or limit (no rate limit in the worker).
+- ours with 100 ms sandbox latency, against ours without.
+- reference: the sandbox's own capacity for one client process with as many threads
+  (``loadgen``), to see whether the sandbox is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .stack import REPO, BenchError, BenchStack, Row, Sizes
+
+GROUP = "throughput"
+QUEUE = "convertloop"
+
+
+def _drain(stack: BenchStack, n: int, *, noop: bool, latency_ms: float = 0.0, profile: Path | None = None,
+           **env: str) -> dict:
+    import worker
+
+    from .noop import noop as noop_task
+
+    stack.clean()
+    if latency_ms:
+        stack.control.configure(QUEUE, latency_ms=latency_ms)
+    if noop:
+        template = stack.template(lambda: noop_task.delay(), QUEUE)
+        stack.preload(template, QUEUE, n)
+    else:
+        template = stack.template(
+            lambda: worker.track("bench_event", email="t@example.com", properties={"plan": "pro", "amount": 1},
+                                 vendors=[QUEUE]), QUEUE)
+        stack.preload(template, QUEUE, n, vary=lambda i, e: e["identity"].update(email=f"u{i}@example.com"))
+    label = "no-op tasks" if noop else f"deliveries (latency {latency_ms:g} ms)"
+    procs = stack.workers(1, QUEUE, name="noop" if noop else "tp", include_noop=noop, **env)
+    spy = None
+    if profile is not None:
+        from .pyspy import PySpy
+
+        spy = PySpy(procs[0].proc.pid, profile)
+    try:
+        # Longest plausible: 20 events/s.
+        start, end = stack.time_drain(QUEUE, n, timeout=max(120.0, n / 20))
+    finally:
+        spy_err = spy.stop() if spy else ""
+        stack.stop_workers()
+    rate = n / (end - start)
+    if not noop:
+        stats = stack.vendor_stats(QUEUE)
+        if stats.get("200", 0) != n:
+            raise BenchError(f"throughput: {n} events preloaded, the sandbox answered {stats}")
+        stack.check_clean(QUEUE)
+    stack.say(f"{n} {label}: {end - start:.2f}s = {rate:,.0f}/s")
+    return {"n": n, "seconds": round(end - start, 3), "per_second": rate, "py_spy_stderr": spy_err[-500:]}
+
+
+def sandbox_capacity(stack: BenchStack, n: int, threads: int) -> dict:
+    stack.clean()
+    out = subprocess.run([sys.executable, "-m", "tests.benchmarks.loadgen", stack.sandbox.url, str(n), str(threads)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=stack.env)
+    if out.returncode != 0:
+        raise BenchError(f"loadgen failed: {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    stack.say(f"sandbox capacity: {n} requests from {threads} threads: {result['per_second']:,.0f}/s")
+    stack.clean()
+    return result
+
+
+def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list[Row]:
+    from worker.settings import get_settings
+
+    n = sizes.throughput_events
+    concurrency = get_settings().worker_concurrency
+    base = _drain(stack, n, noop=True)
+    ours = _drain(stack, n, noop=False)
+    slow = _drain(stack, n, noop=False, latency_ms=100)
+    cap = sandbox_capacity(stack, sizes.sandbox_capacity_requests, concurrency)
+    rows = [
+        Row.compare(f"deliveries/s, {n:,} track → ConvertLoop, no latency, vs no-op tasks/s",
+                    ours["per_second"], base["per_second"], "/s", at_least=0.70,
+                    notes=f"threads pool, concurrency {concurrency}, 1 process; sandbox capacity for one "
+                          f"{concurrency}-thread client process ≈ {cap['per_second']:,.0f}/s",
+                    ours=ours, baseline=base),
+        Row.compare(f"deliveries/s, {n:,} track, sandbox latency 100 ms, vs no latency",
+                    slow["per_second"], ours["per_second"], "/s", at_least=0.90,
+                    notes=f"ceiling from concurrency alone: {concurrency} threads / 0.1 s = {concurrency * 10}/s",
+                    ours=slow, baseline=ours),
+        Row("sandbox capacity (reference): one client process, "
+            f"{concurrency} threads, ConvertLoop event_logs", cap["per_second"], None, "/s", details=cap),
+    ]
+    if sizes.latency_extra_concurrency:
+        c = sizes.latency_extra_concurrency
+        more = _drain(stack, n, noop=False, latency_ms=100, WORKER_CONCURRENCY=str(c))
+        rows.append(Row.compare(f"(diagnosis) 100 ms latency with WORKER_CONCURRENCY={c}, vs no latency",
+                                more["per_second"], ours["per_second"], "/s", ours=more))
+    if profile_dir:
+        out = Path(profile_dir) / "throughput-worker.pyspy.txt"
+        prof = _drain(stack, n, noop=False, profile=out)
+        from .pyspy import render, summarize
+
+        summary = summarize(out)
+        print(f"\nprofile of the worker draining {n:,} deliveries ({prof['per_second']:,.0f}/s under py-spy), "
+              f"raw stacks in {out}:\n{render(summary)}\n", flush=True)
+        rows.append(Row("(profiled run, not a figure) deliveries/s under py-spy", prof["per_second"], None, "/s",
+                        details={"profile": summary, "raw": str(out)}))
+    return rows
