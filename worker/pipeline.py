@@ -2,6 +2,10 @@
 
     parse -> cap -> limiter -> send -> classify -> delivered | retry | dead letter
 
+An event a vendor can send in bulk (ConveYour identify/segment) goes through
+the vendor's :class:`~worker.batching.Batcher` instead (limiter and send are
+shared by the batch); its own outcome is settled here like any other.
+
 No Celery here: :meth:`Pipeline.deliver` returns :class:`Delivered` or
 :class:`RetryLater` (the task turns it into a Celery retry), raises
 :class:`~worker.errors.DeadLettered` after storing a dead letter, or raises
@@ -16,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -27,6 +32,7 @@ import httpx
 import pydantic
 
 from . import backoff, clients, observability
+from .batching import Batcher, Sent
 from .deadletters import (
     MALFORMED,
     PROPERTY_CAP,
@@ -42,7 +48,7 @@ from .events import parse_event
 from .ratelimit import RateLimiter, limiter_for
 from .settings import Settings, get_settings
 from .throttle import Throttle
-from .vendors import VENDORS, Request, Vendor, Verdict
+from .vendors import VENDORS, Outcome, Request, Vendor, Verdict
 from .vendors.base import AnyEvent
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,8 @@ class Pipeline:
         self.limiters = limiters
         self.throttle = throttle
         self.vendors = vendors
+        self._batchers: dict[str, Batcher[AnyEvent]] = {}
+        self._batchers_lock = threading.Lock()
 
     _default: Pipeline | None = None
     _default_lock = threading.Lock()
@@ -154,31 +162,70 @@ class Pipeline:
             self._dead(this.dead_letter(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
 
         request = vendor.build(event, self.settings)
-        self.throttle.wait(vendor.name, self.limiters[vendor.name])
+        batcher = self._batcher(vendor) if vendor.batchable(event) else None
+        if batcher is not None:
+            sent = batcher.submit(event)
+        else:
+            self.throttle.wait(vendor.name, self.limiters[vendor.name])
+            (sent,) = self._exchange(vendor, [event])
+        return self._settle(this, request, sent)
 
+    # -- steps ----------------------------------------------------------------
+
+    def _batcher(self, vendor: Vendor) -> Batcher[AnyEvent] | None:
+        """The vendor's batcher in this process, or None when it sends each event alone."""
+        size = vendor.batch_size(self.settings)
+        if size <= 1:
+            return None
+        with self._batchers_lock:
+            batcher = self._batchers.get(vendor.name)
+            if batcher is None:
+                batcher = self._batchers[vendor.name] = Batcher(
+                    vendor.name, self.limiters[vendor.name], functools.partial(self._exchange, vendor),
+                    size, vendor.batch_max_wait(self.settings), horizon=self.throttle.horizon)
+            return batcher
+
+    def _exchange(self, vendor: Vendor, events: list[AnyEvent]) -> list[Sent]:
+        """One request carrying ``events`` (a token is already held): one :class:`Sent` per event."""
+        n = len(events)
+        request = vendor.build_batch(events, self.settings)
         started = time.monotonic()
         try:
             response = self._send(vendor, request)
         except RETRYABLE_ERRORS as exc:
-            return self._retry(this, request, None, None, f"{type(exc).__name__}: {exc}")
+            return [Sent(Outcome(Verdict.RETRY, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
+                    for i in range(n)]
         except httpx.HTTPError as exc:
-            self._dead(this.dead_letter(REQUEST_ERROR, f"{type(exc).__name__}: {exc}", request=_request_dict(request)))
-        elapsed = time.monotonic() - started
+            return [Sent(Outcome(Verdict.REJECTED, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
+                    for i in range(n)]
+        elapsed = round(time.monotonic() - started, 4)
+        outcomes = vendor.classify_batch(response.status_code, response.headers, response.text, request, n)
+        retry_after = max((o.retry_after or 0.0 for o in outcomes if o.status == 429), default=0.0)
+        if retry_after:
+            self.limiters[vendor.name].penalize(retry_after)
+        if n > 1:
+            log.info("sent %s events to %s in one request: status=%s in %.0fms",
+                     n, vendor.name, response.status_code, elapsed * 1000)
+        return [Sent(o, response.text, None, n, i, elapsed) for i, o in enumerate(outcomes)]
 
-        outcome = vendor.classify(response.status_code, response.headers, request)
+    def _settle(self, this: _Attempt, request: Request, sent: Sent) -> Delivered | RetryLater:
+        """Delivered, retry or dead letter, from what became of this event's request."""
+        vendor, outcome = this.vendor, sent.outcome
+        if sent.error is not None:
+            if outcome.verdict is Verdict.RETRY:
+                return self._retry(this, request, None, None, sent.error)
+            self._dead(this.dead_letter(REQUEST_ERROR, sent.error, request=_request_dict(request)))
+        bulk = f" (item {sent.index} of a bulk request of {sent.batch})" if sent.batch > 1 else ""
         if outcome.verdict is Verdict.DELIVERED:
-            log.info("delivered %s %s event=%s status=%s attempt=%s in %.0fms",
-                     vendor.name, event.operation, event.id, response.status_code, attempt, elapsed * 1000)
-            return Delivered(vendor.name, response.status_code, attempt, round(elapsed, 4))
-        error = f"{vendor.name} answered {response.status_code}"
+            log.info("delivered %s %s event=%s status=%s attempt=%s in %.0fms%s",
+                     vendor.name, this.event.operation, this.event.id, outcome.status, this.number,
+                     sent.elapsed * 1000, bulk)
+            return Delivered(vendor.name, outcome.status, this.number, sent.elapsed)
+        error = f"{vendor.name} answered {outcome.status}{bulk}" + (f": {outcome.message}" if outcome.message else "")
         if outcome.verdict is Verdict.REJECTED:
-            self._dead(this.dead_letter(REJECTED, error, status=response.status_code, response_body=response.text,
+            self._dead(this.dead_letter(REJECTED, error, status=outcome.status, response_body=sent.body,
                                         request=_request_dict(request)))
-        if outcome.status == 429 and outcome.retry_after:
-            self.limiters[vendor.name].penalize(outcome.retry_after)
-        return self._retry(this, request, outcome.status, outcome.retry_after, error, response.text)
-
-    # -- steps ----------------------------------------------------------------
+        return self._retry(this, request, outcome.status, outcome.retry_after, error, sent.body)
 
     def _send(self, vendor: Vendor, request: Request) -> httpx.Response:
         url = vendor.base_url(self.settings).rstrip("/") + request.path

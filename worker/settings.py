@@ -22,6 +22,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Requests per second per vendor, shared by every worker on every host.
 DEFAULT_RATE_LIMIT = 10.0
+#: Most ConveYour identify/segment calls sent as one bulk request; 1 sends each alone.
+DEFAULT_CONVEYOUR_BATCH_SIZE = 50
+#: Seconds a ConveYour batch waits for more calls after its first one; 0 sends what is there.
+DEFAULT_CONVEYOUR_BATCH_MAX_WAIT = 0.05
 #: ConveYour blocks event objects with more than 15 key/value pairs.
 DEFAULT_EVENT_PROPERTY_CAP = 15
 #: First backoff step in seconds; the n-th retry waits up to base * 2**(n-1).
@@ -65,6 +69,8 @@ class Settings(BaseSettings):
     conveyour_token: SecretStr | None = None
     conveyour_base_url: str | None = None
     conveyour_rate_limit: float = Field(DEFAULT_RATE_LIMIT, ge=0)
+    conveyour_batch_size: int = Field(DEFAULT_CONVEYOUR_BATCH_SIZE, ge=1)
+    conveyour_batch_max_wait: float = Field(DEFAULT_CONVEYOUR_BATCH_MAX_WAIT, ge=0)
 
     event_property_cap: int = Field(DEFAULT_EVENT_PROPERTY_CAP, ge=0)
 

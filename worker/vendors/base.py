@@ -5,6 +5,12 @@ A vendor module is pure: no I/O, no Celery, no Redis. The delivery pipeline
 :meth:`Vendor.auth_headers`, which the pipeline adds at send time, so built
 requests can be logged and dead-lettered safely.
 
+A vendor that accepts several calls in one request (ConveYour's bulk identify)
+also says which events may share a request (:meth:`Vendor.batchable`), builds
+that request (:meth:`Vendor.build_batch`) and maps its answer onto one
+:class:`Outcome` per event (:meth:`Vendor.classify_batch`); the defaults mean
+"no batching". :mod:`worker.batching` does the gathering.
+
 Example::
 
     >>> from worker.vendors import VENDORS
@@ -15,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -41,6 +47,9 @@ class Verdict(str, enum.Enum):
     DELIVERED = "delivered"
     RETRY = "retry"
     REJECTED = "rejected"
+    #: Bulk requests only: the vendor refused the request for other items (or did
+    #: not say which); this one was not stored and must be sent again.
+    RESEND = "resend"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,8 @@ class Outcome:
     status: int | None
     #: Seconds the vendor asked us to wait (``Retry-After``), if it did.
     retry_after: float | None = None
+    #: What the vendor said about this item of a bulk request, if anything.
+    message: str | None = None
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -112,3 +123,34 @@ class Vendor:
         if status in (408, 429) or status >= 500:
             return Outcome(Verdict.RETRY, status, parse_retry_after(headers.get("retry-after")))
         return Outcome(Verdict.REJECTED, status)
+
+    # -- bulk requests (the defaults: every event goes alone) ------------------
+
+    def batch_size(self, settings: Settings) -> int:
+        """Most events in one request; 1 means no batching."""
+        return 1
+
+    def batch_max_wait(self, settings: Settings) -> float:
+        """Seconds a batch waits for more events after its first one."""
+        return 0.0
+
+    def batchable(self, event: AnyEvent) -> bool:
+        """Whether ``event`` may share a request with other batchable events."""
+        return False
+
+    def build_batch(self, events: Sequence[AnyEvent], settings: Settings) -> Request:
+        """One request carrying ``events``; a single event goes out as :meth:`build` makes it."""
+        if len(events) != 1:
+            raise NotImplementedError(f"{self.name} has no bulk request")
+        return self.build(events[0], settings)
+
+    def classify_batch(self, status: int, headers: Mapping[str, str], body: str, request: Request,
+                       n: int) -> list[Outcome]:
+        """One outcome per event of a request built by :meth:`build_batch` from ``n`` events.
+
+        ``body`` is the response text. Besides the usual verdicts an item may be
+        :attr:`Verdict.RESEND`: not stored, send it again (alone if nothing else is known).
+        """
+        if n != 1:
+            raise NotImplementedError(f"{self.name} has no bulk request")
+        return [self.classify(status, headers, request)]

@@ -4,6 +4,11 @@ Document: ``shared/vendor-docs/conveyour-api.txt``. Headers
 ``x-conveyour-appkey`` and ``x-conveyour-token``. The contact id is the
 user_id when given, else the email.
 
+Identify and segment calls (both ``POST /analytics/identify``) may be sent in
+bulk: an array of the same objects ("Identify Multiple Contacts in One HTTP
+Call"). A rejected bulk request is mapped item by item from its ``errors:
+[{"index": i, "message": ...}]``; without them every item is sent again.
+
 Example::
 
     >>> from worker.events import SegmentEvent, Identity
@@ -11,12 +16,24 @@ Example::
     ...                  add=["vip"], remove=["trial"])
     >>> ConveYour().build(e, None).json
     {'id': '42', 'traits': {'tags': {'add': ['vip'], 'remove': ['trial']}}}
+    >>> ConveYour().build_batch([e, e], None).json[1]["id"]
+    '42'
+    >>> body = '{"errors": [{"index": 1, "message": "id is required"}]}'
+    >>> [o.verdict.value for o in ConveYour().classify_batch(422, {}, body, None, 2)]
+    ['resend', 'rejected']
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+
 from ..settings import Settings
-from .base import AnyEvent, Request, Vendor
+from .base import AnyEvent, Outcome, Request, Vendor, Verdict
+
+#: Statuses of a bulk request that may be about some of its items; split to find out which.
+#: Any other 4xx (401, 403, 404, ...) is about the request itself and holds for every item.
+ITEM_STATUSES = frozenset({400, 413, 422})
 
 
 def contact_id(event: AnyEvent) -> str | None:
@@ -53,3 +70,58 @@ class ConveYour(Vendor):
             return Request("POST", "/analytics/track", {"id": cid, "events": events})
         tags = {"add": list(event.add), "remove": list(event.remove)}
         return Request("POST", "/analytics/identify", {"id": cid, "traits": {"tags": tags}})
+
+    # -- bulk identify ----------------------------------------------------------
+
+    def batch_size(self, settings: Settings) -> int:
+        return settings.conveyour_batch_size
+
+    def batch_max_wait(self, settings: Settings) -> float:
+        return settings.conveyour_batch_max_wait
+
+    def batchable(self, event: AnyEvent) -> bool:
+        return event.operation in ("identify", "segment")
+
+    def build_batch(self, events: Sequence[AnyEvent], settings: Settings) -> Request:
+        if len(events) == 1:
+            return self.build(events[0], settings)
+        if not all(self.batchable(e) for e in events):
+            raise ValueError("only identify and segment calls go in a bulk request")
+        return Request("POST", "/analytics/identify", [self.build(e, settings).json for e in events])
+
+    def classify_batch(self, status: int, headers: Mapping[str, str], body: str, request: Request,
+                       n: int) -> list[Outcome]:
+        outcome = self.classify(status, headers, request)
+        if n == 1 or outcome.verdict is not Verdict.REJECTED:
+            return [outcome] * n
+        if status not in ITEM_STATUSES:
+            return [outcome] * n
+        errors = item_errors(body, n)
+        if not errors:  # no usable per-item answer: every item goes again, and the batcher splits
+            return [Outcome(Verdict.RESEND, status)] * n
+        return [Outcome(Verdict.REJECTED, status, message=errors[i]) if i in errors else Outcome(Verdict.RESEND, status)
+                for i in range(n)]
+
+
+def item_errors(body: str, n: int) -> dict[int, str]:
+    """``{index: message}`` from a bulk rejection's ``errors``; empty unless every entry is usable.
+
+    >>> item_errors('{"errors": [{"index": 0, "message": "id is required"}]}', 2)
+    {0: 'id is required'}
+    >>> item_errors('{"message": "bad"}', 2)
+    {}
+    """
+    try:
+        errors = json.loads(body).get("errors")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(errors, list):
+        return {}
+    found: dict[int, str] = {}
+    for entry in errors:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+            return {}
+        message = entry.get("message")
+        found[index] = message if isinstance(message, str) and message else "rejected"
+    return found
