@@ -224,7 +224,7 @@ class Batcher(Generic[T]):
             if len(results) != len(group):
                 raise RuntimeError(f"{self.vendor}: {len(results)} outcomes for {len(group)} items")
             again = []
-            for slot, result in zip(group, results):
+            for slot, result in zip(group, results, strict=True):
                 if result.outcome.verdict is Verdict.RESEND and len(group) > 1:
                     again.append(slot)
                 else:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.batching import BatchError, Batcher, Sent
+from worker.batching import Batcher, BatchError, Sent
 from worker.ratelimit import RateLimiter, Reservation, Unlimited
 from worker.throttle import Throttled
 from worker.vendors import Outcome, Verdict
@@ -131,7 +131,7 @@ def test_each_item_gets_its_own_outcome():
                 "bad": Outcome(Verdict.REJECTED, 404)}
     send = Recorder(lambda items: [verdicts[i] for i in items])
     b = Batcher("v", Unlimited(), send, size=50, max_wait=0.3)
-    results = dict(zip(["ok", "later", "bad"], submit_all(b, ["ok", "later", "bad"])))
+    results = dict(zip(["ok", "later", "bad"], submit_all(b, ["ok", "later", "bad"]), strict=True))
     assert len(send.requests) == 1
     assert {k: (r.outcome.verdict, r.outcome.status) for k, r in results.items()} == {
         "ok": (Verdict.DELIVERED, 200), "later": (Verdict.RETRY, 503), "bad": (Verdict.REJECTED, 404)}
@@ -161,7 +161,7 @@ def test_a_422_naming_bad_items_rejects_only_them_and_sends_the_rest_again_in_on
     send, limiter = Recorder(named_rejection), CountingLimiter()
     b = Batcher("v", limiter, send, size=50, max_wait=0.3)
     items = [f"ok{i}" for i in range(8)] + ["bad1", "bad2"]
-    results = dict(zip(items, submit_all(b, items)))
+    results = dict(zip(items, submit_all(b, items), strict=True))
     assert {k for k, r in results.items() if r.outcome.verdict is Verdict.REJECTED} == {"bad1", "bad2"}
     assert {k for k, r in results.items() if r.outcome.verdict is Verdict.DELIVERED} == {f"ok{i}" for i in range(8)}
     assert results["bad1"].outcome.message == "bad1 is invalid"
@@ -173,7 +173,7 @@ def test_a_422_without_per_item_errors_is_split_until_only_the_bad_item_is_rejec
     send, limiter = Recorder(silent_rejection), CountingLimiter()
     b = Batcher("v", limiter, send, size=50, max_wait=0.3)
     items = [f"ok{i}" for i in range(15)] + ["bad"]
-    results = dict(zip(items, submit_all(b, items)))
+    results = dict(zip(items, submit_all(b, items), strict=True))
     assert [k for k, r in results.items() if r.outcome.verdict is Verdict.REJECTED] == ["bad"]
     assert all(r.outcome.verdict is Verdict.DELIVERED for k, r in results.items() if k != "bad")
     assert len(send.requests) <= 2 * 4 + 1, "halving: far fewer requests than one per item"
@@ -190,7 +190,7 @@ def test_a_split_that_cannot_get_a_token_throttles_the_unsettled_items():
 
     send = Recorder(named_rejection)
     b = Batcher("v", OneToken(), send, size=50, max_wait=0.3)
-    results = dict(zip(["ok", "bad"], submit_all(b, ["ok", "bad"])))
+    results = dict(zip(["ok", "bad"], submit_all(b, ["ok", "bad"]), strict=True))
     assert results["bad"].outcome.verdict is Verdict.REJECTED
     assert isinstance(results["ok"], Throttled), "not stored and no token: back on the queue"
     assert len(send.requests) == 1

@@ -19,7 +19,11 @@ from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.ratelimit import RateLimiter, Reservation, Unlimited
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.sandbox.conveyour import ConveYourAPI
-from worker.settings import DEFAULT_CONVEYOUR_BATCH_MAX_WAIT, DEFAULT_CONVEYOUR_BATCH_SIZE, Settings
+from worker.settings import (
+    DEFAULT_CONVEYOUR_BATCH_MAX_WAIT,
+    DEFAULT_CONVEYOUR_BATCH_SIZE,
+    Settings,
+)
 from worker.throttle import Throttle
 from worker.vendors import VENDORS, Outcome, Verdict
 
@@ -193,7 +197,7 @@ def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_
         results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.5), events)
     assert isinstance(bodies[0], list) and len(bodies[0]) == 10, "one bulk request for all ten"
     assert len(bodies) == 2 and sorted(b["id"] for b in bodies[1]) == sorted(f"u{i}" for i in range(10) if i not in (3, 7))
-    delivered = [e.id for e, r in zip(events, results) if isinstance(r, Delivered)]
+    delivered = [e.id for e, r in zip(events, results, strict=True) if isinstance(r, Delivered)]
     assert delivered == [e.id for i, e in enumerate(events) if i not in (3, 7)]
     entries = {d.event_id: d for d in store.list()}
     assert set(entries) == {"ev-u3", "ev-u7"}
