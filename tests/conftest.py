@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import uuid
 
 import pytest
@@ -19,10 +20,23 @@ from worker.localstack import (
     WorkerProcess,
     sandbox_env,
 )
-from worker.sandbox import Sandbox, SandboxClient
+from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
+
+from .leaks import LeakWatch
 
 #: Mailing lists the tests map segments to.
 MAILING_LISTS = {"vip": "list_vip", "trial": "list_trial", "newsletter": "list_news"}
+
+#: This session's vendor credentials (the sandbox checks them, the workers send them): distinctive
+#: strings, so that finding one anywhere by plain substring search means it leaked.
+TEST_CREDENTIALS = {key: f"zz{key.lower().replace('_', '')}-{secrets.token_hex(8)}" for key in SANDBOX_CREDENTIALS}
+
+
+@pytest.fixture(scope="session")
+def leak_watch() -> LeakWatch:
+    """Where the session's Redis contents, worker logs, Flower output and Sentry envelopes are collected;
+    ``tests/integration/test_zz_no_secrets.py`` scans them for credentials."""
+    return LeakWatch([*TEST_CREDENTIALS.values(), *SANDBOX_CREDENTIALS.values()])
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +48,7 @@ def redis_server():
 
 @pytest.fixture(scope="session")
 def sandbox():
-    with Sandbox(port=0) as box:
+    with Sandbox(port=0, credentials=TEST_CREDENTIALS) as box:
         yield box
 
 
@@ -44,6 +58,7 @@ def base_env(redis_server, sandbox, tmp_path_factory) -> dict[str, str]:
     return sandbox_env(
         redis_server.url,
         sandbox.base_urls,
+        **TEST_CREDENTIALS,
         LOOPS_MAILING_LISTS=json.dumps(MAILING_LISTS),
         CONVERTLOOP_RATE_LIMIT="0",
         LOOPS_RATE_LIMIT="0",
@@ -97,11 +112,12 @@ def unique_email() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker_factory(base_env, tmp_path_factory, redis_server):
+def worker_factory(base_env, tmp_path_factory, redis_server, leak_watch, request):
     """Start Celery worker subprocesses; all are stopped when the module ends.
 
     Then the private Redis is emptied, so that messages a module left queued
     (a throttled backlog, pending retries) do not reach the next module's workers.
+    What the module left in Redis, and the workers' logs, go to ``leak_watch`` first.
     """
     started: list[WorkerProcess] = []
     log_dir = str(tmp_path_factory.mktemp("worker-logs"))
@@ -115,4 +131,6 @@ def worker_factory(base_env, tmp_path_factory, redis_server):
     yield start
     for proc in started:
         proc.stop()
+        leak_watch.add_log(proc.log_path)
+    leak_watch.add_redis(redis_server.url, f"redis after {request.module.__name__}")
     redis.Redis.from_url(redis_server.url).flushdb()

@@ -54,6 +54,21 @@ def _is_envelope(message: Any) -> bool:
 
 
 class Channel(kombu_redis.Channel):
+    def __init__(self, connection: Any, *args: Any, **kwargs: Any) -> None:
+        # Where this channel's Redis is, kept for _connparams below.
+        self._conninfo = connection.client
+        super().__init__(connection, *args, **kwargs)
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # When Redis goes away, Celery closes the lost connection twice: collect(), which ends by
+        # setting Transport.client to None, then close(), whose channel.close() restores the unacked
+        # messages through a new pool built from Transport.client -> AttributeError, "Unrecoverable
+        # error", the worker exits. Running deliveries ack through the same path. Give the channel its
+        # Redis address back so those calls reach Redis (or fail with a connection error kombu handles).
+        if self.connection.client is None and self._conninfo is not None:
+            self.connection.client = self._conninfo
+        return super()._connparams(asynchronous=asynchronous)
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return super()._brpop_read(**options)
