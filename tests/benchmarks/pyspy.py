@@ -1,7 +1,8 @@
 """Where a worker's time goes: py-spy samples of a worker process, summarised.
 
-:class:`PySpy` records a running process (``py-spy record --format raw``, collapsed
-stacks, idle threads excluded: this is CPU time). :func:`summarize` ranks frames by
+:class:`PySpy` records a running process (``py-spy record --format raw --gil``,
+collapsed stacks of the thread holding the GIL only: a worker is one Python process,
+so the GIL is what its threads compete for, and blocked threads are not counted). :func:`summarize` ranks frames by
 *self* samples (the leaf of a stack) and by *inclusive* samples (anywhere on it),
 and groups them by area (logging, HTTP client, Redis, kombu/celery, JSON, ...).
 ``python -m tests.benchmarks.pyspy FILE`` prints the summary of a recorded file.
@@ -17,18 +18,33 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-#: (area, pattern on "function (file:line)") — the first match wins, checked leaf first.
+#: (area, pattern on the frame's file as py-spy prints it, e.g. "celery/app/trace.py") — first match wins.
 AREAS = [
-    ("logging", r"/logging/|celery/utils/log|kombu/log"),
-    ("HTTP client (httpx/httpcore/h11)", r"/httpx/|/httpcore/|/h11/"),
-    ("Redis client (redis-py)", r"/redis/"),
-    ("JSON", r"/json/|kombu/utils/json"),
-    ("pydantic", r"/pydantic"),
-    ("sockets/ssl/selectors", r"socket\.py|ssl\.py|selectors\.py"),
-    ("threading/queue", r"threading\.py|queue\.py|concurrent/futures"),
-    ("kombu", r"/kombu/"),
-    ("celery", r"/celery/|/billiard/"),
-    ("product (worker/)", r"/worker/"),
+    ("logging", r"^logging/|^celery/utils/log|^kombu/log"),
+    ("HTTP client (httpx/httpcore/h11)", r"^httpx/|^httpcore/|^h11/"),
+    ("Redis client (redis-py)", r"^redis/"),
+    ("JSON", r"^json/|^kombu/utils/json"),
+    ("pydantic", r"^pydantic"),
+    ("sockets/selectors", r"^socket\.py|^ssl\.py|^selectors\.py"),
+    ("threading/queue", r"^threading\.py|^queue\.py|^concurrent/futures"),
+    ("kombu", r"^kombu/"),
+    ("celery", r"^celery/|^billiard/"),
+    ("product (worker/)", r"^worker/"),
+]
+
+#: Calls worth knowing the inclusive share of: (label, regex on "function (file").
+KEY_CALLS = [
+    ("task body: worker.deliver (all of the product's work)", r"^deliver \(worker/tasks\.py"),
+    ("  parse + build request", r"^(parse_event|.*\.build|.*\.build_batch) \(worker/"),
+    ("  rate limiter / throttle", r"^(Throttle\.wait|TokenBucket\.acquire|.*acquire) \(worker/"),
+    ("  HTTP exchange (httpx Client.request)", r"^Client\.(request|send) \(httpx/"),
+    ("  dead-letter / batching store", r"\(worker/(deadletters|batching)\.py"),
+    ("logging, anywhere (Logger.handle)", r"^Logger\.handle \(logging/"),
+    ("Celery task events (EventDispatcher.send)", r"^EventDispatcher\.send \(celery/"),
+    ("message receipt (Consumer/strategy, task_message_handler)", r"^(task_message_handler|.*strategy.*) \(celery/"),
+    ("ack (Message.ack)", r"^Message\.ack \(kombu/"),
+    ("kombu Redis polling (MultiChannelPoller)", r"^MultiChannelPoller\.\w+ \(kombu/"),
+    ("Redis commands, anywhere (redis-py execute_command)", r"^(Redis|Pipeline)\.(execute_command|execute) \(redis/"),
 ]
 
 
@@ -37,7 +53,7 @@ class PySpy:
         self.out = out
         binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         self.proc = subprocess.Popen([binary, "record", "-p", str(pid), "-o", str(out), "--format", "raw",
-                                      "-r", str(rate), "--nonblocking"],
+                                      "-r", str(rate), "--nonblocking", "--gil"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> str:
@@ -68,10 +84,16 @@ def _short(frame: str) -> str:
     return f"{func} ({path})"
 
 
+def _file(frame: str) -> str:
+    m = re.search(r"\(([^()]*?)(?::\d+)?\)$", frame)
+    return m.group(1) if m else ""
+
+
 def _area(frames: list[str]) -> str:
     for frame in reversed(frames):
+        path = _file(frame)
         for name, pattern in AREAS:
-            if re.search(pattern, frame):
+            if re.search(pattern, path):
                 return name
     return "other"
 
@@ -80,6 +102,7 @@ def summarize(path: Path, top: int = 15) -> dict:
     self_counts: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     areas: Counter[str] = Counter()
+    keys: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -98,20 +121,25 @@ def summarize(path: Path, top: int = 15) -> dict:
         for f in {_short(f) for f in frames}:
             incl[f] += n
         areas[_area(frames)] += n
+        for label, pattern in KEY_CALLS:
+            if any(re.search(pattern, f) for f in frames):
+                keys[label] += n
 
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(k, round(100 * v / total, 1)) for k, v in c.most_common(top)] if total else []
 
-    return {"samples": total, "self": pct(self_counts), "inclusive": pct(incl), "areas": pct(areas)}
+    key_calls = [(label, round(100 * keys[label] / total, 1) if total else 0.0) for label, _ in KEY_CALLS]
+    return {"samples": total, "areas": pct(areas), "key_calls": key_calls, "self": pct(self_counts),
+            "inclusive": pct(incl)}
 
 
 def render(summary: dict) -> str:
-    out = [f"  {summary['samples']} samples (CPU, idle excluded)", "  by area (leaf-most match):"]
+    out = [f"  {summary['samples']} samples of the GIL holder", "  by area (leaf-most match):"]
     out += [f"    {p:5.1f}%  {k}" for k, p in summary["areas"]]
+    out.append("  inclusive share of key calls:")
+    out += [f"    {p:5.1f}%  {k}" for k, p in summary["key_calls"]]
     out.append("  top self:")
     out += [f"    {p:5.1f}%  {k}" for k, p in summary["self"]]
-    out.append("  top inclusive:")
-    out += [f"    {p:5.1f}%  {k}" for k, p in summary["inclusive"]]
     return "\n".join(out)
 
 

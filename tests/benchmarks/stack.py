@@ -65,6 +65,8 @@ class Sizes:
     sandbox_capacity_requests: int = 6000
     #: An extra, diagnostic 100 ms-latency run with this many threads (0: skip).
     latency_extra_concurrency: int = 128
+    #: An extra, diagnostic run with the per-delivery INFO log lines silenced.
+    diagnose_logging: bool = True
     rate_limits: tuple[float, ...] = (10.0, 50.0)
     rate_processes: tuple[int, ...] = (1, 2, 4)
     rate_warmup: float = 3.0
@@ -85,7 +87,7 @@ class Sizes:
     @classmethod
     def small(cls) -> Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
-                   latency_extra_concurrency=0,
+                   latency_extra_concurrency=0, diagnose_logging=False,
                    rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_seconds=10.0,
                    batch_warmup=1.0, batch_window=4.0, smoke=True)
 
@@ -220,6 +222,15 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (from /proc/<pid>/stat), 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -281,6 +292,7 @@ class BenchStack:
 
     def __init__(self, log_dir: str | None = None, verbose: bool = True) -> None:
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="vdw-bench-")
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         self.verbose = verbose
         self.redis_server: RedisServer | None = None
         self.sandbox: SandboxProcess | None = None
@@ -289,6 +301,13 @@ class BenchStack:
     # lifecycle
 
     def start(self) -> BenchStack:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> BenchStack:
         self.redis_server = RedisServer().start()
         self.sandbox = SandboxProcess(self.log_dir).start()
         self.control = SandboxClient(self.sandbox.url, timeout=60)
@@ -337,10 +356,10 @@ class BenchStack:
     # workers
 
     def workers(self, n: int, queues: str, *, name: str, include_noop: bool = False,
-                **env: Any) -> list[WorkerProcess]:
+                extra_args: tuple[str, ...] = (), **env: Any) -> list[WorkerProcess]:
         """Start ``n`` worker processes consuming ``queues`` (comma-separated), all ready on return."""
         wenv = {**self.env, **{k: str(v) for k, v in env.items()}}
-        args = ["-Q", queues]
+        args = ["-Q", queues, *extra_args]
         if include_noop:
             args += ["--include", NOOP_MODULE]
         procs = [WorkerProcess(wenv, f"{name}-{i}-{uuid.uuid4().hex[:4]}", tuple(args), self.log_dir)

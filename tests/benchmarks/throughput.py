@@ -20,14 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .stack import REPO, BenchError, BenchStack, Row, Sizes
+from .stack import REPO, BenchError, BenchStack, Row, Sizes, cpu_seconds
 
 GROUP = "throughput"
 QUEUE = "convertloop"
 
 
 def _drain(stack: BenchStack, n: int, *, noop: bool, latency_ms: float = 0.0, profile: Path | None = None,
-           **env: str) -> dict:
+           extra_args: tuple[str, ...] = (), **env: str) -> dict:
     import worker
 
     from .noop import noop as noop_task
@@ -44,26 +44,35 @@ def _drain(stack: BenchStack, n: int, *, noop: bool, latency_ms: float = 0.0, pr
                                  vendors=[QUEUE]), QUEUE)
         stack.preload(template, QUEUE, n, vary=lambda i, e: e["identity"].update(email=f"u{i}@example.com"))
     label = "no-op tasks" if noop else f"deliveries (latency {latency_ms:g} ms)"
-    procs = stack.workers(1, QUEUE, name="noop" if noop else "tp", include_noop=noop, **env)
+    procs = stack.workers(1, QUEUE, name="noop" if noop else "tp", include_noop=noop,
+                          extra_args=extra_args, **env)
     spy = None
     if profile is not None:
         from .pyspy import PySpy
 
         spy = PySpy(procs[0].proc.pid, profile)
+    pids = {"worker": procs[0].proc.pid, "sandbox": stack.sandbox.proc.pid, "redis": stack.redis_server.proc.pid}
+    cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     try:
         # Longest plausible: 20 events/s.
         start, end = stack.time_drain(QUEUE, n, timeout=max(120.0, n / 20))
+        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
     finally:
         spy_err = spy.stop() if spy else ""
         stack.stop_workers()
     rate = n / (end - start)
+    # CPU per message (ms) and share of one core, per process, over the drain (incl. the worker's start-up tail).
+    cpu_ms = {k: round(1000 * v / n, 3) for k, v in cpu.items()}
+    cpu_share = {k: round(v / (end - start), 2) for k, v in cpu.items()}
     if not noop:
         stats = stack.vendor_stats(QUEUE)
         if stats.get("200", 0) != n:
             raise BenchError(f"throughput: {n} events preloaded, the sandbox answered {stats}")
         stack.check_clean(QUEUE)
-    stack.say(f"{n} {label}: {end - start:.2f}s = {rate:,.0f}/s")
-    return {"n": n, "seconds": round(end - start, 3), "per_second": rate, "py_spy_stderr": spy_err[-500:]}
+    stack.say(f"{n} {label}: {end - start:.2f}s = {rate:,.0f}/s; CPU ms per message {cpu_ms}, "
+              f"cores busy {cpu_share}")
+    return {"n": n, "seconds": round(end - start, 3), "per_second": rate, "cpu_ms_per_message": cpu_ms,
+            "cores_busy": cpu_share, "py_spy_stderr": spy_err[-500:]}
 
 
 def sandbox_capacity(stack: BenchStack, n: int, threads: int) -> dict:
@@ -90,7 +99,9 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
     rows = [
         Row.compare(f"deliveries/s, {n:,} track → ConvertLoop, no latency, vs no-op tasks/s",
                     ours["per_second"], base["per_second"], "/s", at_least=0.70,
-                    notes=f"threads pool, concurrency {concurrency}, 1 process; sandbox capacity for one "
+                    notes=f"threads pool, concurrency {concurrency}, 1 process; worker CPU per message "
+                          f"{ours['cpu_ms_per_message']['worker']} ms vs {base['cpu_ms_per_message']['worker']} ms "
+                          f"for a no-op, worker busy {ours['cores_busy']['worker']} cores; sandbox capacity for one "
                           f"{concurrency}-thread client process ≈ {cap['per_second']:,.0f}/s",
                     ours=ours, baseline=base),
         Row.compare(f"deliveries/s, {n:,} track, sandbox latency 100 ms, vs no latency",
@@ -105,6 +116,13 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
         more = _drain(stack, n, noop=False, latency_ms=100, WORKER_CONCURRENCY=str(c))
         rows.append(Row.compare(f"(diagnosis) 100 ms latency with WORKER_CONCURRENCY={c}, vs no latency",
                                 more["per_second"], ours["per_second"], "/s", ours=more))
+    if sizes.diagnose_logging:
+        quiet = _drain(stack, n, noop=False, extra_args=("--include", "tests.benchmarks.quiet"))
+        rows.append(Row.compare("(diagnosis) deliveries/s without per-delivery INFO lines, vs no-op tasks/s",
+                                quiet["per_second"], base["per_second"], "/s",
+                                notes="loggers httpx, worker.pipeline, celery.app.trace, celery.worker.strategy "
+                                      f"at WARNING; worker CPU per message {quiet['cpu_ms_per_message']['worker']} ms",
+                                ours=quiet))
     if profile_dir:
         out = Path(profile_dir) / "throughput-worker.pyspy.txt"
         prof = _drain(stack, n, noop=False, profile=out)
