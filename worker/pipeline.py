@@ -44,7 +44,7 @@ from .deadletters import (
     DeadLetterStore,
 )
 from .errors import DeadLettered
-from .events import parse_event
+from .events import check_encodable, parse_event
 from .ratelimit import RateLimiter, limiter_for
 from .settings import Settings, get_settings
 from .throttle import Throttle
@@ -152,6 +152,11 @@ class Pipeline:
                            attempts=attempt, event_id=_get(payload, "id"), error=_summary(exc),
                            raw=_raw(payload), task_id=task_id)
             )
+        try:  # the producer's limits (32 KiB, no NaN) hold for messages that did not come through it, too
+            check_encodable(payload)
+        except ValueError as exc:
+            self._dead(DeadLetter(vendor=vendor.name, operation=event.operation, reason=MALFORMED, attempts=attempt,
+                                  event_id=event.id, error=str(exc), raw=_raw(payload), task_id=task_id))
         this = _Attempt(vendor, event, payload, attempt, task_id)
 
         if not vendor.enabled(self.settings):

@@ -6,6 +6,7 @@ import base64
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 import redis
@@ -28,35 +29,105 @@ def kombu_envelope(body: bytes, queue: str, task: str = "worker.deliver", task_i
     }).encode()
 
 
-def test_malformed_messages_are_dead_lettered_and_delivery_goes_on(worker_factory, product_env, sandbox_client, unique_email):
+def valid_event(marker: str, **changes) -> dict:
+    event = {"id": marker, "operation": "track", "created_at": "2026-01-01T00:00:00Z",
+             "identity": {"email": f"{marker}@example.com"}, "event": "junk", "properties": {}, "occurred_at": None}
+    return {**event, **changes}
+
+
+def celery_body(args: list, kwargs: dict | None = None) -> bytes:
+    return json.dumps([args, kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
+
+
+HUGE = 5 * 1024 * 1024
+
+#: kind -> (queue -> raw list entry, how the worker must deal with it)
+#:   "quarantined": the transport cannot decode the entry; a malformed dead letter whose raw text has the marker
+#:   "dead-lettered": the task sees it; a malformed dead letter with the message's task id
+#:   "rejected": Celery refuses it with a log line naming it
+GARBAGE = {
+    "not-json": (lambda q, m: f"this is not json {m}".encode(), "quarantined"),
+    "not-utf8": (lambda q, m: b"\xff\xfe" + m.encode() + b"\xff", "quarantined"),
+    "json-not-envelope": (lambda q, m: json.dumps({"valid": "json", "marker": m}).encode(), "quarantined"),
+    "json-list": (lambda q, m: json.dumps([m, 1, 2]).encode(), "quarantined"),
+    "huge-not-json": (lambda q, m: m.encode() + b"\x00garbage" * (HUGE // 8), "quarantined"),
+    "body-not-json": (lambda q, m: kombu_envelope(f"{{not json {m}".encode(), q, task_id=m), "rejected"),
+    "unknown-task": (lambda q, m: kombu_envelope(celery_body([q, valid_event(m)]), q, task="no.such.task", task_id=m),
+                     "rejected"),
+    "too-few-args": (lambda q, m: kombu_envelope(celery_body([q]), q, task_id=m), "dead-lettered"),
+    "no-args": (lambda q, m: kombu_envelope(celery_body([]), q, task_id=m), "dead-lettered"),
+    "too-many-args": (lambda q, m: kombu_envelope(celery_body([q, valid_event(m), 3], {"extra": 1}), q, task_id=m),
+                      "dead-lettered"),
+    "unknown-vendor": (lambda q, m: kombu_envelope(celery_body(["nosuchvendor", valid_event(m)]), q, task_id=m),
+                       "dead-lettered"),
+    "unknown-operation": (lambda q, m: kombu_envelope(celery_body([q, valid_event(m, operation="delete")]), q,
+                                                      task_id=m), "dead-lettered"),
+    "missing-fields": (lambda q, m: kombu_envelope(celery_body([q, {"id": m, "operation": "track"}]), q, task_id=m),
+                       "dead-lettered"),
+    "event-not-object": (lambda q, m: kombu_envelope(celery_body([q, [m]]), q, task_id=m), "dead-lettered"),
+    "huge-event": (lambda q, m: kombu_envelope(celery_body([q, valid_event(m, properties={"big": "x" * HUGE})]), q,
+                                               task_id=m), "dead-lettered"),
+}
+QUEUES = ("convertloop", "loops", "conveyour")
+
+
+def test_garbage_in_every_queue_is_dead_lettered_or_rejected_and_delivery_goes_on(worker_factory, product_env,
+                                                                                  sandbox_client, unique_email):
+    """Every kind of garbage, in every vendor queue: the worker survives, keeps each as a ``malformed`` dead
+    letter (or Celery rejects it with a log line), never sends it to a vendor, and goes on delivering."""
     w = worker_factory("hostile-w")
     r = redis.Redis.from_url(product_env["REDIS_URL"])
-    r.lpush("loops", b"this is not json")
-    r.lpush("conveyour", b"\xff\xfe not utf-8")
-    r.lpush("convertloop", b"{\"valid\": \"json, no envelope\"}")
-    r.lpush("loops", kombu_envelope(b"{not json either", "loops", task_id="junk-1"))
-    r.lpush("convertloop", kombu_envelope(json.dumps([["loops"], {}, {}]).encode(), "convertloop", task_id="junk-2"))
-    r.lpush("conveyour", kombu_envelope(json.dumps([["conveyour", {"id": "x"}, 3], {"extra": 1}, {}]).encode(),
-                                        "conveyour", task_id="junk-3"))
-    r.lpush("loops", kombu_envelope(json.dumps([["nosuchvendor", {"id": "x"}], {}, {}]).encode(), "loops", task_id="junk-4"))
-    r.lpush("loops", kombu_envelope(json.dumps([[], {}, {}]).encode(), "loops", task="no.such.task", task_id="junk-5"))
-    worker.app.send_task("worker.deliver", args=("loops", {"id": "x" * 100_000, "operation": "track"}), queue="loops",
-                         task_id="junk-6")
+    run = uuid.uuid4().hex[:8]
+    marker = {(kind, q): f"junk-{run}-{kind}-{q}" for kind in GARBAGE for q in QUEUES}
+    for (kind, q), m in marker.items():
+        r.lpush(q, GARBAGE[kind][0](q, m))
+    # Valid traffic queued behind the garbage.
+    worker.track("still-alive", email=unique_email)
 
     store = DeadLetterStore.default()
-    junk = {"junk-2", "junk-3", "junk-4", "junk-6"}
-    entries = wait_until(lambda: (found := [d for d in store.list() if d.task_id in junk]) and len(found) == 4 and found,
-                         timeout=20, message="malformed dead letters")
-    assert {d.reason for d in entries} == {"malformed"}
-    assert all(len(d.raw or "") <= 4096 for d in entries)
 
-    worker.track("still-alive", email=unique_email)
+    def entries_for(m: str) -> list:
+        return [d for d in store.list() if d.task_id == m or m in (d.raw or "")]
+
+    expected = {key: GARBAGE[key[0]][1] for key in marker}
+    dead_lettered = {key for key, how in expected.items() if how != "rejected"}
+
+    def missing() -> list:
+        return sorted(key for key in dead_lettered if not entries_for(marker[key]))
+
+    try:
+        wait_until(lambda: not missing(), timeout=60, interval=0.25, message="a dead letter for every malformed message")
+    except AssertionError:
+        raise AssertionError(f"no dead letter for {missing()}; worker alive: {w.proc.poll() is None}; "
+                             f"log tail:\n{w.log()[-3000:]}") from None
     wait_until(lambda: len([x for x in sandbox_client.requests(status=200) if unique_email in str(x["body"])]) == 3,
                timeout=20, message="valid traffic after the garbage")
+    wait_until(lambda: all(r.llen(q) == 0 for q in QUEUES) and r.hlen("unacked") == 0, timeout=20,
+               message="every queue consumed and nothing left held")
     assert w.proc.poll() is None, "the worker died"
+
     log = w.log()
-    assert "no.such.task" in log  # rejected with a log line
-    assert "not json" in log or "decode" in log.lower()
+    report = []
+    for key, how in sorted(expected.items()):
+        m = marker[key]
+        found = entries_for(m)
+        if how == "rejected":
+            assert not found, f"{key} was dead-lettered; Celery should reject it"
+            assert m in log, f"{key}: no log line names it"
+            report.append(f"{key[0]:18} {key[1]:12} rejected (log)")
+            continue
+        assert len(found) == 1, f"{key}: {len(found)} dead letters"
+        (entry,) = found
+        assert entry.reason == "malformed" and not entry.replayable, (key, entry.reason)
+        # The vendor the message named (a message naming none is filed under "None"), else the queue's.
+        assert entry.vendor == {"unknown-vendor": "nosuchvendor", "no-args": "None"}.get(key[0], key[1]), (key, entry.vendor)
+        assert len(entry.raw or "") <= 4096 and len(entry.model_dump_json()) < 16_384
+        if how == "dead-lettered":
+            assert entry.task_id == m
+        report.append(f"{key[0]:18} {key[1]:12} dead letter: {entry.error[:70]}")
+    assert not [x for x in sandbox_client.requests() if f"junk-{run}" in str(x["body"])], "garbage reached a vendor"
+    assert "Unrecoverable error" not in log
+    print(f"\n{len(marker)} malformed messages:\n" + "\n".join(report))
 
 
 PRODUCER_SCRIPT = """
