@@ -62,11 +62,12 @@ class SentryStub:
 
 
 @pytest.fixture(scope="module")
-def sentry(worker_factory):
+def sentry(worker_factory, leak_watch):
     stub = SentryStub()
     worker_factory("sentry-w", SENTRY_DSN=stub.dsn)
     yield stub
     stub.server.shutdown()
+    leak_watch.add_text("sentry envelopes", b"\n".join(stub.raw), kind="sentry")
 
 
 def test_retry_then_success_reports_nothing_and_dead_letter_reports_once(sentry, product_env, sandbox_client, unique_email):
@@ -86,5 +87,24 @@ def test_retry_then_success_reports_nothing_and_dead_letter_reports_once(sentry,
     exc = event["exception"]["values"][-1]
     assert exc["type"] == "DeadLettered" and "conveyour" in exc["value"]
     assert dead in json.dumps(event) and retried not in json.dumps(event)
+
+    # Retries exhausted: four failed attempts, one dead letter, one event (not one per attempt).
+    sandbox_client.configure("loops", fail_next=[500, 500, 500, 500])
+    exhausted = worker.track("t2", email=unique_email, vendors=["loops"])
+    wait_until(lambda: len(sentry.events()) >= 2, timeout=20, message="the second Sentry event")
+    time.sleep(1.5)
+    assert len([r for r in sandbox_client.requests(vendor="loops") if r["idempotency_key"] == exhausted]) == 4
+    first, second = sentry.events()
+    assert first == event
+    tags = second["tags"] if isinstance(second["tags"], dict) else dict(second["tags"])
+    assert tags["vendor"] == "loops" and tags["status"] == "500" and tags["reason"] == "retries_exhausted"
+    assert exhausted in json.dumps(second)
     everything = b"".join(sentry.raw).decode(errors="replace")
-    assert not [name for name, secret in SANDBOX_CREDENTIALS.items() if secret in everything]
+    secrets = [*SANDBOX_CREDENTIALS.values(), *product_env_secrets()]
+    assert not [secret[:6] for secret in secrets if secret in everything]
+
+
+def product_env_secrets() -> list[str]:
+    from worker.settings import get_settings
+
+    return get_settings().secrets()
