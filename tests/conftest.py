@@ -46,6 +46,19 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _celery_app_on_the_test_redis(redis_server):
+    """In-process Celery calls (apply_async, connections) use the private Redis, whatever test runs first.
+
+    Celery reads its configuration once, on first use; without this a test that touched the app
+    before ``product_env`` set REDIS_URL would point it at the machine's shared Redis for the session.
+    """
+    from worker.app import app
+
+    app.conf.broker_url = redis_server.url
+    yield
+
+
 @pytest.fixture(scope="session")
 def sandbox():
     with Sandbox(port=0, credentials=TEST_CREDENTIALS) as box:

@@ -44,7 +44,8 @@ def test_messages_match_what_apply_async_writes(product_env, redis_server):
     assert props == {k: v for k, v in celery_env["properties"].items() if k not in differ}
 
 
-def test_every_message_has_its_own_task_id_and_delivery_tag():
+def test_every_message_has_its_own_task_id_and_delivery_tag(product_env):
+    # product_env first: Celery reads its configuration (the broker URL) on first use, for the whole session.
     messages = TaskMessages(deliver.app).build(PAYLOAD, ["convertloop", "loops", "conveyour"], ".replay-1")
     envelopes = [_decode(m)[0] for _, m in messages]
     assert [q for q, _ in messages] == ["convertloop", "loops", "conveyour"]
