@@ -72,6 +72,8 @@ class Sizes:
     rate_warmup: float = 3.0
     rate_window: float = 10.0
     memory_backlog: int = 100_000
+    #: The comparison: a backlog that lasts just the sampling time.
+    memory_small_backlog: int = 1000
     memory_seconds: float = 60.0
     memory_rate: float = 10.0
     batch_rate: float = 5.0
@@ -88,7 +90,7 @@ class Sizes:
     def small(cls) -> Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
                    latency_extra_concurrency=0, diagnose_logging=False,
-                   rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_seconds=10.0,
+                   rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_small_backlog=200, memory_seconds=10.0,
                    batch_warmup=1.0, batch_window=4.0, smoke=True)
 
 
