@@ -187,7 +187,7 @@ class Publisher:
     def _try_push(self, messages: list[Message]) -> Exception | None:
         try:
             _push(self.redis, messages)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.RedisError, OSError) as exc:  # refused, reset, timed out, loading, out of memory...
             return exc
         return None
 
@@ -236,7 +236,7 @@ class Publisher:
             if self.spool is not None:
                 while self.spool.drain(lambda msgs: _push(self.redis, msgs), limit=FLUSH_BATCH):
                     pass
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.RedisError, OSError):
             return False
         with self._lock:
             if self._down:
