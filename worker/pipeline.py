@@ -53,6 +53,9 @@ from .vendors.base import AnyEvent
 
 log = logging.getLogger(__name__)
 
+#: Headers every vendor request carries (credentials are added per vendor at send time).
+_BASE_HEADERS = {"User-Agent": clients.USER_AGENT, "Accept": "application/json"}
+
 #: Transport failures worth another attempt; anything else httpx raises is a request we cannot make.
 RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -98,7 +101,7 @@ class Pipeline:
     def __init__(
         self,
         settings: Settings,
-        http: httpx.Client,
+        http: httpx.BaseTransport,
         store: DeadLetterStore,
         limiters: dict[str, RateLimiter],
         throttle: Throttle,
@@ -106,6 +109,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.http = http
+        self._timeout = clients.request_timeout(settings)
         self.store = store
         self.limiters = limiters
         self.throttle = throttle
@@ -222,7 +226,8 @@ class Pipeline:
             self._dead(this.dead_letter(REQUEST_ERROR, sent.error, request=_request_dict(request)))
         bulk = f" (item {sent.index} of a bulk request of {sent.batch})" if sent.batch > 1 else ""
         if outcome.verdict is Verdict.DELIVERED:
-            log.info("delivered %s %s event=%s status=%s attempt=%s in %.0fms%s",
+            # DEBUG: Celery's own "succeeded" line already says vendor, status, attempt and time.
+            log.debug("delivered %s %s event=%s status=%s attempt=%s in %.0fms%s",
                      vendor.name, this.event.operation, this.event.id, outcome.status, this.number,
                      sent.elapsed * 1000, bulk)
             return Delivered(vendor.name, outcome.status, this.number, sent.elapsed)
@@ -234,8 +239,15 @@ class Pipeline:
 
     def _send(self, vendor: Vendor, request: Request) -> httpx.Response:
         url = vendor.base_url(self.settings).rstrip("/") + request.path
-        headers = {**request.headers, **vendor.auth_headers(self.settings)}
-        return self.http.request(request.method, url, json=request.json, headers=headers)
+        headers = {**_BASE_HEADERS, **request.headers, **vendor.auth_headers(self.settings)}
+        outgoing = httpx.Request(request.method, url, json=request.json, headers=headers,
+                                 extensions={"timeout": self._timeout})
+        response = self.http.handle_request(outgoing)
+        try:
+            response.read()
+        finally:
+            response.close()
+        return response
 
     def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
                error: str, body: str | None = None) -> RetryLater:

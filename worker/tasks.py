@@ -54,5 +54,6 @@ def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **ext
         gate.pause(throttled.vendor, throttled.retry_after)
         raise ThrottledReject(str(throttled), requeue=True) from None
     if isinstance(result, Delivered):
-        return {"vendor": result.vendor, "status": result.status, "attempt": result.attempt}
+        return {"vendor": result.vendor, "status": result.status, "attempt": result.attempt,
+                "ms": round(result.elapsed * 1000)}
     raise self.retry(countdown=result.countdown, exc=RetryableError(result.error), max_retries=None)

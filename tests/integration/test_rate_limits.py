@@ -45,7 +45,8 @@ def test_two_worker_processes_share_one_limit(worker_factory, product_env, sandb
     assert len(got) == n
     assert (n - 1) / span <= rate * 1.05
     assert max_in_window(times) <= rate + 1
-    assert "delivered loops" in a.log() and "delivered loops" in b.log(), "both workers should have delivered"
+    assert "'vendor': 'loops', 'status': 200" in a.log() and "'vendor': 'loops', 'status': 200" in b.log(), \
+        "both workers should have delivered"
 
 
 def test_throttled_vendor_does_not_hold_up_the_others(worker_factory, product_env, sandbox_client, unique_email):

@@ -42,7 +42,7 @@ def pipeline(store):
         conveyour_appkey=None, conveyour_token=None,
         retry_max_attempts=3, retry_backoff_base=1, retry_backoff_max=8,
     )
-    with httpx.Client() as http:
+    with httpx.HTTPTransport() as http:
         yield Pipeline(settings, http, store, {v: Unlimited() for v in VENDORS}, Throttle())
 
 

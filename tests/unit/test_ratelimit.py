@@ -38,15 +38,21 @@ def test_first_token_is_free_then_spacing_is_enforced(client, key):
 
 def test_reservations_never_exceed_the_rate(client, key):
     bucket = TokenBucket(client, key, rate=20)
-    start = time.time()
-    sends = []
+    # A wait is relative to Redis's clock during the call: the send time lies between
+    # (before the call + wait) and (after the call + wait). A gap is too short only if even
+    # the latest possible next send is closer than 1/rate to the earliest possible previous one.
+    early, late = [], []
     for _ in range(40):
+        before = time.monotonic()
         r = bucket.acquire(max_wait=5)
+        after = time.monotonic()
         assert r.granted
-        sends.append(start + r.wait)
-    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
-    assert min(gaps) >= 0.049
-    assert sends[-1] - sends[0] >= 39 / 20 - 0.01
+        early.append(before + r.wait)
+        late.append(after + r.wait)
+    widest_gaps = [late[i + 1] - early[i] for i in range(39)]
+    assert min(widest_gaps) >= 0.049
+    assert late[-1] - early[0] >= 39 / 20 - 0.01
+    assert late[-1] - early[0] < 39 / 20 + 0.5, "the bucket made callers wait far longer than the rate needs"
 
 
 def test_shared_across_clients_and_threads(client, key, redis_server):
