@@ -136,15 +136,20 @@ def encode(event: _Event) -> dict[str, Any]:
     return event.model_dump(mode="json")
 
 
-def check_encodable(payload: dict[str, Any]) -> int:
-    """Size in bytes of the JSON encoding; raises ValueError for NaN/Infinity or absurd sizes."""
+def to_json(payload: dict[str, Any]) -> str:
+    """The compact JSON of an event; raises ValueError for NaN/Infinity or an event over MAX_EVENT_BYTES."""
     try:
-        size = len(json.dumps(payload, allow_nan=False, separators=(",", ":")))
+        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
     except ValueError:
         raise ValueError("values must be JSON: NaN and Infinity are not") from None
-    if size > MAX_EVENT_BYTES:
-        raise ValueError(f"event is {size} bytes as JSON; the limit is {MAX_EVENT_BYTES}")
-    return size
+    if len(text) > MAX_EVENT_BYTES:
+        raise ValueError(f"event is {len(text)} bytes as JSON; the limit is {MAX_EVENT_BYTES}")
+    return text
+
+
+def check_encodable(payload: dict[str, Any]) -> int:
+    """Size in bytes of the JSON encoding; raises ValueError for NaN/Infinity or absurd sizes."""
+    return len(to_json(payload))
 
 
 def iso_utc(value: datetime | str) -> str:

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -29,9 +29,9 @@ from .events import (
     IdentifyEvent,
     SegmentEvent,
     TrackEvent,
-    check_encodable,
     encode,
     iso_utc,
+    to_json,
     utc_now,
 )
 from .settings import Settings, get_settings
@@ -94,17 +94,17 @@ def _names(name: str, value: Any) -> list[Any]:
 
 
 def _build(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any]):
-    data = {"id": uuid.uuid4().hex, "created_at": utc_now(), "identity": identity, **fields}
+    data = {"id": os.urandom(16).hex(), "created_at": utc_now(), "identity": identity, **fields}
     try:
         event = model.model_validate(data)
     except pydantic.ValidationError as exc:
         raise InvalidEvent(_explain(exc)) from None
     payload = encode(event)
     try:
-        check_encodable(payload)
+        text = to_json(payload)
     except ValueError as exc:
         raise InvalidEvent(str(exc)) from None
-    return event, payload
+    return event, payload, text
 
 
 def _explain(exc: pydantic.ValidationError) -> str:
@@ -150,13 +150,17 @@ def plan(event: Any, vendors: Iterable[str] | None, settings: Settings) -> list[
 
 def _submit(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any],
             vendors: Iterable[str] | None) -> str:
-    event, payload = _build(model, identity, fields)
-    publish(payload, plan(event, vendors, get_settings()))
+    event, payload, text = _build(model, identity, fields)
+    publish(payload, plan(event, vendors, get_settings()), event_json=text)
     return event.id
 
 
 # -- enqueue ------------------------------------------------------------------
 
-def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True) -> None:
-    """Put one delivery message per vendor on that vendor's queue (or the local spool), or raise EnqueueError."""
-    publisher.publish(payload, vendors, task_id_suffix, spool)
+def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True,
+            event_json: str | None = None) -> None:
+    """Put one delivery message per vendor on that vendor's queue (or the local spool), or raise EnqueueError.
+
+    ``event_json`` is the payload's JSON when the caller has it already (it is not encoded twice).
+    """
+    publisher.publish(payload, vendors, task_id_suffix, spool, event_json)

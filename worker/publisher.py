@@ -81,9 +81,10 @@ class TaskMessages:
         self._template = template
         self._embed = json.dumps(m.body[2])
 
-    def build(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "") -> list[Message]:
+    def build(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
+              event_json: str | None = None) -> list[Message]:
         """One (queue, message) per vendor; the task arguments are ``(vendor, payload)``."""
-        event_json = json.dumps(payload)
+        event_json = event_json or json.dumps(payload)
         event_id, operation = payload["id"], payload["operation"]
         out = []
         for vendor in vendors:
@@ -166,9 +167,9 @@ class Publisher:
     # -- publishing -------------------------------------------------------------
 
     def publish(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
-                spool: bool = True) -> str:
+                spool: bool = True, event_json: str | None = None) -> str:
         """Queue one message per vendor, or spool them (unless ``spool=False``); returns QUEUED or SPOOLED."""
-        messages = self.messages.build(payload, vendors, task_id_suffix)
+        messages = self.messages.build(payload, vendors, task_id_suffix, event_json)
         error = None
         if not self._down or not spool:
             started = time.monotonic()
@@ -253,8 +254,9 @@ class Publisher:
         self.redis.close()
 
 
-def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True) -> str:
+def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True,
+            event_json: str | None = None) -> str:
     """Queue (or spool) one ``worker.deliver`` message per vendor; see :class:`Publisher`."""
     if not vendors:
         return QUEUED
-    return Publisher.default().publish(payload, vendors, task_id_suffix, spool)
+    return Publisher.default().publish(payload, vendors, task_id_suffix, spool, event_json)
