@@ -13,20 +13,12 @@ from __future__ import annotations
 import math
 import time
 
+from tests.helpers import max_in_window
+
 from .stack import BenchStack, Row, Sizes
 
 GROUP = "ratelimit"
 VENDOR = "loops"
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 def measure(stack: BenchStack, limit: float, processes: int, sizes: Sizes) -> Row:

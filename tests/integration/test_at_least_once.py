@@ -11,6 +11,7 @@ import pytest
 import redis
 
 import worker
+from tests.helpers import email_of as _email
 from worker.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,14 +50,6 @@ def test_sigkill_mid_delivery_loses_nothing(worker_factory, product_env, sandbox
           f"requests beyond one per event: {extra}; Loops 409s: {len(mine('loops', 409))}")
     assert set(loops_keys) == set(ids)
     assert max(loops_keys.values()) == 1, "Loops accepted an event twice"
-
-
-def _email(vendor: str, body: dict) -> str | None:
-    if vendor == "convertloop":
-        return body.get("person", {}).get("email")
-    if vendor == "conveyour":
-        return body.get("id")
-    return body.get("email")
 
 
 def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(worker_factory, product_env, sandbox_client,

@@ -7,6 +7,7 @@ import time
 import pytest
 
 import worker
+from tests.helpers import max_in_window
 from worker.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -15,16 +16,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def mine(sandbox_client, vendor, tag, status=None):
     return [r for r in sandbox_client.requests(vendor=vendor)
             if tag in str(r["body"]) and (status is None or r["status"] == status)]
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 def test_two_worker_processes_share_one_limit(worker_factory, product_env, sandbox_client, unique_email):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 import worker
+from tests.helpers import email_of as _email
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 
@@ -18,14 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RATE = 20  # requests/second the worker allows each vendor
 N = 80  # events per phase
 HEALTHY = ("convertloop", "loops")
-
-
-def _email(vendor: str, body: dict) -> str | None:
-    if vendor == "convertloop":
-        return body.get("person", {}).get("email")
-    if vendor == "conveyour":
-        return body.get("id")
-    return body.get("email")
 
 
 def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(worker_factory, product_env,

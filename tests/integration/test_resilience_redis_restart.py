@@ -13,6 +13,7 @@ import pytest
 import redis
 
 import worker
+from tests.helpers import max_in_window
 from worker import clients
 from worker.deadletters import DeadLetterStore
 from worker.localstack import RedisServer, wait_until
@@ -24,16 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RATE = 5
 N = 20  # events before the restart, and again after it
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 @pytest.fixture
