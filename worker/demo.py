@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ def _say(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from . import clients
-    from .localstack import RedisServer, WorkerProcess, free_port, wait_until
+    from .localstack import FlowerProcess, RedisServer, WorkerProcess, wait_until
     from .sandbox import Sandbox, SandboxClient
     from .settings import get_settings
 
@@ -70,15 +69,9 @@ def run(args: argparse.Namespace) -> int:
         _say(f"sandbox  {sandbox.url}")
         worker = WorkerProcess(env, "demo", log_dir=log_dir).start()
         _say(f"worker   celery -A worker worker   (log: {worker.log_path})")
-        flower_port = args.flower_port or free_port()
-        with open(os.path.join(log_dir, "flower.log"), "wb") as flower_log:  # the child keeps its own handle
-            flower = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={flower_port}",
-                 "--address=127.0.0.1", f"--basic-auth={FLOWER_LOGIN}"],
-                env=env, stdout=flower_log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        _say(f"flower   http://127.0.0.1:{flower_port}   (login {FLOWER_LOGIN})")
-        wait_until(lambda: _flower_up(flower_port), timeout=30, interval=0.2, message="Flower")
+        flower = FlowerProcess(env, os.path.join(log_dir, "flower.log"), args.flower_port or None, FLOWER_LOGIN)
+        _say(f"flower   {flower.url}   (login {FLOWER_LOGIN})")
+        flower.start()
 
         import worker as product
 
@@ -110,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         _say("\nreplay it with:  python -m worker deadletters replay --all --vendor conveyour"
              f"   (with REDIS_URL={redis_url} KEY_PREFIX={env['KEY_PREFIX']})")
         _say(f"Flower shows the dead letter as FAILURE (DeadLettered) and the retry (RETRY, then SUCCESS): "
-             f"http://127.0.0.1:{flower_port}/tasks")
+             f"{flower.url}/tasks")
         if args.exit_after is None:
             _say("\nrunning; Ctrl-C to stop")
             while True:
@@ -123,22 +116,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _say("stopping ...")
         if flower is not None:
-            flower.terminate()
-            flower.wait(10)
+            flower.stop()
         if worker is not None:
             worker.stop()
         sandbox.stop()
         if redis_server is not None:
             redis_server.stop()
-
-
-def _flower_up(port: int) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _dead_letter_for(event_id: str) -> bool:

@@ -1,4 +1,4 @@
-"""A local stack for the demo and the tests: a private redis-server and Celery worker processes.
+"""A local stack for the demo and the tests: a private redis-server, Celery worker processes, Flower.
 
 Example::
 
@@ -110,6 +110,53 @@ class WorkerProcess:
                 self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
+
+
+class FlowerProcess:
+    """``celery -A worker flower`` on loopback as a subprocess, with basic auth, its log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: str | os.PathLike[str], port: int | None = None,
+                 basic_auth: str = "ops:pw") -> None:
+        self.env = env
+        self.log_path = Path(log_path)
+        self.port = port or free_port()
+        self.basic_auth = basic_auth
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        user, _, password = self.basic_auth.partition(":")
+        return user, password
+
+    def start(self, timeout: float = 30.0) -> FlowerProcess:
+        cmd = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={self.port}",
+               "--address=127.0.0.1", f"--basic-auth={self.basic_auth}"]
+        with open(self.log_path, "wb") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_until(self.up, timeout=timeout, interval=0.2, message="Flower")
+        return self
+
+    def up(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/healthcheck", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 #: Variables a stack environment never inherits from the caller's shell.

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 import worker
-from worker.localstack import free_port, wait_until
+from worker.localstack import FlowerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,28 +30,16 @@ def test_demo_shows_delivery_retry_and_dead_letter(base_env):
 def flower(base_env, worker_factory, tmp_path_factory, leak_watch):
     """Flower on loopback against the test broker (basic auth); its log and task output go to leak_watch."""
     worker_factory("flower-w", RETRY_BACKOFF_MAX=10)  # lets a Retry-After of 5 s stand
-    port = free_port()
     log_path = tmp_path_factory.mktemp("flower") / "flower.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}",
-                                 "--address=127.0.0.1", "--basic-auth=ops:secret-pw"],
-                                env=base_env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    proc = FlowerProcess(base_env, log_path, basic_auth="ops:secret-pw")
+    url = proc.url
     try:
-        wait_until(up, timeout=30, message="Flower")
+        proc.start()
         yield url
         leak_watch.add_text("flower /api/tasks", httpx.get(f"{url}/api/tasks", auth=("ops", "secret-pw"), timeout=5).text,
                             kind="flower")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
         leak_watch.add_log(log_path)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,7 +19,7 @@ import redis
 
 import worker
 from worker.deadletters import DeadLetterStore
-from worker.localstack import free_port, wait_until
+from worker.localstack import FlowerProcess, wait_until
 from worker.settings import get_settings
 
 from ..conftest import TEST_CREDENTIALS
@@ -64,26 +62,14 @@ def tempting_stack(worker_factory, base_env, tmp_path_factory, leak_watch):
     """A worker reporting to a Sentry stub, and Flower watching it."""
     stub = SentryStub()
     w = worker_factory("secrets-w", SENTRY_DSN=stub.dsn)
-    port = free_port()
     log_path = tmp_path_factory.mktemp("flower-secrets") / "flower.log"
-    with open(log_path, "wb") as log:
-        flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}",
-                                   "--address=127.0.0.1", "--basic-auth=ops:pw"],
-                                  env=base_env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    flower = FlowerProcess(base_env, log_path, basic_auth="ops:pw")
+    url = flower.url
     try:
-        wait_until(up, timeout=30, message="Flower")
+        flower.start()
         yield w, stub, url, log_path
     finally:
-        flower.terminate()
-        flower.wait(10)
+        flower.stop()
         stub.server.shutdown()
 
 
