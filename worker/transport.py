@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 log = logging.getLogger(__name__)
+
+#: Errors that mean Redis went away while a popped message was being recorded as unacknowledged.
+LOST_REDIS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# Messages popped from a queue whose unacked record could not be written because Redis went away at
+# that moment: they exist only here, so they go back on their queue once Redis answers again.
+_orphans: list[tuple[str, Any]] = []
+_orphans_lock = threading.Lock()
 
 #: Keys every kombu message envelope has.
 ENVELOPE_KEYS = ("body", "properties", "headers")
@@ -69,6 +79,10 @@ class Channel(kombu_redis.Channel):
             self.connection.client = self._conninfo
         return super()._connparams(asynchronous=asynchronous)
 
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        _requeue_orphans(self.client)
+        super()._brpop_start(timeout)
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return super()._brpop_read(**options)
@@ -86,4 +100,21 @@ class Transport(kombu_redis.Transport):
         if not _is_envelope(message):
             quarantine(queue, dumps(message) if not isinstance(message, str) else message, "not a kombu envelope")
             return
-        super()._deliver(message, queue)
+        try:
+            super()._deliver(message, queue)
+        except LOST_REDIS:
+            # BRPOP took the message, then recording it as unacked failed: nothing ran it and Redis
+            # no longer has it. Keep it; the next poll after reconnecting puts it back.
+            with _orphans_lock:
+                _orphans.append((queue, message))
+            log.warning("Redis went away while taking a message from %s; it goes back once Redis answers", queue)
+            raise
+
+
+def _requeue_orphans(client: Any) -> None:
+    with _orphans_lock:
+        while _orphans:
+            queue, message = _orphans[0]
+            client.rpush(queue, dumps(message))  # the consuming end: it is taken next
+            _orphans.pop(0)
+            log.warning("put back on %s a message taken just before Redis went away", queue)

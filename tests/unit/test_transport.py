@@ -19,3 +19,35 @@ def test_a_channel_keeps_its_redis_address_after_the_transport_lets_go(redis_ser
         channel.close()
     finally:
         conn.release()
+
+
+def test_a_message_popped_as_redis_goes_away_goes_back_on_its_queue(redis_server, monkeypatch):
+    """BRPOP took it, then recording it as unacked failed: stock kombu would lose it."""
+    import json
+
+    import pytest
+    import redis
+    from kombu.transport import redis as kombu_redis
+
+    from worker import transport
+
+    envelope = {"body": "e30=", "headers": {"id": "lost-1"}, "properties": {"delivery_info": {}},
+                "content-type": "application/json"}
+
+    def redis_gone(self, message, queue):
+        raise redis.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(kombu_redis.Transport, "_deliver", redis_gone)
+    conn = Connection(redis_server.url, transport="worker.transport:Transport")
+    try:
+        with pytest.raises(redis.ConnectionError):
+            conn.transport._deliver(envelope, "orphans-q")
+    finally:
+        conn.release()
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete("orphans-q")
+    transport._requeue_orphans(client)
+    assert [json.loads(m) for m in client.lrange("orphans-q", 0, -1)] == [envelope]
+    transport._requeue_orphans(client)  # once only
+    assert client.llen("orphans-q") == 1
+    client.delete("orphans-q")
