@@ -64,6 +64,13 @@ def test_redis_outage_at_the_producer_loses_nothing_and_never_blocks(
 ):
     tag = unique_email.split("@")[0]
     server = RedisServer(persist=True).start()
+    try:
+        _outage_run(server, worker_factory, product_env, sandbox_client, tag, tmp_path)
+    finally:
+        server.stop()
+
+
+def _outage_run(server, worker_factory, product_env, sandbox_client, tag, tmp_path):
     env = {**product_env, "REDIS_URL": server.url, "SPOOL_DIR": str(tmp_path / "spool"),
            "PUBLISH_TIMEOUT": str(BOUND)}
     consumer = worker_factory("outage", REDIS_URL=server.url)
@@ -112,7 +119,6 @@ def test_redis_outage_at_the_producer_loses_nothing_and_never_blocks(
                                  f"worker alive: {consumer.proc.poll() is None}\n{consumer.log()[-4000:]}") from None
     duplicates = {v: sum(n - 1 for n in delivered(v).values()) for v in vendors}
     print(f"all {len(expected)} events reached all three vendors; requests beyond one per event: {duplicates}")
-    server.stop()
 
 
 def test_full_spool_refuses_with_enqueue_error(product_env, monkeypatch, tmp_path):
