@@ -28,6 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM a child and wait for it; SIGKILL it if it has not ended within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, in a temp dir."""
 
@@ -61,12 +73,7 @@ class RedisServer:
 
     def stop(self, keep_data: bool = False) -> None:
         """Shut Redis down (SIGTERM: it writes its AOF); ``keep_data`` lets :meth:`start` bring it back."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        terminate(self.proc)
         if not keep_data:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -150,13 +157,7 @@ class FlowerProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
 
 #: Variables a stack environment never inherits from the caller's shell.

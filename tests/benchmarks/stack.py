@@ -37,6 +37,7 @@ from worker.localstack import (
     RedisServer,
     WorkerProcess,
     sandbox_env,
+    terminate,
     wait_until,
 )
 from worker.sandbox import SandboxClient, base_urls
@@ -278,13 +279,7 @@ class SandboxProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         if getattr(self, "_log", None):
             self._log.close()
 
