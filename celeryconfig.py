@@ -14,13 +14,18 @@ broker_url = _s.redis_url
 # kombu's Redis transport, made to dead-letter undecodable messages instead of dying on them.
 broker_transport = "worker.transport:Transport"
 broker_transport_options = {
-    # A message a worker holds (running, or waiting out a retry countdown) is
-    # handed to another worker only after this long: longer than any countdown.
+    # A message a worker holds (while it delivers it) is handed to another worker
+    # after this long: the longest one delivery takes, plus a margin (35 s by
+    # default). Retries wait in Redis (worker/retries/schedule.py), never in a
+    # worker, so nothing is held for longer.
     "visibility_timeout": _s.visibility_timeout,
     # ...and it is looked for often: kombu's default scans only every ~100 s
     # (10 s interval x throttle 10), so a dead worker's messages would sit idle.
-    "unacked_restore_interval": min(10.0, _s.visibility_timeout / 4),
+    "unacked_restore_interval": min(5.0, _s.visibility_timeout / 4),
     "unacked_restore_throttle": 1,
+    # A worker killed while it holds the restore lock blocks every restore until
+    # the lock expires: kombu's default is 300 s. A scan takes milliseconds.
+    "unacked_mutex_expire": 15,
     # A web handler must not hang on a dead broker: connect fast or fail.
     "socket_connect_timeout": _s.publish_timeout,
     "socket_timeout": 10,

@@ -112,6 +112,17 @@ def product_env(base_env, monkeypatch, redis_server):
 
 
 @pytest.fixture
+def store(product_env):
+    """The dead-letter store the product uses, empty before and after the test."""
+    from worker.deadletters import DeadLetterStore
+
+    s = DeadLetterStore.default()
+    s.purge()
+    yield s
+    s.purge()
+
+
+@pytest.fixture
 def sandbox_client(sandbox):
     client = SandboxClient(sandbox.url)
     client.reset()

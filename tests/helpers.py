@@ -25,3 +25,45 @@ def email_of(vendor: str, body: dict) -> str | None:
     if vendor == "conveyour":
         return body.get("id")
     return body.get("email")
+
+
+#: The vendor queues, and the hash where kombu's Redis transport keeps what a worker holds until it acks.
+QUEUES = ("convertloop", "loops", "conveyour")
+UNACKED = "unacked"
+
+
+def wait_idle(redis_url: str, timeout: float = 30.0, queues: tuple[str, ...] = QUEUES) -> None:
+    """Wait until the workers have nothing left: every queue empty and no message held unacked.
+
+    The positive signal to wait for before asserting that something did *not* happen
+    (no second request, no delivery to another vendor): a message is acked only after its
+    delivery ended, a retry waiting for its countdown stays unacked, and kombu records a
+    message as unacked before it takes the next one off a queue. Raises AssertionError on timeout.
+    """
+    import redis
+
+    from worker.localstack import wait_until
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        def idle() -> bool:
+            pipe = client.pipeline(transaction=False)
+            for q in queues:
+                pipe.llen(q)
+            pipe.hlen(UNACKED)
+            return not any(pipe.execute())
+
+        wait_until(idle, timeout=timeout, interval=0.05, message="the workers to finish every message")
+    finally:
+        client.close()
+
+
+def breaker_open(vendor: str) -> bool:
+    """Is ``vendor``'s circuit breaker open now, as every worker sees it (the test Redis, KEY_PREFIX vdw)?"""
+    import os
+
+    import redis
+
+    from worker.retries.breaker import Breaker
+
+    return Breaker(redis.Redis.from_url(os.environ["REDIS_URL"]), "vdw", threshold=1).poll(vendor).open

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from celery import Celery, signals
 
-from .gate import QueueGate
+from .limits.gate import QueueGate
+from .retries.ticker import TickerStep
 from .observability import init_sentry
 from .settings import get_settings
 
 app = Celery("worker")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(QueueGate)
+app.steps["consumer"].add(TickerStep)
 
 
 @signals.celeryd_init.connect

@@ -24,7 +24,7 @@ its task puts the message back on the queue, no attempt used.
 
 Example::
 
-    >>> from worker.ratelimit import Unlimited
+    >>> from worker.limits.ratelimit import Unlimited
     >>> send = lambda items: [Sent(Outcome(Verdict.DELIVERED, 200), batch=len(items)) for _ in items]
     >>> b = Batcher("demo", Unlimited(), send, size=10, max_wait=0.0)
     >>> b.submit("e1").outcome.verdict
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Generic, TypeVar
 
-from .ratelimit import RateLimiter
-from .throttle import DEFAULT_HORIZON, Throttled
+from .limits.ratelimit import RateLimiter
+from .limits.throttle import DEFAULT_HORIZON, Throttled
 from .vendors.base import Outcome, Verdict
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
-"""``python -m worker deadletters list|show|replay|purge`` and ``spool status|flush``: the operator's commands.
+"""The operator's commands: ``status``, ``deadletters list|show|replay|purge``, ``retries release``, ``spool status|flush``.
 
 Example::
 
+    $ python -m worker status            # per vendor: queued, in flight, waiting retries, breaker, rate, dead letters
     $ python -m worker deadletters list --vendor loops
     $ python -m worker deadletters replay --all --vendor loops
+    $ python -m worker retries release --vendor loops   # waiting retries due now
     $ python -m worker spool flush      # publish what a producer left in SPOOL_DIR
 """
 
@@ -90,6 +92,93 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def vendor_status() -> dict:
+    """Everything ``status`` shows, as one JSON-able dict."""
+    from collections import Counter
+
+    from . import clients
+    from .events import utc_iso
+    from .retries.breaker import Breaker
+    from .retries.schedule import UNACKED, RetrySchedule
+    from .settings import get_settings
+    from .spool import Spool
+
+    s = get_settings()
+    r = clients.redis_client()
+    schedule = RetrySchedule(r, s.key_prefix)
+    breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max)
+    held: Counter[str] = Counter()
+    for raw in r.hvals(UNACKED):
+        try:
+            held[json.loads(raw)[2]] += 1
+        except (ValueError, IndexError, TypeError):
+            held["?"] += 1
+    dead: dict[str, Counter[str]] = {v: Counter() for v in VENDORS}
+    for entry in DeadLetterStore.default().list():
+        dead.setdefault(entry.vendor, Counter())[entry.reason] += 1
+    out: dict = {"vendors": {}}
+    for name, vendor in VENDORS.items():
+        waiting = schedule.waiting(name)
+        b = breaker.poll(name)
+        configured = vendor.rate_limit(s)
+        out["vendors"][name] = {
+            "enabled": vendor.enabled(s),
+            "queued": r.llen(name),
+            "in_flight": held.get(name, 0),
+            "retries_waiting": waiting.count,
+            "next_retry_in": None if waiting.next_due_in is None else round(waiting.next_due_in, 1),
+            "breaker": b.state if breaker.enabled else "off",
+            "breaker_since": None if b.since is None else utc_iso(b.since),
+            "failures_in_a_row": b.failures,
+            "rate_limit": configured or None,
+            "effective_rate": _effective_rate(r, s, name, configured),
+            "dead_letters": dict(dead.get(name, {})),
+        }
+    spool = Spool(s.spool_dir, s.spool_max_bytes)
+    out["spool"] = {"dir": s.spool_dir, "enabled": s.spool_enabled, "events": spool.pending(), "bytes": spool.size()}
+    return out
+
+
+def _effective_rate(client, s, vendor: str, configured: float) -> float | None:
+    """The rate the limiter currently allows (the configured one unless it adapts)."""
+    from .limits.ratelimit import limiter_for
+
+    limiter = limiter_for(client, f"{s.key_prefix}:ratelimit:{vendor}", configured)
+    rate = getattr(limiter, "effective_rate", None)
+    value = rate() if callable(rate) else None
+    return round(value, 2) if value is not None else (configured or None)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = vendor_status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"{'VENDOR':11}  {'QUEUED':>7}  {'IN FLIGHT':>9}  {'RETRIES':>7}  {'NEXT DUE':>8}  {'BREAKER':22}  "
+          f"{'RATE/S':>11}  DEAD LETTERS")
+    for name, v in status["vendors"].items():
+        breaker = v["breaker"] + (f" since {v['breaker_since'][11:19]}" if v["breaker"] == "open" else "")
+        rate = "unlimited" if v["rate_limit"] is None else f"{v['effective_rate']:g}/{v['rate_limit']:g}"
+        due = "-" if v["next_retry_in"] is None else f"{v['next_retry_in']:.0f}s"
+        dead = ", ".join(f"{reason} {n}" for reason, n in sorted(v["dead_letters"].items())) or "-"
+        print(f"{name + ('' if v['enabled'] else '*'):11}  {v['queued']:>7}  {v['in_flight']:>9}  "
+              f"{v['retries_waiting']:>7}  {due:>8}  {breaker:22}  {rate:>11}  {dead}")
+    sp = status["spool"]
+    print(f"spool {sp['dir']}: {sp['events']} event(s), {sp['bytes']} bytes" + ("" if sp["enabled"] else " (off)"))
+    if not all(v["enabled"] for v in status["vendors"].values()):
+        print("* not configured here (credentials not set)")
+    return 0
+
+
+def cmd_retries_release(args: argparse.Namespace) -> int:
+    from .retries.schedule import RetrySchedule
+
+    schedule = RetrySchedule.default()
+    for name in [args.vendor] if args.vendor else list(VENDORS):
+        print(f"{name}: {schedule.release(name)} waiting retries released to the queue")
+    return 0
+
+
 def cmd_spool_status(args: argparse.Namespace) -> int:
     from .settings import get_settings
     from .spool import Spool
@@ -142,6 +231,16 @@ def parser() -> argparse.ArgumentParser:
     pg = dsub.add_parser("purge", help="delete dead letters for good")
     pg.add_argument("--vendor", **vendor)
     pg.set_defaults(func=cmd_purge)
+
+    st = sub.add_parser("status", help="per vendor: queued, in flight, waiting retries, breaker, rate, dead letters")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    rt = sub.add_parser("retries", help="deliveries waiting in Redis to be tried again")
+    rsub = rt.add_subparsers(dest="action", required=True)
+    rl = rsub.add_parser("release", help="make waiting retries due now (e.g. after fixing a vendor)")
+    rl.add_argument("--vendor", choices=list(VENDORS), help="only this vendor's retries")
+    rl.set_defaults(func=cmd_retries_release)
 
     sp = sub.add_parser("spool", help="events a producer kept on local disk while Redis was unreachable")
     ssub = sp.add_subparsers(dest="action", required=True)

@@ -32,7 +32,7 @@ MAX_RAW_CHARS = 4096
 
 # Reasons an entry was dead-lettered.
 REJECTED = "rejected"  # the vendor answered a permanent 4xx
-RETRIES_EXHAUSTED = "retries_exhausted"  # RETRY_MAX_ATTEMPTS transient failures
+RETRIES_EXHAUSTED = "retries_exhausted"  # transient failures for RETRY_WINDOW (or RETRY_MAX_ATTEMPTS attempts)
 PROPERTY_CAP = "property_cap"  # more than EVENT_PROPERTY_CAP properties; never sent
 MALFORMED = "malformed"  # the queue message was not a valid delivery
 VENDOR_DISABLED = "vendor_disabled"  # the vendor's credentials are not set on this worker
@@ -47,7 +47,9 @@ class DeadLetter(BaseModel):
     status: int | None = None
     attempts: int
     event_id: str | None
+    #: When the last attempt failed; and, for a delivery that was retried, when the first one did.
     failed_at: str = Field(default_factory=utc_now)
+    first_failed_at: str | None = None
     error: str = ""
     response_body: str | None = None
     request: dict[str, Any] | None = None

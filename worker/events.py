@@ -168,3 +168,8 @@ def iso_utc(value: datetime | str) -> str:
 
 def utc_now() -> str:
     return iso_utc(datetime.now(timezone.utc))
+
+
+def utc_iso(unix_time: float) -> str:
+    """A Unix time as an ISO 8601 UTC timestamp, like :func:`utc_now`."""
+    return iso_utc(datetime.fromtimestamp(unix_time, timezone.utc))

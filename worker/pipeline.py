@@ -7,9 +7,11 @@ the vendor's :class:`~worker.batching.Batcher` instead (limiter and send are
 shared by the batch); its own outcome is settled here like any other.
 
 No Celery here: :meth:`Pipeline.deliver` returns :class:`Delivered` or
-:class:`RetryLater` (the task turns it into a Celery retry), raises
-:class:`~worker.errors.DeadLettered` after storing a dead letter, or raises
-:class:`~worker.throttle.Throttled` when the vendor's tokens are all spoken for.
+:class:`RetryLater` (the task puts it on the retry schedule), raises
+:class:`~worker.errors.DeadLettered` after storing a dead letter,
+:class:`~worker.limits.throttle.Throttled` when the vendor's tokens are all
+spoken for, or :class:`VendorDown` while the vendor's circuit breaker is open.
+Every request's result feeds the vendor's :class:`~worker.retries.breaker.Breaker`.
 
 Example::
 
@@ -25,13 +27,17 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import httpx
 import pydantic
 
-from . import backoff, clients, observability
+from . import clients, observability
+from .retries import backoff
+from .retries.attempts import RetryState
+from .retries.breaker import Breaker
+from .retries.schedule import RetrySchedule
 from .batching import Batcher, Sent
 from .deadletters import (
     MALFORMED,
@@ -44,10 +50,10 @@ from .deadletters import (
     DeadLetterStore,
 )
 from .errors import DeadLettered
-from .events import check_encodable, parse_event
-from .ratelimit import RateLimiter, limiter_for
+from .events import check_encodable, parse_event, utc_iso
+from .limits.ratelimit import RateLimiter, limiter_for
 from .settings import Settings, get_settings
-from .throttle import Throttle
+from .limits.throttle import Throttle
 from .vendors import VENDORS, Outcome, Request, Vendor, Verdict
 from .vendors.base import AnyEvent
 
@@ -75,6 +81,16 @@ class RetryLater:
     attempt: int
     countdown: float
     error: str
+    #: What the next attempt carries: counted failures so far and when failing began.
+    state: RetryState = RetryState()
+
+
+class VendorDown(Exception):
+    """The vendor's circuit breaker is open: the message goes back on its queue, no attempt spent."""
+
+    def __init__(self, vendor: str) -> None:
+        self.vendor = vendor
+        super().__init__(f"{vendor}: circuit breaker open, waiting for the vendor to answer again")
 
 
 @dataclass(frozen=True)
@@ -86,11 +102,14 @@ class _Attempt:
     payload: dict[str, Any]
     number: int
     task_id: str | None
+    #: Unix time of the first counted failure before this attempt (None: this is the first failure, if any).
+    first_failure: float | None = None
 
     def dead_letter(self, reason: str, error: str, **extra: Any) -> DeadLetter:
+        first = utc_iso(self.first_failure) if self.first_failure is not None else None
         return DeadLetter(vendor=self.vendor.name, operation=self.event.operation, reason=reason,
                           attempts=self.number, event_id=self.event.id, error=error, event=self.payload,
-                          task_id=self.task_id, **extra)
+                          task_id=self.task_id, first_failed_at=first, **extra)
 
 
 class RetryableError(Exception):
@@ -106,6 +125,8 @@ class Pipeline:
         limiters: dict[str, RateLimiter],
         throttle: Throttle,
         vendors: dict[str, Vendor] = VENDORS,
+        breaker: Breaker | None = None,
+        schedule: RetrySchedule | None = None,
     ) -> None:
         self.settings = settings
         self.http = http
@@ -114,6 +135,8 @@ class Pipeline:
         self.limiters = limiters
         self.throttle = throttle
         self.vendors = vendors
+        self.breaker = breaker
+        self.schedule = schedule
         self._batchers: dict[str, Batcher[AnyEvent]] = {}
         self._batchers_lock = threading.Lock()
 
@@ -131,7 +154,9 @@ class Pipeline:
                     name: limiter_for(r, f"{s.key_prefix}:ratelimit:{name}", v.rate_limit(s))
                     for name, v in VENDORS.items()
                 }
-                cls._default = cls(s, clients.http_client(), DeadLetterStore.default(), limiters, Throttle())
+                breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max)
+                cls._default = cls(s, clients.http_client(), DeadLetterStore.default(), limiters, Throttle(),
+                                   breaker=breaker, schedule=RetrySchedule(r, s.key_prefix))
             return cls._default
 
     @classmethod
@@ -141,7 +166,13 @@ class Pipeline:
 
     # -- the flow -------------------------------------------------------------
 
-    def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None) -> Delivered | RetryLater:
+    def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None,
+                first_failure: float | None = None, probe: bool = False) -> Delivered | RetryLater:
+        """Deliver ``payload`` to ``vendor_name``: attempt number ``attempt`` (counted failures so far + 1).
+
+        ``probe``: this delivery tests an open breaker, so it goes even though the breaker is open (alone,
+        never in a batch).
+        """
         vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
         if vendor is None:
             self._dead(
@@ -161,7 +192,7 @@ class Pipeline:
         except ValueError as exc:
             self._dead(DeadLetter(vendor=vendor.name, operation=event.operation, reason=MALFORMED, attempts=attempt,
                                   event_id=event.id, error=str(exc), raw=_raw(payload), task_id=task_id))
-        this = _Attempt(vendor, event, payload, attempt, task_id)
+        this = _Attempt(vendor, event, payload, attempt, task_id, first_failure)
 
         if not vendor.enabled(self.settings):
             self._dead(this.dead_letter(VENDOR_DISABLED, f"{vendor.name} is not configured on this worker "
@@ -170,8 +201,10 @@ class Pipeline:
         if event.operation == "track" and len(event.properties) > cap:
             self._dead(this.dead_letter(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
 
+        if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
+            raise VendorDown(vendor.name)
         request = vendor.build(event, self.settings)
-        batcher = self._batcher(vendor) if vendor.batchable(event) else None
+        batcher = self._batcher(vendor) if vendor.batchable(event) and not probe else None
         if batcher is not None:
             sent = batcher.submit(event)
         else:
@@ -202,6 +235,7 @@ class Pipeline:
         try:
             response = self._send(vendor, request)
         except RETRYABLE_ERRORS as exc:
+            self._health(vendor, ok=False)
             return [Sent(Outcome(Verdict.RETRY, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
                     for i in range(n)]
         except httpx.HTTPError as exc:
@@ -212,6 +246,9 @@ class Pipeline:
         retry_after = max((o.retry_after or 0.0 for o in outcomes if o.status == 429), default=0.0)
         if retry_after:
             self.limiters[vendor.name].penalize(retry_after)
+        self.limiters[vendor.name].observe(response.status_code, response.headers)
+        if response.status_code != 429:  # a 429 says nothing about the vendor's health: the limiter's business
+            self._health(vendor, ok=not _failing(response.status_code))
         if n > 1:
             log.info("sent %s events to %s in one request: status=%s in %.0fms",
                      n, vendor.name, response.status_code, elapsed * 1000)
@@ -237,6 +274,12 @@ class Pipeline:
                                         request=_request_dict(request)))
         return self._retry(this, request, outcome.status, outcome.retry_after, error, sent.body)
 
+    def _health(self, vendor: Vendor, ok: bool) -> None:
+        """Tell the vendor's breaker how a request went; when this closes it, release what waited."""
+        if self.breaker is not None and self.breaker.record(vendor.name, ok) and self.schedule is not None:
+            released = self.schedule.release(vendor.name)
+            log.warning("%s: %s waiting retries released to the queue", vendor.name, released)
+
     def _send(self, vendor: Vendor, request: Request) -> httpx.Response:
         url = vendor.base_url(self.settings).rstrip("/") + request.path
         headers = {**_BASE_HEADERS, **request.headers, **vendor.auth_headers(self.settings)}
@@ -251,14 +294,31 @@ class Pipeline:
 
     def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
                error: str, body: str | None = None) -> RetryLater:
+        """Schedule the next attempt, or dead-letter when the window (or RETRY_MAX_ATTEMPTS) is used up.
+
+        A 429 counts for nothing: not an attempt, and it never ends the window; the delivery waits out the
+        vendor's Retry-After (or the backoff of its current attempt) and tries again.
+        """
         s = self.settings
-        if this.number >= s.retry_max_attempts:
-            self._dead(this.dead_letter(RETRIES_EXHAUSTED, error, status=status, response_body=body,
-                                        request=_request_dict(request)))
         wait = backoff.countdown(this.number, retry_after, s.retry_backoff_base, s.retry_backoff_max)
-        log.warning("retrying %s event=%s status=%s attempt=%s/%s in %.2fs: %s",
-                    this.vendor.name, this.event.id, status, this.number, s.retry_max_attempts, wait, error)
-        return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error)
+        if status == 429:
+            log.info("rate limited by %s event=%s: again in %.2fs (no attempt counted)",
+                     this.vendor.name, this.event.id, wait)
+            return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error,
+                              RetryState(this.number - 1, this.first_failure))
+        now = time.time()
+        first = this.first_failure if this.first_failure is not None else now
+        window_left = first + s.retry_window - now
+        out_of_attempts = 0 < s.retry_max_attempts <= this.number
+        if out_of_attempts or window_left <= 0:
+            why = (f"; {this.number} attempts (RETRY_MAX_ATTEMPTS)" if out_of_attempts
+                   else f"; retried for {now - first:.0f}s (RETRY_WINDOW {s.retry_window:.0f}s)")
+            self._dead(replace(this, first_failure=first).dead_letter(
+                RETRIES_EXHAUSTED, error + why, status=status, response_body=body, request=_request_dict(request)))
+        wait = min(wait, window_left)  # the last attempt comes as the window ends, not after it
+        log.warning("retrying %s event=%s status=%s attempt=%s in %.2fs (window left %.0fs): %s",
+                    this.vendor.name, this.event.id, status, this.number, wait, window_left, error)
+        return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error, RetryState(this.number, first))
 
     def _dead(self, entry: DeadLetter) -> NoReturn:
         stored = self.store.add(entry)
@@ -267,6 +327,11 @@ class Pipeline:
                   stored.attempts, stored.id, stored.error)
         observability.tag_failure(stored.vendor, stored.status, stored.reason)
         raise DeadLettered(stored.vendor, stored.status, stored.reason, stored.id)
+
+
+def _failing(status: int) -> bool:
+    """A status that says the vendor is failing (for the breaker): 408 and every 5xx."""
+    return status == 408 or status >= 500
 
 
 def _request_dict(request: Request) -> dict[str, Any]:

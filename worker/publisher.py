@@ -100,6 +100,16 @@ class TaskMessages:
         return out
 
 
+    def retry(self, vendor: str, payload: dict[str, Any], task_id: str, retries: int,
+              headers: dict[str, Any]) -> str:
+        """The message that runs ``task_id`` again: same task id, ``retries`` as Celery counts them, a new
+        delivery tag, and ``headers`` added (what the next attempt must know)."""
+        ((_, message),) = self.build(payload, [vendor])
+        envelope = json.loads(message)
+        envelope["headers"].update(headers, id=task_id, retries=retries)
+        return json.dumps(envelope)
+
+
 def _lpush(queue: str, message: str) -> bytes:
     """One LPUSH in Redis's wire protocol (redis-py's general packer costs ~40 µs a call here)."""
     q, m = queue.encode(), message.encode()

@@ -18,10 +18,16 @@ from functools import lru_cache
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .limits.throttle import DEFAULT_MAX_TOTAL
+
 #: Broker, limiter state and dead letters all live here by default.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Requests per second per vendor, shared by every worker on every host.
 DEFAULT_RATE_LIMIT = 10.0
+#: Seconds a request may reach a vendor later than its rate-limit slot (see worker/limits/ratelimit.py).
+DEFAULT_RATE_LIMIT_MARGIN = 0.08
+#: The same for a delivery thread's first request to a vendor (it opens a connection).
+DEFAULT_RATE_LIMIT_COLD_MARGIN = 0.3
 #: Most ConveYour identify/segment calls sent as one bulk request; 1 sends each alone.
 DEFAULT_CONVEYOUR_BATCH_SIZE = 50
 #: Seconds a ConveYour batch waits for more calls after its first one; 0 sends what is there.
@@ -32,8 +38,16 @@ DEFAULT_EVENT_PROPERTY_CAP = 15
 DEFAULT_RETRY_BACKOFF_BASE = 2.0
 #: No retry waits longer than this many seconds.
 DEFAULT_RETRY_BACKOFF_MAX = 600.0
-#: Attempts per delivery, the first one included (about 17 minutes of retries at most).
-DEFAULT_RETRY_MAX_ATTEMPTS = 10
+#: Seconds from a delivery's first failure during which it is retried (24 h), then dead-lettered.
+DEFAULT_RETRY_WINDOW = 24 * 3600.0
+#: Retryable failures in a row (any worker) that open a vendor's circuit breaker; 0 = no breaker.
+DEFAULT_BREAKER_THRESHOLD = 10
+#: Longest spacing, in seconds, between probes of an open breaker (the first comes after 1 s, then doubling).
+DEFAULT_BREAKER_PROBE_MAX = 15.0
+#: Seconds a delivery thread may wait for rate-limit tokens in all before its message is requeued.
+TOKEN_WAIT_MAX = DEFAULT_MAX_TOTAL
+#: Seconds past the longest a delivery can take before a message a silent worker held is redelivered.
+VISIBILITY_MARGIN = 15.0
 #: Seconds for a whole HTTP exchange with a vendor.
 DEFAULT_HTTP_TIMEOUT = 10.0
 #: Threads per worker process: delivery is I/O-bound.
@@ -69,6 +83,9 @@ class Settings(BaseSettings):
     conveyour_token: SecretStr | None = None
     conveyour_base_url: str | None = None
     conveyour_rate_limit: float = Field(DEFAULT_RATE_LIMIT, ge=0)
+    #: Lateness the rate limiters allow for (seconds): full load is N requests per 1 + margin seconds.
+    rate_limit_margin: float = Field(DEFAULT_RATE_LIMIT_MARGIN, ge=0, lt=1)
+    rate_limit_cold_margin: float = Field(DEFAULT_RATE_LIMIT_COLD_MARGIN, ge=0, lt=5)
     conveyour_batch_size: int = Field(DEFAULT_CONVEYOUR_BATCH_SIZE, ge=1)
     conveyour_batch_max_wait: float = Field(DEFAULT_CONVEYOUR_BATCH_MAX_WAIT, ge=0)
 
@@ -76,7 +93,11 @@ class Settings(BaseSettings):
 
     retry_backoff_base: float = Field(DEFAULT_RETRY_BACKOFF_BASE, gt=0)
     retry_backoff_max: float = Field(DEFAULT_RETRY_BACKOFF_MAX, gt=0)
-    retry_max_attempts: int = Field(DEFAULT_RETRY_MAX_ATTEMPTS, ge=1)
+    #: Optional extra cap on attempts per delivery, the first included (0: none, the window bounds retries).
+    retry_max_attempts: int = Field(0, ge=0)
+    retry_window: float = Field(DEFAULT_RETRY_WINDOW, gt=0)
+    breaker_threshold: int = Field(DEFAULT_BREAKER_THRESHOLD, ge=0)
+    breaker_probe_max: float = Field(DEFAULT_BREAKER_PROBE_MAX, gt=0)
     http_timeout: float = Field(DEFAULT_HTTP_TIMEOUT, gt=0)
 
     sentry_dsn: SecretStr | None = None
@@ -88,7 +109,7 @@ class Settings(BaseSettings):
     spool_dir: str = DEFAULT_SPOOL_DIR
     spool_max_bytes: int = Field(DEFAULT_SPOOL_MAX_BYTES, ge=0)
     #: Seconds before an unacknowledged message is handed to another worker;
-    #: default: longer than any retry countdown (see :attr:`visibility_timeout`).
+    #: default: the longest one delivery can take, plus a margin (see :attr:`visibility_timeout`).
     broker_visibility_timeout: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -116,10 +137,17 @@ class Settings(BaseSettings):
 
     @property
     def visibility_timeout(self) -> float:
-        """Longer than the longest retry countdown, so a waiting retry is never redelivered."""
+        """The longest one delivery holds its message, plus a margin: a dead worker's messages come back
+        this soon. Retries wait in Redis, not in a worker, so no countdown needs covering.
+
+        One delivery is at most: connecting (at most 5 s of HTTP_TIMEOUT) and the exchange (HTTP_TIMEOUT),
+        its token wait (TOKEN_WAIT_MAX), a ConveYour batch's wait for more calls, and the margin.
+        With the defaults: 5 + 10 + 5 + 0.05 + 15 = 35 s.
+        """
         if self.broker_visibility_timeout is not None:
             return self.broker_visibility_timeout
-        return self.retry_backoff_max + 4 * self.http_timeout + 60
+        return (min(self.http_timeout, 5.0) + self.http_timeout + TOKEN_WAIT_MAX + self.conveyour_batch_max_wait
+                + VISIBILITY_MARGIN)
 
     def secrets(self) -> list[str]:
         """The raw credential strings, for scrubbing logs, dead letters and Sentry events."""

@@ -3,23 +3,40 @@
 Task name ``worker.deliver``, arguments ``(vendor, event)`` — the vendor's
 name and the event's JSON; never a credential. It is routed to the queue named
 after the vendor. The work is :meth:`worker.pipeline.Pipeline.deliver`; this
-module only maps its results onto Celery: a retry becomes ``self.retry``
-(Flower: RETRY), a dead letter ends the task with
-:class:`~worker.errors.DeadLettered` (Flower: FAILURE), and a throttled
-vendor's message goes back on its queue (no attempt counted).
+module only maps its results onto Celery:
+
+- delivered: the task succeeds;
+- retry: the next attempt's message goes on the vendor's retry schedule in
+  Redis and this one is acknowledged, in one script
+  (:class:`~worker.retries.schedule.RetrySchedule`); the task then raises
+  Celery's ``Retry`` without publishing anything, so Flower shows RETRY with
+  the vendor's answer, and the new message keeps the task id;
+- dead letter: the task ends with :class:`~worker.errors.DeadLettered`
+  (Flower: FAILURE);
+- a throttled vendor, or one whose circuit breaker is open: the message goes
+  back on its queue, no attempt counted, and the worker stops taking that
+  queue for a moment (or, for an open breaker, until it closes).
+
+Example::
+
+    >>> deliver.delay("loops", {"id": "e1", "operation": "track", ...})   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
-from . import gate
 from .app import app
-from .pipeline import Delivered, Pipeline, RetryableError
-from .throttle import Throttled
+from .limits import gate
+from .limits.throttle import Throttled
+from .publisher import TaskMessages
+from .pipeline import Delivered, Pipeline, RetryableError, RetryLater, VendorDown
+from .retries.attempts import RetryState
+from .retries import ticker
 
 DELIVER_TASK = "worker.deliver"
 
@@ -27,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class ThrottledReject(Reject):
-    """The message goes back on its queue: the vendor's tokens are all spoken for."""
+    """The message goes back on its queue: the vendor's tokens are all spoken for, or it is down."""
 
 
 class _QuietThrottledRejects(logging.Filter):
@@ -43,17 +60,48 @@ class _QuietThrottledRejects(logging.Filter):
 
 logging.getLogger("celery.app.trace").addFilter(_QuietThrottledRejects())
 
+@functools.cache
+def _templates() -> TaskMessages:
+    """The process's message template (Celery builds it once)."""
+    return TaskMessages(app)
+
+
+def _retry_message(vendor: str, event: dict[str, Any], task_id: str, retries: int, state: RetryState) -> str:
+    return _templates().retry(vendor, event, task_id, retries, state.header())
+
+
+def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str | None, retries: int,
+            probe: bool = False) -> Delivered | RetryLater:
+    """One attempt; a retry is on the schedule (and message ``tag`` acknowledged) when this returns.
+
+    Raises what :meth:`Pipeline.deliver` raises: DeadLettered, Throttled, VendorDown.
+    """
+    pipeline = Pipeline.default()
+    result = pipeline.deliver(vendor, event, attempt=state.next_attempt, task_id=task_id,
+                              first_failure=state.first_failure, probe=probe)
+    if isinstance(result, RetryLater):
+        message = _retry_message(vendor, event, task_id, retries + 1, result.state)
+        pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+        ticker.poke()
+    return result
+
 
 @app.task(bind=True, name=DELIVER_TASK, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **extra_kwargs: Any) -> dict[str, Any]:
     if extra_args or extra_kwargs:  # not a message we sent: the pipeline dead-letters it as malformed
         event = {"unexpected_arguments": {"args": [event, *extra_args], "kwargs": extra_kwargs}}
+    request = self.request
+    tag = (request.properties or {}).get("delivery_tag")
     try:
-        result = Pipeline.default().deliver(vendor, event, attempt=self.request.retries + 1, task_id=self.request.id)
+        result = attempt(vendor, event, RetryState.from_headers(vars(request)), request.id, tag, request.retries)
     except Throttled as throttled:
         gate.pause(throttled.vendor, throttled.retry_after)
         raise ThrottledReject(str(throttled), requeue=True) from None
+    except VendorDown as down:
+        gate.hold(down.vendor)
+        raise ThrottledReject(str(down), requeue=True) from None
     if isinstance(result, Delivered):
         return {"vendor": result.vendor, "status": result.status, "attempt": result.attempt,
                 "ms": round(result.elapsed * 1000)}
-    raise self.retry(countdown=result.countdown, exc=RetryableError(result.error), max_retries=None)
+    # Already on the retry schedule, and this message acknowledged: tell Celery (and Flower) it is a retry.
+    raise Retry(result.error, exc=RetryableError(result.error), when=result.countdown)

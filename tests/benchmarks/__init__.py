@@ -5,6 +5,7 @@ Redis, the vendor sandbox in its own process, worker processes — measures the 
 and its baseline side by side in the same run, and reports one table (``stack.Row``).
 Targets are checked by reading the output, never by timed assertions.
 
-Figure groups, one module each: ``enqueue``, ``throughput``, ``ratelimit``, ``memory``,
-``batching``; ``stack`` has what they share, ``noop`` the baseline Celery task.
+Figure groups, one module each: ``enqueue``, ``outage``, ``throughput``, ``ratelimit``, ``memory``,
+``batching``; ``stack`` has what they share, ``noop`` the baseline Celery task, ``readme``
+the README table a full run writes.
 """

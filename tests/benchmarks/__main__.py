@@ -1,8 +1,9 @@
-"""``python -m tests.benchmarks [--smoke] [--json PATH] [--only FIGURE...] [--profile DIR] [--strict]``.
+"""``python -m tests.benchmarks [--smoke] [--json PATH] [--only FIGURE...] [--profile DIR] [--strict] [--no-readme]``.
 
 Starts a private Redis and the sandbox, runs the figure groups, prints one table
 (figure, ours, baseline, ratio, target, met?) and writes it as JSON with the
-environment. Exit status: 0 when every figure was produced (targets missed or
+environment. A full run of every group also rewrites README.md's Performance table
+from that JSON (``readme.py``); ``--smoke``, ``--only`` and ``--no-readme`` never do. Exit status: 0 when every figure was produced (targets missed or
 not: the table says), 1 when something broke (an exception, lost events, a figure
 missing); with ``--strict`` also 2 when a target was missed.
 """
@@ -10,14 +11,22 @@ missing); with ``--strict`` also 2 when a target was missed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
 
-from . import batching, enqueue, memory, ratelimit, throughput
+from . import batching, enqueue, memory, outage, ratelimit, readme, retries, throughput
 from .stack import BenchStack, Row, Sizes, environment, render_table, write_json
 
-GROUPS = {m.GROUP: m for m in (enqueue, throughput, ratelimit, memory, batching)}
+GROUPS = {m.GROUP: m for m in (enqueue, outage, throughput, ratelimit, memory, batching, retries)}
+
+
+def _loadavg() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", help="also profile a worker draining the throughput backlog "
                                                         "with py-spy; raw stacks go to DIR")
     parser.add_argument("--strict", action="store_true", help="exit 2 if a target is missed")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table (a full run "
+                                                                    "of every group does by default)")
     parser.add_argument("--log-dir", help="keep worker and sandbox logs here (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -47,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     errors: list[str] = []
     print(f"benchmark ({'smoke' if args.smoke else 'full'} sizes): {', '.join(groups)}", flush=True)
+    env = environment()  # before anything starts: the load average is the machine's, not ours
     with BenchStack(log_dir=args.log_dir) as stack:
         print(f"  logs in {stack.log_dir}", flush=True)
-        env = environment()
         for name in groups:
             t0 = time.monotonic()
             print(f"[{name}]", flush=True)
@@ -68,11 +79,17 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
             print(f"  ({name} took {time.monotonic() - t0:.0f}s)", flush=True)
     elapsed = time.monotonic() - started
+    env["load_average_at_end"] = _loadavg()  # with the start's: was the machine busy with something else?
     print()
     print(render_table(rows, full=not args.smoke))
     write_json(json_path, rows, env, sizes, elapsed, errors)
     print(f"\n{len(rows)} rows in {elapsed:.0f}s on {env['cpu_count']} CPUs "
           f"(load average at start {env['load_average_at_start']}); JSON: {json_path}")
+    if args.smoke or args.only or args.no_readme:
+        print("README.md not touched (only a full run of every group writes its table)")
+    else:
+        changed = readme.update_readme(json_path)
+        print(f"README.md: Performance table {'rewritten' if changed else 'unchanged'} from {json_path}")
     if errors:
         print("\nBROKEN:", *errors, sep="\n  ", file=sys.stderr)
         return 1

@@ -1,5 +1,12 @@
 """What every benchmark figure shares: the private stack, backlog preloading, timing, the table.
 
+Noisy figures are measured ``Sizes.repeats`` times and reported as the median with
+its range (:meth:`Row.repeated`); the ratio is median ÷ median::
+
+    >>> r = Row.repeated("x", [10.0, 12.0, 11.0], [5.0, 6.0, 5.5], "/s", at_least=1.5)
+    >>> (r.ours, r.baseline, round(r.ratio, 2), r.met, r.ours_stats["min"], r.runs)
+    (11.0, 5.5, 2.0, True, 10.0, 3)
+
 :class:`BenchStack` starts a private ``redis-server``, the vendor sandbox in its
 own process (so it never shares the bench driver's GIL) and points this process
 (the producer) at both. Figures start worker processes through
@@ -81,6 +88,8 @@ class Sizes:
     batch_size: int = 50
     batch_warmup: float = 3.0
     batch_window: float = 12.0
+    #: How often a noisy figure (enqueue, deliveries/s, batching) is measured: the table shows the median and range.
+    repeats: int = 3
     smoke: bool = False
 
     @classmethod
@@ -92,7 +101,7 @@ class Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
                    latency_extra_concurrency=0, diagnose_logging=False,
                    rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_small_backlog=200, memory_seconds=10.0,
-                   batch_warmup=1.0, batch_window=4.0, smoke=True)
+                   batch_warmup=1.0, batch_window=4.0, repeats=1, smoke=True)
 
 
 # -- results --------------------------------------------------------------------
@@ -111,6 +120,23 @@ class Row:
     met: bool | None = None
     notes: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: For a repeated figure: {"values", "median", "min", "max"} of ours / of the baseline (None: one measurement).
+    ours_stats: dict[str, Any] | None = None
+    baseline_stats: dict[str, Any] | None = None
+    #: How many times the figure was measured.
+    runs: int = 1
+
+    @classmethod
+    def repeated(cls, figure: str, ours: list[float], baseline: list[float] | None, unit: str, /, *,
+                 at_most: float | None = None, at_least: float | None = None, notes: str = "",
+                 **details: Any) -> Row:
+        """A row from repeated measurements: values are medians, the ratio is median ÷ median."""
+        ours_stats = spread(ours)
+        base_stats = spread(baseline) if baseline else None
+        row = cls.compare(figure, ours_stats["median"], base_stats["median"] if base_stats else None, unit,
+                          at_most=at_most, at_least=at_least, notes=notes, **details)
+        row.ours_stats, row.baseline_stats, row.runs = ours_stats, base_stats, len(ours)
+        return row
 
     @classmethod
     def compare(cls, figure: str, ours: float, baseline: float | None, unit: str, /, *, at_most: float | None = None,
@@ -122,6 +148,26 @@ class Row:
         elif at_least is not None:
             target, met = f">= {at_least:g}", ratio is not None and ratio >= at_least
         return cls(figure, ours, baseline, unit, target, ratio, met, notes, details)
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median and range of repeated measurements (the median of an even count is the mean of the middle two)."""
+    if not values:
+        raise ValueError("no values")
+    v = sorted(values)
+    mid = len(v) // 2
+    median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {"values": list(values), "median": median, "min": v[0], "max": v[-1]}
+
+
+def format_value(value: float | None, unit: str, stats: dict[str, Any] | None = None) -> str:
+    """``339 /s`` or, for a repeated figure, ``339 /s (326–351)``."""
+    if value is None:
+        return "—"
+    out = f"{_fmt(value)} {unit}".strip()
+    if stats and len(stats["values"]) > 1:
+        out += f" ({_fmt(stats['min'])}–{_fmt(stats['max'])})"
+    return out
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -138,8 +184,8 @@ def render_table(rows: list[Row], full: bool) -> str:
     for r in rows:
         met = "—" if r.met is None else ("pass" if r.met else "MISS")
         ratio = "—" if r.ratio is None else f"{r.ratio:.2f}"
-        lines.append((r.figure, f"{_fmt(r.ours)} {r.unit}".strip(), f"{_fmt(r.baseline)} {r.unit}".strip()
-                      if r.baseline is not None else "—", ratio, r.target, met))
+        lines.append((r.figure, format_value(r.ours, r.unit, r.ours_stats),
+                      format_value(r.baseline, r.unit, r.baseline_stats), ratio, r.target, met))
     widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(len(header))]
 
     def fmt(cols: Iterable[str]) -> str:
@@ -149,6 +195,9 @@ def render_table(rows: list[Row], full: bool) -> str:
     notes = [f"  [{i + 1}] {r.figure}: {r.notes}" for i, r in enumerate(rows) if r.notes]
     if notes:
         out += ["", "notes:", *notes]
+    runs = max((r.runs for r in rows), default=1)
+    if runs > 1:
+        out += ["", f"(a range after a value: median of {runs} runs (min–max); ratios are median ÷ median)"]
     if not full:
         out += ["", "(smoke sizes: the figures show the harness works; the numbers are not the targets' measure)"]
     return "\n".join(out)
@@ -166,14 +215,10 @@ def environment() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "celery": celery.__version__,
@@ -181,8 +226,31 @@ def environment() -> dict[str, Any]:
         "redis_py": redis.__version__,
         "redis_server": redis_version,
         "load_average_at_start": load,
-        "git_commit": commit,
+        "git_commit": git_commit(),
     }
+
+
+def cpu_model() -> str | None:
+    """The first ``model name`` in /proc/cpuinfo (None elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def git_commit() -> str | None:
+    """Short hash of HEAD, with ``+dirty`` if the work tree has changes (untracked files included)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        return None
+    return (head + ("+dirty" if status else "")) or None
 
 
 def write_json(path: str, rows: list[Row], env: dict[str, Any], sizes: Sizes, elapsed: float,

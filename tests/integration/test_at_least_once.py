@@ -12,6 +12,7 @@ import redis
 
 import worker
 from tests.helpers import email_of as _email
+from tests.helpers import wait_idle
 from worker.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,7 +92,7 @@ def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(worker_facto
     for vendor in vendors:
         wait_until(lambda v=vendor: set(accepted(v)) >= everyone, timeout=90, interval=0.2,
                    message=f"every event at {vendor}")
-    time.sleep(0.5)  # let a last redelivery arrive, if any
+    wait_idle(product_env["REDIS_URL"], timeout=60)  # every restored message ran and was acked: no redelivery left
 
     duplicates = {v: sum(c - 1 for c in accepted(v).values()) for v in vendors}
     loops_409 = sum(1 for r in mine("loops") if r["status"] == 409)

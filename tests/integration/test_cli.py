@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from worker.deadletters import DeadLetter, DeadLetterStore
+from worker.deadletters import DeadLetter
 from worker.localstack import wait_until
 
 pytestmark = pytest.mark.integration
@@ -18,14 +18,6 @@ def cli(env, *args):
     out = subprocess.run([sys.executable, "-m", "worker", "deadletters", *args], env=env,
                          capture_output=True, text=True, timeout=60)
     return out.returncode, out.stdout, out.stderr
-
-
-@pytest.fixture
-def store(product_env):
-    s = DeadLetterStore.default()
-    s.purge()
-    yield s
-    s.purge()
 
 
 def entry(vendor: str, email: str, reason: str = "rejected") -> DeadLetter:
@@ -67,3 +59,4 @@ def test_replay_all_for_one_vendor(store, product_env, worker_factory, sandbox_c
     assert sorted(e.vendor for e in store.list()) == ["conveyour", "loops"]
     rc, _, err = cli(product_env, "replay")
     assert rc == 2 and "IDs or --all" in err
+

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import worker
+from tests.helpers import wait_idle
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 
@@ -81,7 +82,7 @@ def test_only_the_invalid_identifies_of_a_rejected_batch_are_dead_lettered(env, 
     bad_ids = {ids[i] for i in bad_at}
     wait_until(lambda: set(delivered_ids(sandbox_client, tag)) == good and len(dead_letters(set(ids))) == len(bad_at),
                timeout=30, message="good ones delivered, bad ones dead-lettered")
-    time.sleep(0.5)
+    wait_idle(env["REDIS_URL"])  # nothing queued or held: no further request or dead letter can come
     entries = dead_letters(set(ids))
     assert {d.event_id for d in entries} == bad_ids
     assert all((d.reason, d.status, d.attempts, d.operation) == ("rejected", 422, 1, "identify") for d in entries)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 import worker
+from tests.helpers import wait_idle
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 from worker.producer import publish
@@ -91,7 +90,13 @@ def test_pid_only_goes_to_convertloop_alone(env, sandbox_client, unique_email):
     pid = "pid-" + unique_email
     worker.track("visited", pid=pid)
     wait_until(lambda: received(sandbox_client, "convertloop", body_has(pid), 200))
-    time.sleep(0.5)
+    # Positive signal instead of a sleep: an event published after it to Loops and ConveYour arrived, and then
+    # the workers hold nothing. A message for the pid event would have been queued ahead of it.
+    marker = "after-" + unique_email
+    worker.track("visited", email=marker, vendors=["loops", "conveyour"])
+    wait_until(lambda: all(received(sandbox_client, v, body_has(marker), 200) for v in ("loops", "conveyour")),
+               message="the later event at Loops and ConveYour")
+    wait_idle(env["REDIS_URL"])
     assert received(sandbox_client, "loops", body_has(pid)) == []
     assert received(sandbox_client, "conveyour", body_has(pid)) == []
     with pytest.raises(worker.InvalidEvent, match="loops"):
@@ -145,7 +150,7 @@ def test_422_is_dead_lettered_after_one_attempt(env, sandbox_client, unique_emai
     (entry,) = wait_until(lambda: dead_letters(event_id), message="dead letter")
     assert (entry.vendor, entry.operation, entry.reason, entry.status, entry.attempts) == ("conveyour", "identify", "rejected", 422, 1)
     assert "bad field" in entry.response_body
-    time.sleep(0.5)
+    wait_idle(env["REDIS_URL"])  # nothing queued or held: no further request can come
     assert len(received(sandbox_client, "conveyour", body_has(unique_email))) == 1
 
 
@@ -166,7 +171,7 @@ def test_replay_sends_to_that_vendor_only(env, sandbox_client, unique_email):
     wait_until(lambda: len(received(sandbox_client, "convertloop", body_has(unique_email), 200)) == 1)
     assert main(["deadletters", "replay", entry.id]) == 0
     wait_until(lambda: received(sandbox_client, "loops", body_has(unique_email), 200), message="replayed delivery")
-    time.sleep(0.5)
+    wait_idle(env["REDIS_URL"])  # nothing queued or held: no further request can come
     assert len(received(sandbox_client, "convertloop", body_has(unique_email))) == 1
     assert len(received(sandbox_client, "conveyour", body_has(unique_email))) == 1
     assert dead_letters(event_id) == []
@@ -182,6 +187,6 @@ def test_loops_idempotency_conflict_counts_as_delivered(env, sandbox_client, uni
                "identity": {"email": unique_email}, "event": "signup", "properties": {}, "occurred_at": None}
     republish(payload, ["loops"], task_id_suffix=".again")
     wait_until(lambda: received(sandbox_client, "loops", body_has(unique_email), 409))
-    time.sleep(0.5)
+    wait_idle(env["REDIS_URL"])  # nothing queued or held: no further request can come
     assert entry["idempotency_key"] == payload_id
     assert dead_letters(payload_id) == []

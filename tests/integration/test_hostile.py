@@ -164,4 +164,6 @@ def test_dead_broker_without_spool_fails_fast_with_enqueue_error(product_env):
     print("\n".join(f"{outcome[:60]:60} {elapsed * 1000:7.1f} ms" for outcome, elapsed in results))
     assert all(outcome.startswith("EnqueueError: could not enqueue track event") for outcome, _ in results), results
     assert all("broker unreachable" in outcome and "SPOOL_ENABLED=false" in outcome for outcome, _ in results)
-    assert max(elapsed for _, elapsed in results) < 1.0
+    # Fails fast, not after seconds of retrying: 10x PUBLISH_TIMEOUT (0.25 s) cannot flake on a loaded machine;
+    # the benchmark (tests/benchmarks/outage.py) measures the real bound against PUBLISH_TIMEOUT.
+    assert max(elapsed for _, elapsed in results) < 2.5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import worker
-from tests.helpers import email_of as _email
+from tests.helpers import breaker_open, email_of as _email
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 
@@ -52,6 +52,7 @@ def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(w
     during = run_phase("b")
     failed = [r for r in sandbox_client.requests(vendor="conveyour", status=503) if unique_email in str(r["body"])]
     reached_during = len(delivered("conveyour", "b"))
+    opened = breaker_open("conveyour")
 
     # Recovery: everything ConveYour missed arrives.
     sandbox_client.configure("conveyour", fail_all=None)
@@ -60,7 +61,9 @@ def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(w
     print(f"\nhealthy vendors' delivered/s (limit {RATE}/s): without outage {_fmt(before)}, "
           f"with ConveYour down {_fmt(during)}; ConveYour: {len(failed)} attempts answered 503, "
           f"{reached_during} delivered during the outage, all {N} after it")
-    assert len(failed) >= N, "ConveYour was not really down"
+    # Really down: failures in a row opened its circuit breaker, which then kept the attempts few.
+    assert len(failed) >= 10 and opened, "ConveYour was not really down"
+    assert len(failed) <= N, "the breaker did not stop the attempts"
     assert reached_during == 0
     for vendor in HEALTHY:
         assert during[vendor] >= 0.9 * before[vendor], f"{vendor} slowed down by the ConveYour outage"

@@ -14,7 +14,7 @@ import statistics
 import pytest
 
 import worker
-from worker.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
+from worker.retries.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 
@@ -31,7 +31,10 @@ EVENTS = 8
 
 @pytest.fixture(scope="module")
 def retry_worker(worker_factory):
-    return worker_factory("retries-w", RETRY_MAX_ATTEMPTS=ATTEMPTS, RETRY_BACKOFF_BASE=BASE, RETRY_BACKOFF_MAX=MAX)
+    # The breaker off: an always-failing vendor would open it, and these tests count every attempt of each
+    # delivery (tests/integration/test_breaker.py covers the breaker).
+    return worker_factory("retries-w", RETRY_MAX_ATTEMPTS=ATTEMPTS, RETRY_BACKOFF_BASE=BASE, RETRY_BACKOFF_MAX=MAX,
+                          BREAKER_THRESHOLD=0)
 
 
 def cap(n: int) -> float:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml  # noqa: E402  (PyYAML: dev extra)
 
+from worker.settings import Settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
@@ -25,28 +27,9 @@ DOCKERFILE = DOCKER_DIR / "Dockerfile"
 
 VENDOR_QUEUES = {"convertloop", "loops", "conveyour"}
 
-# Everything the application reads from the environment (see README).
-APP_ENV_VARS = {
-    "REDIS_URL",
-    "CONVERTLOOP_APP_ID",
-    "CONVERTLOOP_API_KEY",
-    "CONVERTLOOP_BASE_URL",
-    "LOOPS_API_KEY",
-    "LOOPS_BASE_URL",
-    "LOOPS_MAILING_LISTS",
-    "CONVEYOUR_APPKEY",
-    "CONVEYOUR_TOKEN",
-    "CONVEYOUR_BASE_URL",
-    "CONVERTLOOP_RATE_LIMIT",
-    "LOOPS_RATE_LIMIT",
-    "CONVEYOUR_RATE_LIMIT",
-    "EVENT_PROPERTY_CAP",
-    "RETRY_BACKOFF_BASE",
-    "RETRY_BACKOFF_MAX",
-    "RETRY_MAX_ATTEMPTS",
-    "HTTP_TIMEOUT",
-    "SENTRY_DSN",
-}
+# Everything the application reads from the environment: every field of the settings model, so that a
+# new setting cannot be forgotten in compose.
+APP_ENV_VARS = {name.upper() for name in Settings.model_fields}
 
 SECRET_NAME_RE = re.compile(r"(_KEY|_TOKEN|_APPKEY|_APP_ID|^SENTRY_DSN|_PASSWORD|_SECRET|BASIC_AUTH)$")
 
@@ -159,6 +142,7 @@ def test_redis_is_persistent_and_healthchecked(services: dict) -> None:
     assert tokens and tokens[0] == "redis-server"
     assert "--appendonly" in tokens
     assert tokens[tokens.index("--appendonly") + 1] == "yes"
+    assert tokens[tokens.index("--maxmemory-policy") + 1] == "noeviction"
 
     volumes = [str(v) for v in redis.get("volumes", [])]
     targets = [v.split(":")[1] for v in volumes if ":" in v]

@@ -12,10 +12,10 @@ import respx
 from worker.deadletters import DeadLetterStore
 from worker.errors import DeadLettered
 from worker.pipeline import Delivered, Pipeline, RetryLater
-from worker.ratelimit import Unlimited
+from worker.limits.ratelimit import Unlimited
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.settings import Settings
-from worker.throttle import Throttle
+from worker.limits.throttle import Throttle
 from worker.vendors import VENDORS
 
 BASE = "https://vendor.test"
@@ -130,3 +130,60 @@ def test_disabled_vendor_is_dead_lettered_for_later_replay(pipeline, store):
         pipeline.deliver("conveyour", track(), attempt=1)
     (entry,) = store.list()
     assert entry.reason == "vendor_disabled" and "CONVEYOUR_APPKEY" in entry.error and entry.replayable
+
+
+@respx.mock
+def test_the_retry_window_ends_in_retries_exhausted_with_first_and_last_failure(pipeline, store):
+    import time
+
+    from worker.events import utc_iso
+    from worker.retries.attempts import RetryState
+
+    pipeline.settings = pipeline.settings.model_copy(update={"retry_max_attempts": 0, "retry_window": 3600})
+    respx.post(f"{BASE}/cl/event_logs").mock(return_value=httpx.Response(500))
+    first = pipeline.deliver("convertloop", track(), attempt=1)
+    assert isinstance(first, RetryLater) and first.state.attempts == 1
+    began = first.state.first_failure
+    assert began is not None and abs(began - time.time()) < 60
+    # Inside the window: retried, the wait never reaching past the window's end.
+    late = pipeline.deliver("convertloop", track(), attempt=40, first_failure=time.time() - 3599)
+    assert isinstance(late, RetryLater) and late.countdown <= 1.0 and late.state == RetryState(40, late.state.first_failure)
+    # Past it: the dead letter, with attempts and both failure times.
+    with pytest.raises(DeadLettered):
+        pipeline.deliver("convertloop", track(), attempt=41, first_failure=time.time() - 3601)
+    (entry,) = store.list()
+    assert (entry.reason, entry.status, entry.attempts) == ("retries_exhausted", 500, 41)
+    assert entry.first_failed_at is not None and entry.first_failed_at < entry.failed_at
+    assert entry.first_failed_at[:16] == utc_iso(time.time() - 3601)[:16] and "RETRY_WINDOW" in entry.error
+
+
+@respx.mock
+def test_a_429_never_counts_an_attempt_nor_ends_the_window(pipeline, store):
+    import time
+
+    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(429, headers={"Retry-After": "2"}))
+    # attempt 3 of RETRY_MAX_ATTEMPTS=3 and far past the window: a 5xx would dead-letter, a 429 does not.
+    pipeline.settings = pipeline.settings.model_copy(update={"retry_window": 60})
+    result = pipeline.deliver("loops", track(), attempt=3, first_failure=time.time() - 3600)
+    assert isinstance(result, RetryLater) and result.status == 429 and 2 <= result.countdown <= 2.3
+    assert result.state.attempts == 2  # the next attempt is attempt 3 again
+    assert store.list() == []
+
+
+@respx.mock
+def test_an_open_breaker_sends_nothing_but_the_probe(pipeline, redis_server):
+    import uuid
+
+    from worker.pipeline import VendorDown
+    from worker.retries.breaker import Breaker
+
+    pipeline.breaker = Breaker(redis.Redis.from_url(redis_server.url), f"unit-{uuid.uuid4().hex[:8]}", threshold=2)
+    route = respx.post(f"{BASE}/loops/events/send").mock(
+        side_effect=[httpx.Response(503), httpx.Response(503), httpx.Response(200, json={"success": True})])
+    for attempt in (1, 2):
+        assert isinstance(pipeline.deliver("loops", track(), attempt=attempt), RetryLater)
+    with pytest.raises(VendorDown):
+        pipeline.deliver("loops", track(), attempt=1)
+    assert route.call_count == 2
+    assert isinstance(pipeline.deliver("loops", track(), attempt=3, probe=True), Delivered)
+    assert not pipeline.breaker.is_open("loops") and route.call_count == 3

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient, base_urls
+from worker.sandbox.state import RATE_LIMIT_MODES, FixedWindow, SandboxState, SlidingWindow, TokenBucket
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -378,7 +379,7 @@ def test_rate_limit_429_with_retry_after_seconds(
     limited = [r for r in statuses if r.status_code == 429]
     assert limited, [r.status_code for r in statuses]
     assert limited[0].headers["retry-after"] == "3"
-    time.sleep(0.6)  # refills one token at 2/s
+    time.sleep(1.0)  # the default (sliding) window: at most 2 in any 1 s
     assert send_event(http, urls).status_code == 200
 
 
@@ -402,16 +403,103 @@ def test_rate_limit_is_checked_after_auth(http: httpx.Client, urls: dict[str, st
     assert send_event(http, urls).status_code == 200  # unauthenticated calls used no tokens
 
 
+# -- rate-limit modes (the counters with an injected clock, then over HTTP) -------------------
+
+
+@pytest.mark.parametrize("mode", RATE_LIMIT_MODES)
+def test_every_mode_admits_the_rate_and_refuses_the_excess(mode: str) -> None:
+    state = SandboxState(["loops"])
+    state.configure("loops", {"rate_limit": 10, "rate_limit_mode": mode})
+    admitted = [state.take_token("loops", now=100.0 + i / 20) is None for i in range(200)]  # 20/s for 10 s
+    assert 100 - 10 <= sum(admitted) <= 100 + 10  # 10/s (+ the bucket's initial burst or a window's edge)
+
+
+def test_sliding_counts_any_one_second_window() -> None:
+    w = SlidingWindow(10)
+    assert all(w.take(0.5 + i * 0.05) for i in range(10))  # ten within 0.45 s
+    assert not w.take(1.49)  # [0.49, 1.49] holds ten already
+    assert w.take(1.5)  # the first one (0.5) left the window
+    assert not w.take(1.5) and w.remaining(1.5) == 0
+    assert w.remaining(2.4) == 9 and w.remaining(2.5) == 10  # 1.5 is in (1.4, 2.4], not in (1.5, 2.5]
+
+
+def test_fixed_resets_on_the_clock_second_and_lets_two_windows_meet() -> None:
+    w = FixedWindow(10)
+    assert all(w.take(0.9 + i * 0.009) for i in range(10))  # ten in [0.9, 0.99)
+    assert not w.take(0.999)
+    assert all(w.take(1.0 + i * 0.009) for i in range(10))  # ten more at once: 20 within 0.2 s
+    assert not w.take(1.5) and w.remaining(1.5) == 0 and w.remaining(2.0) == 10
+
+
+def test_bucket_is_lenient_a_full_bucket_goes_back_to_back() -> None:
+    b = TokenBucket(10)
+    assert all(b.take(5.0) for _ in range(10))
+    assert not b.take(5.0)
+    assert b.take(5.15) and not b.take(5.15)
+
+
+def test_fractional_rate_window() -> None:
+    w = SlidingWindow(0.5)  # one request in any 2 s
+    assert w.take(0.0) and not w.take(1.9) and w.take(2.0)
+
+
+def test_shared_app_uses_its_share_of_the_limit() -> None:
+    state = SandboxState(["loops"])
+    state.configure("loops", {"rate_limit": 10, "rate_limit_shared": 4})
+    assert state.take_token("loops", now=0.0) is None  # starts the second app's clock
+    # Our requests at 20/s for 10 s: the other app's 4/s leave us about 6/s.
+    ours = [state.take_token("loops", now=0.001 + i / 20) is None for i in range(1, 200)]
+    assert 55 <= sum(ours) <= 65
+    headers = dict(state.rate_limit_headers("loops", now=10.5))
+    assert headers["x-ratelimit-limit"] == "10" and 0 <= int(headers["x-ratelimit-remaining"]) < 10
+
+
+def test_invalid_rate_limit_switches(control: SandboxClient) -> None:
+    with pytest.raises(RuntimeError, match="rate_limit_mode must be one of"):
+        control.configure("loops", rate_limit_mode="leaky")
+    with pytest.raises(RuntimeError, match="rate_limit_shared"):
+        control.configure("loops", rate_limit_shared=-1)
+    with pytest.raises(RuntimeError, match="latency_jitter_ms"):
+        control.configure("loops", latency_jitter_ms="lots")
+    config = control.configure("loops")
+    assert config["rate_limit_mode"] == "sliding" and config["rate_limit_shared"] == 0
+
+
+def test_sliding_over_http_and_loops_rate_limit_headers(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    assert "x-ratelimit-limit" not in send_event(http, urls).headers  # no limit, no headers
+    control.configure("loops", rate_limit=3)
+    answers = [send_event(http, urls) for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-limit"] for r in answers] == ["3"] * 4
+    assert [r.headers["x-ratelimit-remaining"] for r in answers] == ["2", "1", "0", "0"]
+    assert "x-ratelimit-limit" not in convertloop(http, urls, "/people", {"email": "a@b.c"}).headers
+    control.configure("convertloop", rate_limit=1, rate_limit_mode="fixed")
+    codes = [convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code for _ in range(2)]
+    assert codes[0] == 200 and 429 in codes or codes == [200, 200]  # two clock seconds may meet
+
+
+def test_latency_jitter_spreads_latency(control: SandboxClient) -> None:
+    state = SandboxState(["loops"])
+    state.configure("loops", {"latency_ms": 100, "latency_jitter_ms": 50})
+    delays = [state.latency("loops") for _ in range(400)]
+    assert 0.05 <= min(delays) < 0.06 and 0.14 < max(delays) <= 0.15
+    state.configure("loops", {"latency_ms": 10, "latency_jitter_ms": 50})
+    assert min(state.latency("loops") for _ in range(200)) == 0.0  # never negative
+
+
 def test_latency_is_applied(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
-    control.configure("convertloop", latency_ms=150)
+    # 2 s of latency: a lower bound load cannot break, and room for a generous "unaffected" bound below.
+    control.configure("convertloop", latency_ms=2000)
     started = time.perf_counter()
     response = convertloop(http, urls, "/people", {"email": "a@b.c"})
     elapsed = time.perf_counter() - started
     assert response.status_code == 200
-    assert elapsed >= 0.15
+    assert elapsed >= 2.0
     started = time.perf_counter()
     assert send_event(http, urls).status_code == 200
-    assert time.perf_counter() - started < 0.15  # other vendors unaffected
+    assert time.perf_counter() - started < 1.0  # other vendors unaffected (a leak of the latency would take 2 s)
 
 
 # -- recording / control API -------------------------------------------------------------

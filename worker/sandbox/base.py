@@ -155,6 +155,8 @@ class VendorAPI:
     validation_status: ClassVar[int] = UNPROCESSABLE
     #: (method, path) pairs honouring an ``Idempotency-Key`` header.
     idempotent_routes: ClassVar[frozenset[tuple[str, str]]] = frozenset()
+    #: Answer ``x-ratelimit-limit`` / ``x-ratelimit-remaining`` while a rate limit is set (Loops does).
+    rate_limit_headers: ClassVar[bool] = False
 
     def __init__(self, credentials: Mapping[str, str] | None = None) -> None:
         given = credentials or {}

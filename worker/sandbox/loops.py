@@ -8,6 +8,9 @@ Auth is ``Authorization: Bearer <LOOPS_API_KEY>``.  Validation failures are
 - ``POST /events/send`` -- send an event; honours ``Idempotency-Key``
   (a key reused after a successful request answers 409).
 
+While a rate limit is set, every answer carries ``x-ratelimit-limit`` (requests
+per second) and ``x-ratelimit-remaining`` (requests left in the current window).
+
 Example::
 
     httpx.post(f"{base}/events/send", headers={"Authorization": "Bearer sandbox-loops-key"},
@@ -69,6 +72,7 @@ class LoopsAPI(VendorAPI):
     credential_defaults = {"LOOPS_API_KEY": "sandbox-loops-key"}
     validation_status = 400
     idempotent_routes = frozenset({("POST", "/events/send")})
+    rate_limit_headers = True
 
     def check_auth(self, headers: Headers) -> bool:
         return secret_equals(bearer_token(headers), self.credentials["LOOPS_API_KEY"])

@@ -11,9 +11,13 @@ Example::
                    headers={"Authorization": "Bearer sandbox-loops-key"})
         SandboxClient(sandbox.url).requests(vendor="loops")
 
-Vendor request pipeline (see `SandboxApp.vendor_request`): record ->
-latency sleep -> fail_all -> fail_next -> auth (401) -> rate limit (429) ->
-idempotency (409) -> route/validate.
+Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record,
+take an injected failure (fail_all, fail_next), count an authenticated request
+against the rate limit (see `state` for the modes); then the latency sleep ->
+the injected failure -> auth (401) -> rate limit (429) -> idempotency (409) ->
+route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
+``x-ratelimit-limit`` and ``x-ratelimit-remaining`` to every answer while a
+limit is set.
 """
 
 from __future__ import annotations
@@ -133,33 +137,35 @@ class SandboxApp:
         idem_key: str | None,
     ) -> Reply:
         state, name = self.state, vendor.name
+        # Decided at arrival (when the record was made), answered after the latency.
+        failure = state.take_failure(name)
+        retry_after = state.take_token(name) if failure is None and record["auth_ok"] else None
+        limit_headers = state.rate_limit_headers(name) if vendor.rate_limit_headers else []
         delay = state.latency(name)
         if delay > 0:
             time.sleep(delay)
-        failure = state.take_failure(name)
         if failure is not None:
             extra = [("Retry-After", failure.retry_after)] if failure.retry_after is not None else []
             payload = failure.body
             if payload is None:
                 _, payload = error(failure.status, f"Injected failure (HTTP {failure.status})")
-            return failure.status, payload, extra
+            return failure.status, payload, extra + limit_headers
         if not record["auth_ok"]:
-            return (*vendor.unauthorized(), [])
-        retry_after = state.take_token(name)
+            return (*vendor.unauthorized(), limit_headers)
         if retry_after is not None:
             status, payload = error(429, "Rate limit exceeded")
-            return status, payload, [("Retry-After", retry_after)]
+            return status, payload, [("Retry-After", retry_after), *limit_headers]
         route = (method.upper(), path.rstrip("/") or "/")
         if idem_key is None or route not in vendor.idempotent_routes:
-            return (*vendor.handle(method, path, headers, body), [])
+            return (*vendor.handle(method, path, headers, body), limit_headers)
         if not state.reserve_idempotency_key(name, idem_key):
-            return (*vendor.idempotency_conflict(), [])
+            return (*vendor.idempotency_conflict(), limit_headers)
         status, payload = 500, None
         try:
             status, payload = vendor.handle(method, path, headers, body)
         finally:
             state.settle_idempotency_key(name, idem_key, succeeded=status == 200)
-        return status, payload, []
+        return status, payload, limit_headers
 
     # -- control API ------------------------------------------------------
 

@@ -1,15 +1,28 @@
 """Sandbox state: recorded requests and per-vendor switches, behind one lock.
 
-Switches (per vendor, see `VendorConfig`): ``latency_ms``, ``rate_limit``
-(token bucket), ``retry_after``/``retry_after_format``, ``fail_next`` (FIFO of
-injected failures) and ``fail_all`` (outage).
+Switches (per vendor, see `VendorConfig`): ``latency_ms`` and
+``latency_jitter_ms`` (uniform in latency ± jitter), ``rate_limit`` with
+``rate_limit_mode`` and ``rate_limit_shared``, ``retry_after``/``retry_after_format``,
+``fail_next`` (FIFO of injected failures) and ``fail_all`` (outage).
+
+Rate-limit modes (``rate_limit`` = N requests per second, counted when a request
+arrives; refused requests do not count):
+
+- ``sliding`` (default, the strictest): at most N arrivals in ANY 1-second window
+  (for a fractional N: ``max(1, floor(N))`` arrivals in any ``that / N`` seconds);
+- ``fixed``: at most N arrivals per wall-clock second (the same window, aligned);
+- ``bucket``: a token bucket of N tokens refilled at N/s (lenient: N back to back).
+
+``rate_limit_shared`` = S req/s: a simulated second application holding the same
+API key sends S requests a second, evenly spaced, into the same limit.
 
 Example::
 
     state = SandboxState(["loops"])
-    state.configure("loops", {"fail_next": [503]})
+    state.configure("loops", {"fail_next": [503], "rate_limit": 10, "rate_limit_mode": "sliding"})
     record = state.begin("loops", "POST", "/events/send", "", {}, b"{}", True, None)
     state.take_failure("loops")      # -> Failure(status=503, ...)
+    state.rate_limit_headers("loops")  # -> [("x-ratelimit-limit", "10"), ("x-ratelimit-remaining", "9")]
     state.finish(record, 503)
     state.requests(status=503)       # -> [{"seq": 1, "vendor": "loops", ...}]
 """
@@ -18,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -31,8 +45,12 @@ __all__ = [
     "DEFAULT_RETRY_AFTER",
     "MAX_RECORDS",
     "REDACTED_HEADERS",
+    "RATE_LIMIT_MODES",
     "Failure",
+    "FixedWindow",
+    "Limit",
     "SandboxState",
+    "SlidingWindow",
     "TokenBucket",
     "VendorConfig",
     "format_retry_after",
@@ -48,6 +66,8 @@ REDACTED_HEADERS = frozenset({"authorization", "x-conveyour-appkey", "x-conveyou
 REDACTED = "<redacted>"
 # Accepted values of the ``retry_after_format`` switch.
 RETRY_AFTER_FORMATS = ("seconds", "http-date")
+# Accepted values of the ``rate_limit_mode`` switch; the first is the default.
+RATE_LIMIT_MODES = ("sliding", "fixed", "bucket")
 
 
 def format_retry_after(value: int | float | str, fmt: str = "seconds") -> str:
@@ -67,27 +87,170 @@ def format_retry_after(value: int | float | str, fmt: str = "seconds") -> str:
     return str(math.ceil(value))
 
 
-class TokenBucket:
-    """Token bucket: ``capacity = max(rate, 1)`` tokens, refilled at ``rate``/s.
+def window_of(rate: float) -> tuple[int, float]:
+    """(capacity, seconds) of the counting window of a ``rate`` per second limit.
+
+    >>> window_of(10), window_of(0.5)
+    ((10, 1.0), (1, 2.0))
+    """
+    capacity = max(1, math.floor(rate + 1e-9))
+    return capacity, capacity / rate
+
+
+class Limit:
+    """A vendor's counter. ``take(now)`` admits or refuses one arrival at ``now``
+    (seconds, non-decreasing); ``remaining(now)`` is what is left in the window.
 
     Not thread-safe by itself; `SandboxState` calls it under its lock.
     """
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
+        self.capacity, self.window = window_of(rate)
+
+    def take(self, now: float) -> bool:
+        raise NotImplementedError
+
+    def spend(self, now: float) -> None:
+        """Count an arrival that is never refused (the simulated second app's)."""
+        raise NotImplementedError
+
+    def remaining(self, now: float) -> int:
+        raise NotImplementedError
+
+
+class SlidingWindow(Limit):
+    """At most ``capacity`` admitted arrivals in any ``window`` seconds.
+
+    >>> w = SlidingWindow(2)
+    >>> [w.take(t) for t in (0.0, 0.1, 0.9, 1.0, 1.05, 1.1)]
+    [True, True, False, True, False, True]
+    """
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        self.log: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self.log and self.log[0] <= now - self.window:
+            self.log.popleft()
+
+    def take(self, now: float) -> bool:
+        self._expire(now)
+        if len(self.log) >= self.capacity:
+            return False
+        self.log.append(now)
+        return True
+
+    def spend(self, now: float) -> None:
+        self._expire(now)
+        self.log.append(now)
+
+    def remaining(self, now: float) -> int:
+        self._expire(now)
+        return self.capacity - len(self.log)
+
+
+class FixedWindow(Limit):
+    """At most ``capacity`` admitted arrivals per clock-aligned window (a wall-clock second for N >= 1).
+
+    >>> w = FixedWindow(2)
+    >>> [w.take(t) for t in (0.0, 0.1, 0.9, 1.0, 1.05, 1.1)]
+    [True, True, False, True, True, False]
+    """
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        self.current = -1
+        self.count = 0
+
+    def _roll(self, now: float) -> None:
+        index = math.floor(now / self.window)
+        if index != self.current:
+            self.current, self.count = index, 0
+
+    def take(self, now: float) -> bool:
+        self._roll(now)
+        if self.count >= self.capacity:
+            return False
+        self.count += 1
+        return True
+
+    def spend(self, now: float) -> None:
+        self._roll(now)
+        self.count += 1
+
+    def remaining(self, now: float) -> int:
+        self._roll(now)
+        return self.capacity - self.count
+
+
+class TokenBucket(Limit):
+    """Token bucket: ``capacity = max(rate, 1)`` tokens, refilled at ``rate``/s (lenient).
+
+    >>> b = TokenBucket(2)
+    >>> [b.take(t) for t in (0.0, 0.0, 0.0, 0.5)]
+    [True, True, False, True]
+    """
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
         self.capacity = max(rate, 1.0)
         self.tokens = self.capacity
-        self.updated = time.monotonic()
+        self.updated: float | None = None
 
-    def take(self) -> bool:
-        """Consume one token if available."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+    def _refill(self, now: float) -> None:
+        if self.updated is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+    def take(self, now: float | None = None) -> bool:
+        """Consume one token if available."""
+        self._refill(time.monotonic() if now is None else now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
         return False
+
+    def spend(self, now: float) -> None:
+        self._refill(now)
+        self.tokens -= 1.0
+
+    def remaining(self, now: float) -> int:
+        self._refill(now)
+        return math.floor(self.tokens)
+
+
+_LIMITS: dict[str, type[Limit]] = {"sliding": SlidingWindow, "fixed": FixedWindow, "bucket": TokenBucket}
+
+
+class SharedLimit:
+    """A vendor's `Limit` plus the simulated second app spending ``shared`` req/s of it.
+
+    The second app's requests arrive every ``1/shared`` s from the first use on; each
+    is counted (never refused: it uses its share whatever ours do) just before a real
+    arrival is.
+    """
+
+    def __init__(self, limit: Limit, shared: float, start: float) -> None:
+        self.limit = limit
+        self.interval = 1.0 / shared if shared > 0 else None
+        self.next_other = start
+
+    def _others(self, now: float) -> None:
+        if self.interval is None:
+            return
+        while self.next_other <= now:
+            self.limit.spend(self.next_other)
+            self.next_other += self.interval
+
+    def take(self, now: float) -> bool:
+        self._others(now)
+        return self.limit.take(now)
+
+    def remaining(self, now: float) -> int:
+        self._others(now)
+        return self.limit.remaining(now)
 
 
 @dataclass(frozen=True)
@@ -137,7 +300,10 @@ class VendorConfig:
     """Switches of one vendor.  `update` validates and applies a partial dict."""
 
     latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
     rate_limit: float | None = None
+    rate_limit_mode: str = RATE_LIMIT_MODES[0]
+    rate_limit_shared: float = 0.0
     retry_after: int | float | str = DEFAULT_RETRY_AFTER
     retry_after_format: str = "seconds"
     fail_next: deque[int | dict[str, Any]] = field(default_factory=deque)
@@ -153,10 +319,14 @@ class VendorConfig:
                 raise ValueError(f"unknown switch {key!r}; known: {sorted(defaults.__dict__)}")
             if value is None:
                 setattr(new, key, getattr(defaults, key))
-            elif key == "latency_ms":
-                new.latency_ms = _check_number(value, key)
+            elif key in ("latency_ms", "latency_jitter_ms", "rate_limit_shared"):
+                setattr(new, key, _check_number(value, key))
             elif key == "rate_limit":
                 new.rate_limit = _check_number(value, key, positive=True)
+            elif key == "rate_limit_mode":
+                if value not in RATE_LIMIT_MODES:
+                    raise ValueError(f"rate_limit_mode must be one of {RATE_LIMIT_MODES}, got {value!r}")
+                new.rate_limit_mode = value
             elif key in ("retry_after", "fail_all_retry_after"):
                 setattr(new, key, _check_retry_after(value, key))
             elif key == "retry_after_format":
@@ -183,7 +353,7 @@ class SandboxState:
         self._records: deque[dict[str, Any]] = deque(maxlen=max_records)
         self._seq = 0
         self._configs: dict[str, VendorConfig] = {}
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, SharedLimit] = {}
         self._idempotency: dict[str, dict[str, bool]] = {}
         self._received: dict[str, int] = {}
         self._by_status: dict[str, dict[str, int]] = {}
@@ -211,7 +381,7 @@ class SandboxState:
         with self._lock:
             cfg = self._configs[vendor]
             cfg.update(changes)
-            if "rate_limit" in changes:
+            if {"rate_limit", "rate_limit_mode", "rate_limit_shared"} & set(changes):
                 self._buckets.pop(vendor, None)
             return cfg.as_dict()
 
@@ -249,11 +419,6 @@ class SandboxState:
             self._received[vendor] += 1
         return record
 
-    def latency(self, vendor: str) -> float:
-        """Configured latency of ``vendor`` in seconds."""
-        with self._lock:
-            return self._configs[vendor].latency_ms / 1000.0
-
     def take_failure(self, vendor: str) -> Failure | None:
         """The outage (`fail_all`) or next queued `fail_next` failure, if any."""
         with self._lock:
@@ -268,18 +433,44 @@ class SandboxState:
                 return Failure(entry)
             return Failure(entry["status"], _render(entry.get("retry_after"), cfg), entry.get("body"))
 
-    def take_token(self, vendor: str) -> str | None:
-        """None if the request may proceed, else the Retry-After value for a 429."""
+    def latency(self, vendor: str) -> float:
+        """Seconds to wait before answering: ``latency_ms`` ± ``latency_jitter_ms``, uniform, at least 0."""
         with self._lock:
             cfg = self._configs[vendor]
-            if cfg.rate_limit is None:
+            ms = cfg.latency_ms + (random.uniform(-1.0, 1.0) * cfg.latency_jitter_ms if cfg.latency_jitter_ms else 0.0)
+        return max(0.0, ms) / 1000.0
+
+    def _limit(self, vendor: str, now: float) -> SharedLimit | None:
+        """Under the lock: the vendor's counter, made on first use (None without a rate limit)."""
+        cfg = self._configs[vendor]
+        if cfg.rate_limit is None:
+            return None
+        limit = self._buckets.get(vendor)
+        if limit is None:
+            counter = _LIMITS[cfg.rate_limit_mode](cfg.rate_limit)
+            limit = self._buckets[vendor] = SharedLimit(counter, cfg.rate_limit_shared, now)
+        return limit
+
+    def take_token(self, vendor: str, now: float | None = None) -> str | None:
+        """Count one arrival: None if it may proceed, else the Retry-After value for its 429."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            limit = self._limit(vendor, now)
+            if limit is None or limit.take(now):
                 return None
-            bucket = self._buckets.get(vendor)
-            if bucket is None:
-                bucket = self._buckets[vendor] = TokenBucket(cfg.rate_limit)
-            if bucket.take():
-                return None
+            cfg = self._configs[vendor]
             return format_retry_after(cfg.retry_after, cfg.retry_after_format)
+
+    def rate_limit_headers(self, vendor: str, now: float | None = None) -> list[tuple[str, str]]:
+        """``x-ratelimit-limit`` (requests per second) and ``x-ratelimit-remaining`` (left in the
+        current window), as Loops sends them while a limit is set; [] without a limit."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            limit = self._limit(vendor, now)
+            if limit is None:
+                return []
+            rate = self._configs[vendor].rate_limit
+            return [("x-ratelimit-limit", f"{rate:g}"), ("x-ratelimit-remaining", str(max(0, limit.remaining(now))))]
 
     def reserve_idempotency_key(self, vendor: str, key: str) -> bool:
         """Reserve ``key``; False if it was used successfully or is in flight."""

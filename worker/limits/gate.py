@@ -2,12 +2,14 @@
 
 A consumer bootstep records the worker's consumer; :func:`pause` (safe to
 call from any delivery thread) hands the work to the consumer's own loop,
-which stops fetching from the queue and resumes after ``seconds``. Outside a
-worker (e.g. a test calling the pipeline) it does nothing.
+which stops fetching from the queue and resumes after ``seconds``. :func:`hold`
+stops fetching until :func:`release` (a vendor whose circuit breaker is open).
+Outside a worker (e.g. a test calling the pipeline) they do nothing.
 
 Example::
 
     >>> pause("loops", 0.2)   # no-op outside a worker
+    >>> hold("loops"); release("loops")
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MAX_PAUSE = 2.0
 
 _consumer = None
 _paused: set[str] = set()
+_held: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -41,6 +44,7 @@ class QueueGate(bootsteps.StartStopStep):
         global _consumer
         _consumer = None
         _paused.clear()
+        _held.clear()
 
     shutdown = stop
 
@@ -50,24 +54,60 @@ def pause(queue: str, seconds: float) -> None:
     if c is None:
         return
     with _lock:
-        if queue in _paused:
+        if queue in _paused or queue in _held:
             return
         _paused.add(queue)
     seconds = min(MAX_PAUSE, max(MIN_PAUSE, seconds))
     c.call_soon(_pause, c, queue, seconds)
 
 
-def _pause(c, queue: str, seconds: float) -> None:
+def hold(queue: str) -> None:
+    """Stop fetching from ``queue`` until :func:`release`."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue in _held:
+            return
+        _held.add(queue)
+    c.call_soon(_cancel, c, queue)
+    log.info("stopped taking messages from %s", queue)
+
+
+def release(queue: str) -> None:
+    """Fetch from ``queue`` again after :func:`hold`."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue not in _held:
+            return
+        _held.discard(queue)
+    c.call_soon(_resume, c, queue)
+    log.info("taking messages from %s again", queue)
+
+
+def held(queue: str) -> bool:
+    return queue in _held
+
+
+def _cancel(c, queue: str) -> None:
     try:
         c.task_consumer.cancel_by_queue(queue)
-        log.debug("paused queue %s for %.3fs", queue, seconds)
-    except Exception:  # the consumer may be restarting; resuming below is harmless
-        log.exception("could not pause queue %s", queue)
+    except Exception:  # the consumer may be restarting; a later hold or release puts it right
+        log.exception("could not stop consuming queue %s", queue)
+
+
+def _pause(c, queue: str, seconds: float) -> None:
+    _cancel(c, queue)
+    log.debug("paused queue %s for %.3fs", queue, seconds)
     c.timer.call_after(seconds, _resume, (c, queue))
 
 
 def _resume(c, queue: str) -> None:
     try:
+        if queue in _held:
+            return
         if c is _consumer and c.task_consumer is not None:
             if not c.task_consumer.consuming_from(queue):
                 c.task_consumer.add_queue(c.app.amqp.queues[queue])

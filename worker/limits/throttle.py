@@ -7,9 +7,18 @@ puts its message back on the vendor's queue and pauses that queue for a moment
 (:mod:`worker.gate`). So a throttled vendor holds a few threads, never the
 whole pool, and waiting never counts as an attempt.
 
+A waiter that wakes up later than its slot by more than the limiter's
+``tolerance`` (a busy machine) does not send late, which could crowd the vendor's
+window: it takes a new slot (the old one stays counted, so this is always safe). So
+does a waiter whose slot a ``Retry-After`` pause or a lower effective rate
+revoked while it slept (so the waiters of every process resume after the
+pause one slot apart, never together).
+The queue pause of a throttled delivery is shorter than the wait for the next
+free slot (``RESUME_LEAD`` earlier), so new deliveries are at hand when it comes.
+
 Example::
 
-    >>> from worker.ratelimit import Unlimited
+    >>> from worker.limits.ratelimit import Unlimited
     >>> Throttle().wait("loops", Unlimited())   # returns at once: a token was free
 """
 
@@ -26,6 +35,13 @@ from .ratelimit import RateLimiter
 DEFAULT_MAX_WAITERS = 8
 #: How far ahead (seconds) a waiter may reserve a token.
 DEFAULT_HORIZON = 2.0
+#: A throttled vendor's queue resumes this many seconds (or half the wait, if less) before the next free slot.
+RESUME_LEAD = 0.25
+#: A waiter that keeps waking too late takes at most this many new slots, then sends anyway.
+MAX_LATE_RETAKES = 3
+#: Seconds a thread may wait for a token in all; then its message is requeued (:class:`Throttled`), so no
+#: delivery holds its message longer than the broker's visibility timeout allows for.
+DEFAULT_MAX_TOTAL = 5.0
 
 
 class Throttled(Exception):
@@ -43,10 +59,14 @@ class Throttle:
         max_waiters: int = DEFAULT_MAX_WAITERS,
         horizon: float = DEFAULT_HORIZON,
         sleep: Callable[[float], None] = time.sleep,
+        max_total: float = DEFAULT_MAX_TOTAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_waiters = max_waiters
         self.horizon = horizon
         self.sleep = sleep
+        self.max_total = max_total
+        self.clock = clock
         self._lock = threading.Lock()
         self._waiters: Counter[str] = Counter()
 
@@ -63,14 +83,27 @@ class Throttle:
             if not full:
                 self._waiters[vendor] += 1
         if full:
-            raise Throttled(vendor, now.wait)
+            raise Throttled(vendor, now.wait - min(RESUME_LEAD, now.wait / 2))
+        retakes = 0
+        give_up = self.clock() + self.max_total
         try:
             while True:
-                r = limiter.acquire(max_wait=self.horizon)
+                if self.clock() >= give_up:
+                    raise Throttled(vendor, self.horizon)
+                r = limiter.acquire(max_wait=min(self.horizon, max(0.0, give_up - self.clock())))
                 if r.granted:
+                    if r.wait <= 0:
+                        return
+                    planned = self.clock() + r.wait
                     self.sleep(r.wait)
-                    return
-                self.sleep(min(self.horizon, max(r.wait - self.horizon, 0.001)))
+                    late = limiter.tolerance is not None and self.clock() - planned > limiter.tolerance
+                    if not limiter.still_valid(r):
+                        continue  # a Retry-After pause or a lower rate came meanwhile: a slot after it
+                    if not late or retakes >= MAX_LATE_RETAKES:
+                        return
+                    retakes += 1
+                    continue  # woke too late for this slot: take another
+                self.sleep(min(self.horizon, max(r.wait - self.horizon, 0.001), max(0.0, give_up - self.clock())))
         finally:
             with self._lock:
                 self._waiters[vendor] -= 1

@@ -1,0 +1,333 @@
+"""Global rate limits per vendor in Redis, shared by every worker, that hold at the vendor.
+
+:class:`WindowLimiter` (what :func:`limiter_for` gives) keeps a vendor that counts
+its limit N over ANY 1-second window of arrivals happy although a request reaches
+the vendor a little later than its reserved moment (thread wake-up, GIL, a new
+connection). Each reservation is logged in Redis with its *latest possible
+arrival* (reserved time + ``margin``; + ``cold_margin`` for a thread's first
+request, which opens a connection), and a new reservation at ``t`` needs
+fewer than N logged requests that could arrive after ``t - 1 s``: then no
+1-second window can hold N + 1 arrivals, whatever each one's lateness up to its
+margin. Reservations are also spaced ``1/rate`` apart, so a backlog (or the
+end of a ``Retry-After`` pause) leaves evenly, never in a burst. The result at
+full load: N requests per ``1 + margin`` seconds. The rate used is the
+*effective* rate, which follows the vendor's 429s and announced limits
+(:mod:`worker.limits.adaptive`). One Lua script per operation, on Redis' clock.
+
+:class:`TokenBucket` is the plain GCRA below, kept for callers that want it.
+
+The bucket is a GCRA (generic cell rate algorithm) kept in one Redis key: the
+*theoretical arrival time* of the next request. An atomic Lua script reads
+Redis' clock, so worker hosts need not agree on the time. A caller may
+*reserve* a token up to ``max_wait`` seconds ahead and sleep until then; a
+vendor's ``Retry-After`` pushes the whole bucket back (:meth:`penalize`).
+
+Example::
+
+    >>> bucket = TokenBucket(redis.Redis(), "vdw:ratelimit:loops", rate=10)  # doctest: +SKIP
+    >>> r = bucket.acquire(max_wait=1.0)                                   # doctest: +SKIP
+    >>> r.granted, r.wait                                                  # doctest: +SKIP
+    (True, 0.0)
+    >>> limiter = limiter_for(redis.Redis(), "vdw:ratelimit:loops", rate=10)  # doctest: +SKIP
+    >>> limiter.acquire(max_wait=2.0)                                     # doctest: +SKIP
+    Reservation(granted=True, wait=0.095)
+    >>> limiter.observe(429, {"x-ratelimit-limit": "10"})                  # doctest: +SKIP
+    >>> limiter.effective_rate()                                           # doctest: +SKIP
+    7.0
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import redis
+
+from . import adaptive
+
+log = logging.getLogger(__name__)
+
+#: Requests a bucket lets through back to back after being idle: 1 keeps
+#: strict spacing, which never trips a vendor counting per second.
+DEFAULT_BURST = 1
+
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local max_wait = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+if wait > max_wait then
+  return {0, tostring(wait)}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+return {1, tostring(wait)}
+"""
+
+_PENALIZE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tolerance = tonumber(ARGV[1]) * (tonumber(ARGV[2]) - 1)
+local until_tat = now + tonumber(ARGV[3]) + tolerance
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_tat > tat then
+  redis.call('SET', KEYS[1], tostring(until_tat), 'PX', math.ceil((until_tat - now) * 1000) + 1000)
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """``granted``: a token is yours, send after ``wait`` seconds. Otherwise the
+    next token is ``wait`` seconds away, beyond what you were willing to wait."""
+
+    granted: bool
+    wait: float
+    #: The limiter's epoch when reserved (limiters that revoke slots: a pause or a lower rate bumps it).
+    epoch: int | None = None
+
+
+class RateLimiter:
+    """Base class of the strategies below."""
+
+    #: Seconds a holder may send later than its reservation (None: any lateness is fine).
+    tolerance: float | None = None
+
+    def acquire(self, max_wait: float = 0.0) -> Reservation:
+        raise NotImplementedError
+
+    def penalize(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` (the vendor said Retry-After)."""
+
+    def observe(self, status: int, headers: Mapping[str, str]) -> None:
+        """Learn from a vendor's answer (429s, rate-limit headers)."""
+
+    def still_valid(self, reservation: Reservation) -> bool:
+        """After waiting for a reserved slot: False if a pause or a lower rate since revoked it."""
+        return True
+
+    def effective_rate(self) -> float | None:
+        """Requests per second in use now (None: unlimited)."""
+        return None
+
+
+class Unlimited(RateLimiter):
+    """For a rate of 0: every request goes at once."""
+
+    def acquire(self, max_wait: float = 0.0) -> Reservation:
+        return Reservation(True, 0.0)
+
+
+class TokenBucket(RateLimiter):
+    """``rate`` requests per second across every process that uses ``key``."""
+
+    def __init__(self, client: redis.Redis, key: str, rate: float, burst: int = DEFAULT_BURST) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive; use Unlimited for no limit")
+        self.key = key
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._penalize = client.register_script(_PENALIZE)
+
+    def acquire(self, max_wait: float = 0.0) -> Reservation:
+        granted, wait = self._acquire(keys=[self.key], args=[1.0 / self.rate, self.burst, max_wait])
+        return Reservation(bool(int(granted)), float(wait))
+
+    def penalize(self, seconds: float) -> None:
+        if seconds > 0:
+            self._penalize(keys=[self.key], args=[1.0 / self.rate, self.burst, seconds])
+
+    def effective_rate(self) -> float | None:
+        return self.rate
+
+
+#: Seconds by which a request may reach the vendor later than reserved (wake-up, GIL, sending).
+DEFAULT_MARGIN = 0.08
+#: The same for a thread's first request to a vendor (or after ``COLD_AFTER`` idle): it opens a connection.
+DEFAULT_COLD_MARGIN = 0.3
+#: A thread that has not sent to a vendor for this long (seconds) counts as cold again.
+COLD_AFTER = 60.0
+#: Seconds the adaptive state outlives its last use.
+STATE_TTL = 600.0
+
+_WINDOW_LUA = adaptive.ADAPT_LUA + """
+local function window_of(rate)
+  local n = math.max(1, math.floor(rate + 1e-9))
+  return n, n / rate
+end
+"""
+
+# KEYS: state hash, log zset. ARGV: now ('' = Redis TIME), ceiling, lateness, max_wait,
+# responses, 429s, full windows, announced limit (0 = none).
+# Returns: granted, wait, effective rate, old rate, reason of a change ('' = none), epoch.
+_WINDOW_ACQUIRE = _WINDOW_LUA + """
+local now = clock(ARGV[1])
+local ceiling = tonumber(ARGV[2])
+local late = tonumber(ARGV[3])
+local max_wait = tonumber(ARGV[4])
+local st = load(KEYS[1], now, ceiling)
+local old, reason = adapt(st, now, ceiling, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+local n, window = window_of(st.rate)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+local t = math.max(now, st.tat)
+local nth = redis.call('ZREVRANGE', KEYS[2], n - 1, n - 1, 'WITHSCORES')
+if nth[2] then t = math.max(t, tonumber(nth[2]) + window) end
+local wait = t - now
+local granted = 0
+if wait <= max_wait then
+  granted = 1
+  st.tat = t + 1 / st.rate
+  st.seq = st.seq + 1
+  redis.call('ZADD', KEYS[2], t + late, st.seq)
+  redis.call('PEXPIRE', KEYS[2], math.ceil((t + late + window - now) * 1000) + 1000)
+end
+save(KEYS[1], st, """ + str(int(STATE_TTL * 1000)) + """)
+return {granted, tostring(wait), tostring(st.rate), tostring(old), reason, st.epoch}
+"""
+
+# KEYS: state hash. ARGV: now, ceiling, responses, 429s, full windows, announced, pause seconds.
+# Returns: effective rate, old rate, reason.
+_WINDOW_OBSERVE = _WINDOW_LUA + """
+local now = clock(ARGV[1])
+local ceiling = tonumber(ARGV[2])
+local st = load(KEYS[1], now, ceiling)
+local old, reason = adapt(st, now, ceiling, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+local pause = tonumber(ARGV[7])
+if pause > 0 then
+  if now + pause > st.tat then st.tat = now + pause end
+  st.epoch = st.epoch + 1
+end
+save(KEYS[1], st, """ + str(int(STATE_TTL * 1000)) + """)
+return {tostring(st.rate), tostring(old), reason}
+"""
+
+
+class WindowLimiter(RateLimiter):
+    """At most ``rate`` requests in any second *at the vendor*, across every process using ``key``.
+
+    ``margin``: seconds a request may arrive later than reserved; ``cold_margin`` the same for
+    a thread's first request. ``clock``: seconds for the scripts instead of Redis' clock (tests).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        rate: float,
+        *,
+        margin: float = DEFAULT_MARGIN,
+        cold_margin: float = DEFAULT_COLD_MARGIN,
+        name: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not rate > 0 or not math.isfinite(rate):
+            raise ValueError(f"rate must be a positive number, got {rate!r}; use Unlimited for no limit")
+        if not 0 <= margin < 1 or not margin <= cold_margin < 5:
+            raise ValueError(f"need 0 <= margin ({margin}) < 1 and margin <= cold_margin ({cold_margin}) < 5 seconds")
+        self.key = key
+        self.rate = float(rate)
+        self.margin = margin
+        self.cold_margin = cold_margin
+        self.tolerance = margin / 2
+        self.name = name or key.rsplit(":", 1)[-1]
+        self.clock = clock
+        self._keys = [f"{key}:state", f"{key}:log"]
+        self._acquire = client.register_script(_WINDOW_ACQUIRE)
+        self._observe = client.register_script(_WINDOW_OBSERVE)
+        self._client = client
+        self._pending = adaptive.Pending()
+        self._local = threading.local()
+        self._announced: float | None = None
+        self._announced_sent = -math.inf
+        self._rate: float | None = None
+
+    def _now(self) -> str:
+        return "" if self.clock is None else repr(self.clock())
+
+    def acquire(self, max_wait: float = 0.0) -> Reservation:
+        last = getattr(self._local, "last_send", None)
+        here = time.monotonic()
+        cold = last is None or here - last > COLD_AFTER
+        responses, too_many, full = self._pending.take()
+        granted, wait, rate, old, reason, epoch = self._acquire(
+            keys=self._keys,
+            args=[self._now(), self.rate, self.cold_margin if cold else self.margin, max_wait,
+                  responses, too_many, full, 0])
+        self._changed(float(rate), float(old), reason)
+        if int(granted):
+            self._local.last_send = here + float(wait)
+        return Reservation(bool(int(granted)), float(wait), int(epoch))
+
+    def penalize(self, seconds: float) -> None:
+        if seconds > 0:
+            self._flush(pause=seconds)
+
+    def still_valid(self, reservation: Reservation) -> bool:
+        """One HGET, only for a thread that waited: has a Retry-After pause or a cut come since?"""
+        if reservation.epoch is None:
+            return True
+        try:
+            return int(self._client.hget(self._keys[0], "epoch") or 0) == reservation.epoch
+        except redis.RedisError:  # Redis away (a restart): the slot was granted; keep it
+            return True
+
+    def observe(self, status: int, headers: Mapping[str, str]) -> None:
+        s = adaptive.signals(status, headers)
+        self._pending.add(s)
+        announce = 0.0
+        if s.announced is not None and (s.announced != self._announced or
+                                        time.monotonic() - self._announced_sent > adaptive.ANNOUNCE_REFRESH):
+            announce = s.announced
+        if s.too_many or announce:
+            try:
+                self._flush(announced=announce)
+            except redis.RedisError as exc:  # the answer is in; the delivery must not fail over bookkeeping
+                log.warning("%s: could not record the vendor's rate-limit answer: %s", self.name, exc)
+
+    def effective_rate(self) -> float | None:
+        """The rate every worker uses now (read from Redis)."""
+        got = self._client.hget(self._keys[0], "rate")
+        return float(got) if got is not None else self.rate
+
+    def _flush(self, announced: float = 0.0, pause: float = 0.0) -> None:
+        responses, too_many, full = self._pending.take()
+        rate, old, reason = self._observe(
+            keys=self._keys[:1], args=[self._now(), self.rate, responses, too_many, full, announced, pause])
+        if announced:
+            self._announced, self._announced_sent = announced, time.monotonic()
+        self._changed(float(rate), float(old), reason)
+
+    def _changed(self, rate: float, old: float, reason: bytes | str) -> None:
+        self._rate = rate
+        if reason:
+            why = reason.decode() if isinstance(reason, bytes) else reason
+            log.info("%s: effective rate %.1f -> %.1f/s after %s", self.name, old, rate, why)
+
+
+def limiter_for(client: redis.Redis, key: str, rate: float, *, margin: float | None = None,
+                cold_margin: float | None = None) -> RateLimiter:
+    """The right strategy for ``rate`` (requests per second; 0 = unlimited).
+
+    ``margin`` and ``cold_margin`` default to the settings ``RATE_LIMIT_MARGIN`` and
+    ``RATE_LIMIT_COLD_MARGIN``.
+    """
+    if rate <= 0:
+        return Unlimited()
+    if margin is None or cold_margin is None:
+        from ..settings import get_settings
+
+        s = get_settings()
+        margin = s.rate_limit_margin if margin is None else margin
+        cold_margin = s.rate_limit_cold_margin if cold_margin is None else cold_margin
+    return WindowLimiter(client, key, rate, margin=margin, cold_margin=max(margin, cold_margin))

@@ -1,0 +1,78 @@
+"""One probe of a vendor whose circuit breaker is open: one real delivery, outside Celery's consumer.
+
+The probe takes ONE message (the earliest waiting retry, else the next on the
+vendor's queue) and records it as held, as kombu does, so it is redelivered if
+this process dies. It delivers it through the same
+:func:`~worker.tasks.attempt` as the task, then acknowledges it (delivered, or
+dead-lettered: the vendor answered), or finds it already on the retry schedule
+(failed again: the breaker spaces the next probe further), or puts it back
+untouched (no token, or no answer to judge by).
+
+Example::
+
+    >>> run_probe("loops", RetrySchedule.default(), Pipeline.default().breaker)   # doctest: +SKIP
+    'delivered'
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+from ..errors import DeadLettered
+from ..limits.throttle import Throttled
+from .attempts import RetryState
+from .breaker import Breaker
+from .schedule import RetrySchedule
+
+log = logging.getLogger(__name__)
+
+
+def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
+    """Probe ``vendor`` once (the caller holds the probe lease); returns what became of the probe."""
+    from ..pipeline import Delivered, VendorDown
+    from ..tasks import attempt
+    from ..transport import quarantine
+
+    failed = False
+    raw = schedule.claim_one(vendor)
+    if raw is None:
+        breaker.probe_done(vendor, failed=False)
+        return "nothing to probe with"
+    outcome = "given back"
+    envelope = json.loads(raw)  # claim_one took only a JSON message with a delivery tag
+    tag = envelope["properties"]["delivery_tag"]
+    try:
+        headers = envelope["headers"]
+        try:
+            (name, event), _, _ = json.loads(base64.b64decode(envelope["body"]))
+        except (ValueError, TypeError) as exc:
+            schedule.ack(tag)
+            quarantine(vendor, raw, f"probe could not read the message: {type(exc).__name__}: {exc}")
+            return "malformed"
+        try:
+            result = attempt(name, event, RetryState.from_headers(headers), headers.get("id") or "",
+                             tag, int(headers.get("retries") or 0), probe=True)
+        except DeadLettered:
+            schedule.ack(tag)
+            outcome = "dead-lettered"
+        except (Throttled, VendorDown):
+            schedule.give_back(vendor, raw, tag)
+        else:
+            if isinstance(result, Delivered):
+                schedule.ack(tag)
+                outcome = "delivered"
+            else:  # on the retry schedule already, this message acknowledged
+                failed = result.status != 429
+                outcome = f"failed again ({result.error})" if failed else "rate limited"
+    except Exception:
+        log.exception("%s: probe failed unexpectedly; its message goes back on the queue", vendor)
+        try:
+            schedule.give_back(vendor, raw, tag)
+        except Exception:  # Redis away: the message is held under its tag and comes back by itself
+            log.exception("%s: could not give the probe's message back", vendor)
+    finally:
+        breaker.probe_done(vendor, failed)
+    log.warning("%s: circuit breaker probe: %s", vendor, outcome)
+    return outcome
