@@ -67,3 +67,40 @@ def breaker_open(vendor: str) -> bool:
     from worker.retries.breaker import Breaker
 
     return Breaker(redis.Redis.from_url(os.environ["REDIS_URL"]), "vdw", threshold=1).poll(vendor).open
+
+
+def locate(redis_url: str, needles: set[str], prefix: str = "vdw") -> dict[str, list[str]]:
+    """Where in Redis messages mentioning each needle (an email, an event id) are: a vendor queue, kombu's
+    ``unacked`` hash or a retry schedule; needles found nowhere are under ``"nowhere"``. For failure messages:
+    it tells a lost message from one that is only waiting."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        places: dict[str, list[bytes]] = {q: client.lrange(q, 0, -1) for q in QUEUES}
+        places[UNACKED] = list(client.hvals(UNACKED))
+        for q in QUEUES:
+            places[f"{prefix}:retries:{q}"] = client.zrange(f"{prefix}:retries:{q}", 0, -1)
+    finally:
+        client.close()
+    texts = {name: [_readable(item) for item in items] for name, items in places.items()}
+    found: dict[str, list[str]] = {}
+    for needle in sorted(needles):
+        where = [name for name, items in texts.items() if any(needle in text for text in items)]
+        for name in where or ["nowhere"]:
+            found.setdefault(name, []).append(needle)
+    return found
+
+
+def _readable(item: bytes) -> str:
+    """A stored kombu message (or an unacked record holding one) with its base64 body decoded."""
+    import base64
+    import json
+
+    text = item.decode(errors="replace")
+    try:
+        value = json.loads(text)
+        envelope = value[0] if isinstance(value, list) else value
+        return text + base64.b64decode(envelope["body"]).decode(errors="replace")
+    except (ValueError, KeyError, TypeError, IndexError):
+        return text

@@ -1,4 +1,14 @@
-"""kombu's Redis transport, hardened: a malformed message never kills a worker.
+"""kombu's Redis transport, hardened: a message a worker takes is never lost, and a malformed one never kills it.
+
+Stock kombu takes a message with BRPOP and records it as unacknowledged (the
+``unacked`` hash kombu restores from) in a second command. A worker that dies
+between the two — SIGKILL, OOM, a frozen host — takes the message with it: it
+is in neither place. Here a worker takes a message with one Lua script that
+pops it and records it in the same atomic step (:data:`_TAKE`). When every
+queue is empty the worker waits for one to fill with ``BLMOVE q q RIGHT RIGHT``,
+which returns the tail without removing it, then takes. With one queue that
+wait is as long as BRPOP's; with several it watches each for at most
+:data:`WATCH_EACH` seconds in turn, and every take looks at all of them.
 
 Stock kombu decodes each message popped from a Redis list inline; a list entry
 that is not JSON, or JSON that is not a kombu envelope, raises out of the
@@ -19,11 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +76,62 @@ def _is_envelope(message: Any) -> bool:
     )
 
 
+#: With several queues to watch and all of them empty, each is watched this long in turn (a message on
+#: another queue waits at most this long); with one queue, kombu's ``brpop_timeout``.
+WATCH_EACH = 0.1
+
+# KEYS: the lists to take from in order (kombu's priority keys for each queue), then unacked, unacked_index.
+# ARGV: now (the client's clock, as kombu's own unacked index), then each list's queue name.
+# Pops the first message found and records it as held, as kombu's QoS.append does, in one step: the
+# record is [message, exchange, routing key] with the message's JSON text spliced in unchanged.
+# Returns {list, message, recorded (1/0)}, or false when every list is empty. Not a kombu envelope:
+# returned unrecorded, for the transport to quarantine.
+_TAKE = """
+local n = #KEYS - 2
+for i = 1, n do
+  local m = redis.call('RPOP', KEYS[i])
+  if m then
+    local ok, d = pcall(cjson.decode, m)
+    local props = ok and type(d) == 'table' and d['properties']
+    local tag = type(props) == 'table' and props['delivery_tag']
+    if type(tag) ~= 'string' then return {KEYS[i], m, 0} end
+    local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
+    local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
+    local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ARGV[i + 1]
+    redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+    redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
+    return {KEYS[i], m, 1}
+  end
+end
+return false
+"""
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.taken_and_recorded(delivery_tag):
+            virtual.QoS.append(self, message, delivery_tag)  # Redis has the record already: local state only
+        else:
+            super().append(message, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
     def __init__(self, connection: Any, *args: Any, **kwargs: Any) -> None:
         # Where this channel's Redis is, kept for _connparams below.
         self._conninfo = connection.client
+        self._recorded: set[str] = set()  # tags the take script recorded, until QoS.append sees them
+        self._pending: str | None = None  # "take" or "watch": what the command on the wire is
+        self._watch_next = 0
         super().__init__(connection, *args, **kwargs)
+
+    def taken_and_recorded(self, tag: str) -> bool:
+        try:
+            self._recorded.remove(tag)
+            return True
+        except KeyError:
+            return False
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # When Redis goes away, Celery closes the lost connection twice: collect(), which ends by
@@ -81,16 +145,73 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         _requeue_orphans(self.client)
-        super()._brpop_start(timeout)
+        if self.global_keyprefix or not self.ack_emulation:
+            self._pending = None
+            return super()._brpop_start(timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if self._pending == "empty":  # the last take found nothing: wait for a queue to fill
+            queue = queues[self._watch_next % len(queues)]
+            self._watch_next += 1
+            wait = (timeout or self.brpop_timeout or 1) if len(queues) == 1 else WATCH_EACH
+            args: list[Any] = ["BLMOVE", queue, queue, "RIGHT", "RIGHT", wait]
+            self._pending = "watch"
+        else:
+            keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+            names = [q for pri in self.priority_steps for q in queues]
+            args = ["EVAL", _TAKE, len(keys) + 2, *keys, self.unacked_key, self.unacked_index_key,
+                    repr(time.time()), *names]
+            self._pending = "take"
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(*args)
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
+            if self._pending in ("take", "watch"):
+                return self._take_read(**options)
             return super()._brpop_read(**options)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             items = getattr(self._queue_cycle, "items", None) or ["?"]
             raw = exc.doc if isinstance(exc, json.JSONDecodeError) else repr(exc.object[:4096])
             quarantine(str(items[-1]), raw, f"{type(exc).__name__}: {exc}")
             raise kombu_redis.Empty() from None
+
+    def _take_read(self, **options: Any) -> bool:
+        pending = self._pending
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection,
+                                                   "EVAL" if pending == "take" else "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next poll reconnects
+                self._pending = None
+                raise
+            if pending == "watch" or not reply:
+                # A watch that saw a message (or timed out) is followed by a take; a take that found
+                # nothing, by a watch.
+                self._pending = "empty" if pending == "take" else None
+                raise kombu_redis.Empty()
+            key, item, recorded = reply
+            dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                message = loads(bytes_to_str(item))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                quarantine(dest, bytes_to_str(item), f"{type(exc).__name__}: {exc}")
+                raise kombu_redis.Empty() from None
+            if recorded:
+                tag = message["properties"]["delivery_tag"]
+                if not _is_envelope(message):  # quarantined by _deliver: nothing holds it
+                    self.qos._remove_from_indices(tag).execute()
+                else:
+                    self._recorded.add(tag)
+            self.connection._deliver(message, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
 
 
 class Transport(kombu_redis.Transport):

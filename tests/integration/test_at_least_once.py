@@ -12,7 +12,7 @@ import redis
 
 import worker
 from tests.helpers import email_of as _email
-from tests.helpers import wait_idle
+from tests.helpers import locate, wait_idle
 from worker.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,8 +90,13 @@ def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(worker_facto
 
     worker_factory("rescuer", BROKER_VISIBILITY_TIMEOUT=5)
     for vendor in vendors:
-        wait_until(lambda v=vendor: set(accepted(v)) >= everyone, timeout=90, interval=0.2,
-                   message=f"every event at {vendor}")
+        try:
+            wait_until(lambda v=vendor: set(accepted(v)) >= everyone, timeout=90, interval=0.2,
+                       message=f"every event at {vendor}")
+        except AssertionError as exc:
+            missing = everyone - set(accepted(vendor))
+            raise AssertionError(f"{exc}; {len(missing)} missing, in Redis: "
+                                 f"{locate(product_env['REDIS_URL'], missing)}") from None
     wait_idle(product_env["REDIS_URL"], timeout=60)  # every restored message ran and was acked: no redelivery left
 
     duplicates = {v: sum(c - 1 for c in accepted(v).values()) for v in vendors}
@@ -105,3 +110,4 @@ def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(worker_facto
     assert duplicates["loops"] == 0, "Loops accepted the same Idempotency-Key twice"
     keys = Counter(r["idempotency_key"] for r in mine("loops") if r["status"] == 200)
     assert set(keys) == set(ids) and max(keys.values()) == 1
+
