@@ -137,11 +137,10 @@ class Publisher:
     def __init__(self, settings: Settings, app: Any) -> None:
         self.settings = settings
         self.messages = TaskMessages(app)
-        attempt = settings.publish_timeout * ATTEMPT_SHARE
         self.redis = redis.Redis.from_url(
             settings.redis_url,
-            socket_connect_timeout=attempt,
-            socket_timeout=attempt,
+            socket_connect_timeout=self.attempt_timeout,
+            socket_timeout=self.attempt_timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
         )
@@ -181,14 +180,30 @@ class Publisher:
         """Queue one message per vendor, or spool them (unless ``spool=False``); returns QUEUED or SPOOLED."""
         messages = self.messages.build(payload, vendors, task_id_suffix, event_json)
         error = None
-        if not self._down or not spool:
+        if self.worth_trying(spool):
             started = time.monotonic()
             error = self._try_push(messages)
             # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
-            if error and time.monotonic() - started < self.settings.publish_timeout * ATTEMPT_SHARE:
+            if error and time.monotonic() - started < self.attempt_timeout:
                 error = self._try_push(messages)
             if error is None:
                 return QUEUED
+        return self.fail_over(payload, messages, error, spool)
+
+    @property
+    def attempt_timeout(self) -> float:
+        """Seconds one connect or write to Redis may take (a share of PUBLISH_TIMEOUT)."""
+        return self.settings.publish_timeout * ATTEMPT_SHARE
+
+    def worth_trying(self, spool: bool) -> bool:
+        """Should a call try Redis? Not while it is known to be down (its messages go straight to the spool)."""
+        return not self._down or not spool
+
+    def fail_over(self, payload: dict[str, Any], messages: list[Message], error: Exception | None,
+                  spool: bool = True) -> str:
+        """Redis did not take ``messages`` (``error``; None: it is known to be down): spool them and return
+        SPOOLED, or raise EnqueueError. It writes a file: an asyncio caller runs it in a thread."""
+        if error is not None:
             self._mark_down(error)
         if not spool:
             raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
