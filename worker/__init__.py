@@ -19,7 +19,7 @@ Example::
 from . import aio, tasks  # noqa: F401  (tasks registers worker.deliver)
 from .app import app
 from .errors import ConfigurationError, DeadLettered, EnqueueError, InvalidEvent
-from .producer import identify, segment, track
+from .producer import check_configuration, identify, segment, track
 
-__all__ = ["app", "identify", "track", "segment", "aio", "InvalidEvent", "DeadLettered", "EnqueueError",
+__all__ = ["app", "identify", "track", "segment", "aio", "check_configuration", "InvalidEvent", "DeadLettered", "EnqueueError",
            "ConfigurationError"]

@@ -197,14 +197,31 @@ def plan(event: Any, vendors: Iterable[str] | None, settings: Settings) -> list[
     return names
 
 
+def check_configuration() -> list[str]:
+    """The enabled vendors, for a web app to call at startup: it raises what producer calls would.
+
+    ``ConfigurationError`` when no vendor is enabled (unless ALLOW_NO_VENDORS=true: then ``[]``), and
+    pydantic's ``ValidationError`` for settings that do not parse (incomplete credentials, a bad number).
+    """
+    settings = get_settings()
+    enabled = [vendor.name for vendor in VENDORS.values() if vendor.enabled(settings)]
+    if not enabled and not settings.allow_no_vendors:
+        raise ConfigurationError(f"no vendor is enabled: set {_credential_variables()} "
+                                 "(or ALLOW_NO_VENDORS=true where events may be dropped, e.g. in development)")
+    return enabled
+
+
+def _credential_variables() -> str:
+    return "; or ".join(vendor.credential_env for vendor in VENDORS.values())
+
+
 def _no_vendor_enabled(event: Any, settings: Settings) -> None:
     """No vendor has credentials: a clear error, unless ALLOW_NO_VENDORS says events may go nowhere."""
     if settings.allow_no_vendors:
         log.warning("%s event %s goes nowhere: no vendor is enabled (ALLOW_NO_VENDORS=true)", event.operation, event.id)
         return
-    needed = "; or ".join(vendor.credential_env for vendor in VENDORS.values())
     raise ConfigurationError(
-        f"no vendor is enabled, so this {event.operation} event would go nowhere: set {needed} "
+        f"no vendor is enabled, so this {event.operation} event would go nowhere: set {_credential_variables()} "
         "(or ALLOW_NO_VENDORS=true where events may be dropped, e.g. in development)")
 
 

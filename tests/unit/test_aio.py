@@ -238,6 +238,17 @@ def test_allow_no_vendors_lets_events_go_nowhere_with_a_warning(no_vendors, monk
     assert _queued(no_vendors) == {}
 
 
+def test_check_configuration_at_startup(no_vendors, monkeypatch):
+    with pytest.raises(worker.ConfigurationError, match="LOOPS_API_KEY"):
+        worker.check_configuration()
+    monkeypatch.setenv("ALLOW_NO_VENDORS", "true")
+    get_settings.cache_clear()
+    assert worker.check_configuration() == []
+    monkeypatch.setenv("LOOPS_API_KEY", "k")
+    get_settings.cache_clear()
+    assert worker.check_configuration() == ["loops"]
+
+
 def test_bad_input_is_still_invalid_event_when_no_vendor_is_enabled(no_vendors):
     with pytest.raises(worker.InvalidEvent):
         worker.track("", email="j@a.co")
