@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install compose-check clean bench bench-smoke
+.PHONY: demo test test-fast install compose-check clean bench bench-smoke example-flask example-fastapi example-django
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,18 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m worker.demo
+
+# The web examples (examples/), each under its real server on 127.0.0.1:8000, against a private Redis,
+# the sandbox and a worker (python -m worker.devstack); Ctrl-C stops everything.
+example-flask: $(STAMP)
+	$(PY) -m worker.devstack -- $(CURDIR)/$(VENV)/bin/gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
+
+example-fastapi: $(STAMP)
+	$(PY) -m worker.devstack -- $(CURDIR)/$(VENV)/bin/uvicorn --app-dir examples/fastapi_app --port 8000 main:app
+
+example-django: $(STAMP)
+	cd examples/django_project && $(CURDIR)/$(PY) manage.py migrate --verbosity 0 && \
+	  $(CURDIR)/$(PY) -m worker.devstack -- $(CURDIR)/$(PY) manage.py runserver --noreload 127.0.0.1:8000
 
 test: $(STAMP)
 	$(PY) -m pytest
