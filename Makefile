@@ -21,14 +21,14 @@ demo: $(STAMP)
 # The web examples (examples/), each under its real server on 127.0.0.1:8000, against a private Redis,
 # the sandbox and a worker (python -m worker.devstack); Ctrl-C stops everything.
 example-flask: $(STAMP)
-	$(PY) -m worker.devstack -- $(CURDIR)/$(VENV)/bin/gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
+	$(PY) -m worker.devstack -- $(abspath $(VENV))/bin/gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
 
 example-fastapi: $(STAMP)
-	$(PY) -m worker.devstack -- $(CURDIR)/$(VENV)/bin/uvicorn --app-dir examples/fastapi_app --port 8000 main:app
+	$(PY) -m worker.devstack -- $(abspath $(VENV))/bin/uvicorn --app-dir examples/fastapi_app --port 8000 main:app
 
 example-django: $(STAMP)
-	cd examples/django_project && $(CURDIR)/$(PY) manage.py migrate --verbosity 0 && \
-	  $(CURDIR)/$(PY) -m worker.devstack -- $(CURDIR)/$(PY) manage.py runserver --noreload 127.0.0.1:8000
+	cd examples/django_project && $(abspath $(PY)) manage.py migrate --verbosity 0 && \
+	  $(abspath $(PY)) -m worker.devstack -- $(abspath $(PY)) manage.py runserver --noreload 127.0.0.1:8000
 
 test: $(STAMP)
 	$(PY) -m pytest
