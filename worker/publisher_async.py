@@ -7,7 +7,7 @@ the same share of ``PUBLISH_TIMEOUT`` as the blocking publisher's (and by
 else is the process's blocking :class:`~worker.publisher.Publisher`: its
 "Redis is down" state, its spool and its flusher thread. What blocks — creating
 that publisher (it imports Celery's app), writing a spool file (``fsync``) —
-runs in a small thread pool of its own, so the event loop only ever awaits.
+runs in a thread of its own, so the event loop only ever awaits.
 
 One AsyncPublisher per event loop (a ``redis.asyncio`` connection belongs to
 the loop that made it); it follows ``Publisher.reset_default()`` and forks.
@@ -37,8 +37,10 @@ from redis.backoff import NoBackoff
 from .publisher import QUEUED, Publisher, _lpush
 from .spool import Message
 
-#: Threads that write spool files (and create the process's publisher) for asyncio callers.
-SPOOL_THREADS = 4
+#: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
+#: thread more contends with the event loop for the GIL (with four, the loop stalled for tens of ms while
+#: they spooled); a spooled call waits for an fsync, not for Python.
+SPOOL_THREADS = 1
 
 _executor: ThreadPoolExecutor | None = None
 _executor_pid: int | None = None
