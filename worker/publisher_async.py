@@ -10,7 +10,11 @@ that publisher (it imports Celery's app), writing a spool file (``fsync``) —
 runs in a thread of its own, so the event loop only ever awaits.
 
 One AsyncPublisher per event loop (a ``redis.asyncio`` connection belongs to
-the loop that made it); it follows ``Publisher.reset_default()`` and forks.
+the loop that made it); it follows ``Publisher.reset_default()`` and forks, and
+closes its connections when its loop shuts down (``asyncio.run`` and asgiref's
+``async_to_sync`` — a Django async view under WSGI — end each loop with
+``shutdown_asyncgens()``, which runs an async generator's ``finally``), so
+short-lived loops leave no socket behind.
 
 Example::
 
@@ -26,6 +30,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -79,6 +84,7 @@ class AsyncPublisher:
 
     def __init__(self, sync: Publisher) -> None:
         self.sync = sync
+        self._closer: AsyncGenerator[None, None] | None = None
         attempt = sync.attempt_timeout
         self.redis = redis.asyncio.Redis.from_url(
             sync.settings.redis_url,
@@ -100,6 +106,8 @@ class AsyncPublisher:
         if pub is None or pub.sync is not sync:
             old, pub = pub, cls(sync)
             cls._by_loop[loop] = pub
+            pub._closer = _close_with_loop(pub)
+            await pub._closer.__anext__()
             if old is not None:
                 await old.aclose()
         return pub
@@ -137,3 +145,11 @@ class AsyncPublisher:
             await self.redis.aclose()
         except (redis.RedisError, OSError):
             pass
+
+
+async def _close_with_loop(pub: AsyncPublisher) -> AsyncIterator[None]:
+    """Suspended for the loop's life; the loop's ``shutdown_asyncgens()`` closes it, and ``pub`` with it."""
+    try:
+        yield
+    finally:
+        await pub.aclose()

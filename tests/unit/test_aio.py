@@ -88,6 +88,28 @@ def test_bad_input_raises_invalid_event_and_enqueues_nothing(queues, call, messa
     assert _queued(queues) == {}
 
 
+def test_short_lived_loops_leave_no_connection_behind(queues):
+    """asyncio.run per call (as asgiref runs a Django async view under WSGI): each loop's connection closes
+    with the loop, not whenever the garbage collector finds it."""
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    asyncio.run(worker.aio.track("warm_up", email="j@a.co"))
+    gc.disable()
+    try:
+        before = open_fds()
+        for i in range(20):
+            asyncio.run(worker.aio.track("one_loop_each", email=f"u{i}@a.co"))
+        after = open_fds()
+    finally:
+        gc.enable()
+    assert after <= before, f"{after - before} file descriptors left open by 20 event loops"
+    assert len(_queued(queues)["loops"]) == 21
+
+
 # -- Redis away -------------------------------------------------------------------
 
 
