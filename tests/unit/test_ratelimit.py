@@ -243,14 +243,15 @@ def test_a_429_cuts_the_rate_for_every_worker_and_it_climbs_back(client, key, ca
     clock.now += adaptive.CUT_GAP
     b.observe(429, {})  # nothing but 429s since the cut (a's and b's): halved, the most one cut takes
     assert a.effective_rate() == pytest.approx(3.75)
-    # Quiet windows: halfway towards 0.97 x the rate that drew the last cut (7.5) ...
+    # Quiet windows: +5 % each, at most halfway towards 0.97 x the rate that drew the last cut (7.5) ...
     rates = []
-    for _ in range(6):
+    for _ in range(20):  # 40 s: within BAD_TTL
         clock.now += adaptive.QUIET
         a.acquire(max_wait=100)
         rates.append(round(b.effective_rate(), 4))
-    assert rates[0] == pytest.approx(3.75 + (7.275 - 3.75) / 2, abs=1e-3)
-    assert all(x < y for x, y in zip(rates, rates[1:4], strict=False)) and max(rates) < 7.275
+    assert rates[0] == pytest.approx(3.75 * adaptive.INCREASE, abs=1e-3)
+    assert all(x < y for x, y in zip(rates, rates[1:8], strict=False)) and max(rates) < 7.275
+    assert rates[-1] > 7.0  # and it gets there
     # ... and once that 429 is forgotten, +5 % a window up to the configured ceiling, never above.
     clock.now += adaptive.BAD_TTL
     for _ in range(20):

@@ -13,8 +13,10 @@ limiter's state, so every process on every host uses the same one) changes when:
 - a **quiet window** (``QUIET`` seconds with no 429 and no response saying nothing
   was left in the window, ``x-ratelimit-remaining: 0``) passes: it climbs by
   ``INCREASE`` × itself, up to the ceiling; but for ``BAD_TTL`` seconds after a 429
-  it only climbs halfway towards ``BAD_SHARE`` × the rate that drew it, so it settles
-  just under the vendor's real limit instead of hitting it again and again.
+  it climbs no higher than ``BAD_SHARE`` × the rate that drew it, and by at most half the
+  way there per window, so it settles just under the vendor's real limit instead of
+  hitting it again and again (a cut lands near the real limit; a probe above it costs
+  a few 429s, not a burst).
 
 The arithmetic runs inside the limiter's Lua scripts (:data:`ADAPT_LUA`, one atomic
 operation with the reservation). This module holds it, its parameters and the
@@ -148,7 +150,9 @@ local function adapt(st, now, ceiling, responses, too_many, full, announced)
     if st.n429 == 0 and st.full == 0 and st.rate < cap then
       if now < st.bad_until then
         local target = math.min(cap, st.bad * {BAD_SHARE})
-        if st.rate < target - 0.01 * ceiling then st.rate = st.rate + (target - st.rate) / 2 end
+        if st.rate < target - 0.01 * ceiling then
+          st.rate = math.min(st.rate + (target - st.rate) / 2, st.rate * {INCREASE})
+        end
       else
         st.rate = math.min(cap, st.rate * {INCREASE})
       end
