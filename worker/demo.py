@@ -305,7 +305,7 @@ def _dead_letters_of(event_id: str) -> list:
     return DeadLetterStore.default().find(event_id)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker.demo", description=DESCRIPTION)
     p.add_argument("--redis-url", help="use this Redis instead of starting a private redis-server")
     p.add_argument("--flower-port", type=int, default=None,
@@ -313,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sandbox-port", type=int, default=0, help="the sandbox's port (default: a free one)")
     p.add_argument("--exit-after", type=float, default=None, metavar="SECONDS",
                    help="stop this long after the traffic was shown (default: run until Ctrl-C or SIGTERM)")
-    return run(p.parse_args(argv))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":
