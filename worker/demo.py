@@ -23,7 +23,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,10 +132,14 @@ class Stack:
     stopped: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
+        """Stop each part in turn; say so when a process had ended before the demo stopped it."""
         for name, part in (("worker", self.worker), ("flower", self.flower), ("sandbox", self.sandbox),
-                           ("redis", self.redis_server)):
+                           ("redis-server", self.redis_server)):
             if part is None:
                 continue
+            proc = getattr(part, "proc", None)
+            if proc is not None and proc.poll() is not None:
+                _say(f"note: {name} (pid {proc.pid}) had already ended, status {proc.returncode}")
             try:
                 part.stop()
                 self.stopped.append(name)
@@ -143,19 +148,35 @@ class Stack:
 
 
 class StopSignals:
-    """SIGINT and SIGTERM raise :class:`Interrupted` once, until :meth:`disarm` (then they are ignored)."""
+    """SIGINT and SIGTERM raise :class:`Interrupted` once, until :meth:`disarm` (then they are ignored).
+
+    Inside :meth:`deferred` (while a child process is being spawned, so that it is never started
+    without the demo knowing its pid) a signal waits, and is raised when the block ends.
+    """
 
     def __init__(self) -> None:
         self.armed = True
         self.received: int | None = None
+        self._deferring = False
         self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signum
-        if self.armed:
+        if self.armed and not self._deferring:
             self.armed = False
             raise Interrupted(signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self.received is not None and self.armed:
+            self.armed = False
+            raise Interrupted(self.received)
 
     def disarm(self) -> None:
         self.armed = False
@@ -203,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     signals = StopSignals()
     stack = Stack(log_dir=tempfile.mkdtemp(prefix="vdw-demo-"))
     try:
-        _show(args, stack)
+        _show(args, stack, signals)
         if args.exit_after is None:
             _say(f"\n{READY_LINE}")
             while True:
@@ -223,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         signals.restore()
 
 
-def _show(args: argparse.Namespace, stack: Stack) -> None:
+def _show(args: argparse.Namespace, stack: Stack, signals: StopSignals) -> None:
     from . import clients
     from .localstack import FlowerProcess, RedisServer, WorkerProcess
     from .sandbox import Sandbox, SandboxClient
@@ -235,11 +256,14 @@ def _show(args: argparse.Namespace, stack: Stack) -> None:
         _say(f"redis    {redis_url}")
     else:
         stack.redis_server = RedisServer()
-        stack.redis_server.start()
+        with signals.deferred():
+            stack.redis_server.spawn()
+        stack.redis_server.wait_started()
         redis_url = stack.redis_server.url
         _say(f"redis    {redis_url}   (private redis-server, pid {stack.redis_server.proc.pid})")
     stack.sandbox = Sandbox(port=args.sandbox_port)
-    stack.sandbox.start()
+    with signals.deferred():
+        stack.sandbox.start()
     _say(f"sandbox  {stack.sandbox.url}   (in this process)")
     env = _env(redis_url, stack.sandbox.base_urls)
     os.environ.update(env)
@@ -247,10 +271,14 @@ def _show(args: argparse.Namespace, stack: Stack) -> None:
     clients.reset()
     name = f"demo-{os.getpid()}"
     stack.worker = WorkerProcess(env, name, log_dir=stack.log_dir)
-    stack.worker.start()
+    with signals.deferred():
+        stack.worker.spawn()
+    stack.worker.wait_started()
     _say(f"worker   celery -A worker worker -n {name}@%h   (pid {stack.worker.proc.pid}, log: {stack.worker.log_path})")
     stack.flower = FlowerProcess(env, os.path.join(stack.log_dir, "flower.log"), args.flower_port or 0, FLOWER_LOGIN)
-    stack.flower.start()
+    with signals.deferred():
+        stack.flower.spawn()
+    stack.flower.wait_started()
     _say(f"flower   {stack.flower.url}   (login {FLOWER_LOGIN}, pid {stack.flower.proc.pid}, "
          f"log: {stack.flower.log_path})")
 

@@ -65,6 +65,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        return self.spawn().wait_started()
+
+    def spawn(self) -> RedisServer:
+        """Start the process and return at once (:meth:`start` also waits until it answers)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -73,6 +77,10 @@ class RedisServer:
         # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the workers before Redis.
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
+        return self
+
+    def wait_started(self) -> RedisServer:
+        assert self.proc is not None, "spawn() first"
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
@@ -102,11 +110,19 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:
+        return self.spawn().wait_started(timeout)
+
+    def spawn(self) -> WorkerProcess:
+        """Start the process and return at once (:meth:`start` also waits until it is ready)."""
         cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO",
                "-n", f"{self.name}@%h", "--without-mingle", "--without-gossip", *self.args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        return self
+
+    def wait_started(self, timeout: float = 30.0) -> WorkerProcess:
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while " ready." not in self.log():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -161,11 +177,19 @@ class FlowerProcess:
         return user, password
 
     def start(self, timeout: float = 30.0) -> FlowerProcess:
+        return self.spawn().wait_started(timeout)
+
+    def spawn(self) -> FlowerProcess:
+        """Start the process and return at once (:meth:`start` also waits until it answers)."""
         cmd = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={self.port}",
                "--address=127.0.0.1", f"--basic-auth={self.basic_auth}"]
         with open(self.log_path, "wb") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        return self
+
+    def wait_started(self, timeout: float = 30.0) -> FlowerProcess:
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while True:
             # Flower logs "Visit me at <url>" once it has bound its port: then whatever answers there is ours.
