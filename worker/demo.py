@@ -187,7 +187,11 @@ class StopSignals:
 
 
 def _say(text: str = "") -> None:
-    print(text, flush=True)
+    """Print a line; a closed stdout (``make demo | head``) must not keep the demo from stopping what it started."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
 
 
 def _env(redis_url: str, urls: dict[str, str]) -> dict[str, str]:
@@ -221,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: --flower-port {args.flower_port}: the port is in use by another program (another demo?); "
               "leave --flower-port out and Flower takes a free port", file=sys.stderr)
         return 2
-    signals = StopSignals()
     stack = Stack(log_dir=tempfile.mkdtemp(prefix="vdw-demo-"))
+    signals = StopSignals()
     try:
         _show(args, stack, signals)
         if args.exit_after is None:
@@ -233,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except Interrupted:
         return 0
+    except BrokenPipeError:  # stdout went away (make demo | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (DemoError, RuntimeError) as exc:
         print(f"demo failed: {exc}\n(logs in {stack.log_dir})", file=sys.stderr, flush=True)
         return 1
@@ -253,7 +260,8 @@ def _show(args: argparse.Namespace, stack: Stack, signals: StopSignals) -> None:
 
     if args.redis_url:
         redis_url = args.redis_url
-        _say(f"redis    {redis_url}")
+        _check_redis(redis_url)
+        _say(f"redis    {shown_url(redis_url)}")
     else:
         stack.redis_server = RedisServer()
         with signals.deferred():
@@ -320,11 +328,34 @@ def _show(args: argparse.Namespace, stack: Stack, signals: StopSignals) -> None:
     _say(totals_line(records, vendors))
     _say("\npython -m worker deadletters list:")
     cli(["deadletters", "list"])
-    cli_env = f"REDIS_URL={redis_url} KEY_PREFIX={DEMO_KEY_PREFIX}"
+    cli_env = f"REDIS_URL={shown_url(redis_url)} KEY_PREFIX={DEMO_KEY_PREFIX}"
     _say(f"\nsee it:     {cli_env} python -m worker deadletters show {rejected}")
     _say(f"replay it:  {cli_env} python -m worker deadletters replay {rejected}")
     _say(f"Flower shows the dead letter as FAILURE (DeadLettered) and the retry (RETRY, then SUCCESS): "
          f"{stack.flower.url}/tasks")
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit to print: a password in it becomes ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise DemoError(f"--redis-url {shown_url(url)}: {type(exc).__name__}: {exc}") from None
 
 
 def _dead_letters_of(event_id: str) -> list:

@@ -315,6 +315,16 @@ def test_a_taken_flower_port_given_on_the_command_line_is_a_clear_error(tmp_path
     assert "Traceback" not in err and run.lines == [], run.output()
 
 
+def test_an_unreachable_redis_url_is_a_clear_error_without_its_password(tmp_path):
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    run = Demo(("--redis-url", url, "--exit-after", "0"), tmp_path).start()
+    rc = run.finish()
+    err = run.stderr.read_text()
+    assert rc == 1 and "demo failed: --redis-url redis://:***@127.0.0.1:" in err and "ConnectionError" in err, run.output()
+    assert "hunter2" not in run.output() and "Traceback" not in err
+    assert run.lines[-1] == "stopped"
+
+
 def test_flower_that_cannot_bind_its_port_fails_at_once_saying_why(base_env, tmp_path):
     port = free_port()
     squatter = _hold_port(port)

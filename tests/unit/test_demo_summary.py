@@ -105,3 +105,12 @@ def test_error_text_adds_the_message_once_scrubs_and_cuts():
     long = entry.model_copy(update={"response_body": '{"message": "' + "y" * 500 + '"}'})
     cut = cli.error_text(long, [], width=40)
     assert len(cut) == 40 and cut.endswith("…") and cut.startswith("conveyour answered 422: yyy")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:hunter2@127.0.0.1:6380/0", "redis://:***@127.0.0.1:6380/0"),
+    ("rediss://ops:hunter2@[::1]:7000/1", "rediss://ops:***@[::1]:7000/1"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+])
+def test_the_demo_never_prints_a_redis_password(url, shown):
+    assert demo.shown_url(url) == shown
