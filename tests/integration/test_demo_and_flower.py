@@ -82,25 +82,27 @@ def still_running(pids: dict[int, str | None]) -> list[int]:
     return running
 
 
-def using_redis_port(port: int) -> list[int]:
-    """Processes started for a stack on this Redis port: its redis-server, or anything given its REDIS_URL."""
+def started_for(tmp: Path) -> list[int]:
+    """Every running process started by the demo run whose TMPDIR is ``tmp``: found by what it inherited
+    (that TMPDIR), or, for redis-server (which overwrites its environment with its title), by its
+    directory in ``tmp``; so a child the demo lost track of (reparented to init) is found too."""
+    marker = f"TMPDIR={tmp}\0".encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = Path(f"/proc/{entry}/environ").read_bytes().decode(errors="replace")
+            if (marker in Path(f"/proc/{entry}/environ").read_bytes()
+                    or os.readlink(f"/proc/{entry}/cwd").startswith(f"{tmp}/")):
+                found.append(int(entry))
         except OSError:
             continue
-        if ("redis-server" in cmdline and f"--port {port} " in cmdline) or f"REDIS_URL=redis://127.0.0.1:{port}/" in environ:
-            found.append(int(entry))
-    return found
+    return still_running({pid: _start_time(pid) for pid in found})
 
 
-def kill_leftovers(redis_port: int | None) -> None:
-    """After a failed test: SIGKILL what a demo left running on its Redis port (nothing when it passed)."""
-    for pid in using_redis_port(redis_port) if redis_port else []:
+def kill_leftovers(tmp: Path) -> None:
+    """After a failed test: SIGKILL what a demo left running (nothing when it passed)."""
+    for pid in started_for(tmp):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -168,12 +170,6 @@ class Demo:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def redis_port(self) -> int | None:
-        """The private Redis port the demo printed, if it got that far."""
-        match = next((re.search(r"redis://127\.0\.0\.1:(\d+)/", line) for line in self.lines
-                      if line.startswith("redis")), None)
-        return int(match.group(1)) if match else None
-
     # what the demo printed
     def value(self, prefix: str, pattern: str) -> str:
         match = re.search(pattern, self.wait_for_line(prefix))
@@ -195,7 +191,10 @@ def _hold_port(port: int) -> socket.socket | None:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """One demo run until its ready line, while another program holds Flower's usual port 5555."""
+    """One demo run until its ready line, while another program holds Flower's usual port 5555.
+
+    The tests that use it run in file order; the SIGTERM test, which ends the run, comes last.
+    """
     squatter = _hold_port(5555)
     run = Demo((), tmp_path_factory.mktemp("demo")).start()
     try:
@@ -206,7 +205,7 @@ def demo(tmp_path_factory):
         if run.proc.poll() is None:
             run.finish(signal.SIGTERM)
         run.kill()
-        kill_leftovers(run.redis_port())
+        kill_leftovers(run.tmp)
         if squatter is not None:
             squatter.close()
 
@@ -261,10 +260,9 @@ def test_flower_on_a_free_port_when_5555_is_taken(demo):
 
 def test_sigterm_stops_worker_flower_and_redis_leaving_no_process(demo):
     worker_log = Path(demo.value("worker", r"log: (\S+)\)"))
-    redis_port = int(demo.value("redis", r"redis://127\.0\.0\.1:(\d+)/"))
     printed = {int(demo.value(name, r"pid (\d+)")) for name in ("redis", "worker", "flower")}
     assert printed <= set(demo.children), (printed, demo.children)
-    assert using_redis_port(redis_port), "the scan for leftovers must see the running stack"
+    assert set(started_for(demo.tmp)) >= printed, "the scan for leftovers must see the running stack"
 
     rc = demo.finish(signal.SIGTERM)  # what timeout(1), IDEs and Docker send: to the demo alone
 
@@ -272,7 +270,7 @@ def test_sigterm_stops_worker_flower_and_redis_leaving_no_process(demo):
     assert demo.lines[-1] == "stopped", demo.output()
     assert not [line for line in demo.lines if "had already ended" in line], demo.output()
     assert still_running(demo.children) == [], demo.output()
-    assert using_redis_port(redis_port) == []
+    assert started_for(demo.tmp) == []
     log = worker_log.read_text(errors="replace")
     # The worker shut down warmly while Redis still ran: it never saw the broker go.
     assert "Warm shutdown" in log
@@ -284,13 +282,12 @@ def test_ctrl_c_during_startup_stops_what_was_started(tmp_path):
     run = Demo((), tmp_path).start()
     try:
         worker_log = Path(run.value("worker", r"log: (\S+)\)"))  # Redis and the worker run; Flower is starting
-        redis_port = int(run.value("redis", r"redis://127\.0\.0\.1:(\d+)/"))
         children = descendants(run.proc.pid)
         rc = run.finish(signal.SIGINT, group=True)
-        running, leftovers = still_running(children), using_redis_port(redis_port)
+        running, leftovers = still_running(children), started_for(run.tmp)
     finally:
         run.kill()
-        kill_leftovers(run.redis_port())
+        kill_leftovers(run.tmp)
     assert rc == 0, run.output()
     assert run.lines[-1] == "stopped", run.output()
     assert READY_LINE not in run.lines
