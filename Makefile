@@ -35,8 +35,13 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)
 
+# Validates docker/compose.yaml with Docker Compose v2 (`docker compose`), or v1 (`docker-compose`) where v2 is missing.
 compose-check:
-	FLOWER_BASIC_AUTH=user:password docker-compose -f docker/compose.yaml config -q
+	@if docker compose version >/dev/null 2>&1; then compose="docker compose"; \
+	elif command -v docker-compose >/dev/null 2>&1; then compose="docker-compose"; \
+	else echo "compose-check needs Docker Compose: the docker compose plugin (v2) or docker-compose (v1)" >&2; exit 1; fi; \
+	echo "$$compose -f docker/compose.yaml config -q"; \
+	FLOWER_BASIC_AUTH=user:password $$compose -f docker/compose.yaml config -q
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache bench-*.json
