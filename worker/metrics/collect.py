@@ -133,10 +133,10 @@ class Flusher(threading.Thread):
         self.client = client
         self.prefix = prefix
         self.interval = interval
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             self.flush()
 
     def flush(self) -> bool:
@@ -148,7 +148,7 @@ class Flusher(threading.Thread):
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the thread and flush what is left; returns whether that last flush reached Redis."""
-        self._stop.set()
+        self._halt.set()
         if self.is_alive():
             self.join(timeout)
         return self.flush()
