@@ -14,7 +14,7 @@ Example::
     >>> from worker import metrics
     >>> metrics.record("loops", metrics.DELIVERED)
     >>> metrics.request("loops", 0.12, status=200)
-    >>> metrics.start()                 # doctest: +SKIP   (in a worker process: flush every METRICS_FLUSH_INTERVAL)
+    >>> metrics.start()   # in a worker process: flush every METRICS_FLUSH_INTERVAL  # doctest: +SKIP
 """
 
 from __future__ import annotations
