@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from celery import Celery, signals
 
+from . import metrics
 from .limits.gate import QueueGate
 from .retries.ticker import TickerStep
 from .observability import init_sentry
@@ -24,3 +25,15 @@ app.steps["consumer"].add(TickerStep)
 @signals.celeryd_init.connect
 def _start_sentry(**_: object) -> None:
     init_sentry(get_settings())
+
+
+@signals.worker_init.connect
+@signals.worker_process_init.connect  # a prefork child (the default pool is threads: one process)
+def _start_metrics(**_: object) -> None:
+    metrics.start()
+
+
+@signals.worker_shutdown.connect  # after the pool finished its deliveries (a warm shutdown)
+@signals.worker_process_shutdown.connect
+def _flush_metrics(**_: object) -> None:
+    metrics.stop()

@@ -1,4 +1,5 @@
-"""The operator's commands: status, deadletters list|show|replay|purge, retries release, spool status|flush.
+"""The operator's commands: status, deadletters list|show|replay|purge, retries release, spool status|flush,
+metrics (the Prometheus exporter).
 
 Example::
 
@@ -8,6 +9,7 @@ Example::
     $ python -m worker deadletters replay --all --vendor loops
     $ python -m worker retries release --vendor loops   # waiting retries due now
     $ python -m worker spool flush      # publish what a producer left in SPOOL_DIR
+    $ python -m worker metrics --port 9808   # serve /metrics to Prometheus (worker/metrics/export.py)
 """
 
 from __future__ import annotations
@@ -262,6 +264,13 @@ def cmd_spool_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .metrics.export import serve
+
+    serve(args.port, args.host)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
@@ -305,6 +314,14 @@ def parser() -> argparse.ArgumentParser:
     ssub = sp.add_subparsers(dest="action", required=True)
     ssub.add_parser("status", help="how many events wait in SPOOL_DIR").set_defaults(func=cmd_spool_status)
     ssub.add_parser("flush", help="publish them now").set_defaults(func=cmd_spool_flush)
+
+    from .metrics.export import DEFAULT_HOST, DEFAULT_PORT
+
+    mt = sub.add_parser("metrics", help="serve /metrics to Prometheus: every worker's counts and live gauges")
+    mt.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    mt.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; "
+                                                         "0.0.0.0 in a container)")
+    mt.set_defaults(func=cmd_metrics)
     return p
 
 

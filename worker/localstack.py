@@ -1,4 +1,5 @@
-"""A local stack for the demo and the tests: a private redis-server, Celery worker processes, Flower.
+"""A local stack for the demo and the tests: a private redis-server, Celery worker processes, Flower, the
+metrics exporter.
 
 Example::
 
@@ -229,6 +230,48 @@ class FlowerProcess:
             return httpx.get(f"{self.url}/healthcheck", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def stop(self) -> None:
+        terminate(self.proc)
+
+
+class MetricsExporterProcess:
+    """``python -m worker metrics`` on loopback as a subprocess, its log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: str | os.PathLike[str], port: int | None = None) -> None:
+        self.env = env
+        self.log_path = Path(log_path)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def start(self, timeout: float = 30.0) -> MetricsExporterProcess:
+        cmd = [sys.executable, "-m", "worker", "metrics", "--port", str(self.port), "--host", "127.0.0.1"]
+        with open(self.log_path, "wb") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_until(self.up, timeout=timeout, interval=0.1, message="the metrics exporter")
+        return self
+
+    def up(self) -> bool:
+        import httpx
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"the metrics exporter exited:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+        try:
+            return httpx.get(self.url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def scrape(self) -> str:
+        import httpx
+
+        response = httpx.get(self.url, timeout=10)
+        response.raise_for_status()
+        return response.text
 
     def stop(self) -> None:
         terminate(self.proc)

@@ -58,6 +58,8 @@ DEFAULT_PUBLISH_TIMEOUT = 0.25
 DEFAULT_SPOOL_DIR = "/var/tmp/vendor-delivery-worker/spool"
 #: The spool refuses new events (EnqueueError) beyond this many bytes, about 40 000 events.
 DEFAULT_SPOOL_MAX_BYTES = 128 * 1024 * 1024
+#: Seconds between a worker process's flushes of its metric counts to Redis (a SIGKILL loses at most this).
+DEFAULT_METRICS_FLUSH_INTERVAL = 1.0
 
 
 class Settings(BaseSettings):
@@ -111,6 +113,9 @@ class Settings(BaseSettings):
     #: Seconds before an unacknowledged message is handed to another worker;
     #: default: the longest one delivery can take, plus a margin (see :attr:`visibility_timeout`).
     broker_visibility_timeout: float | None = Field(None, gt=0)
+    #: Count deliveries, 429s and request durations for ``python -m worker metrics`` (worker/metrics/).
+    metrics_enabled: bool = True
+    metrics_flush_interval: float = Field(DEFAULT_METRICS_FLUSH_INTERVAL, gt=0)
 
     @model_validator(mode="after")
     def _complete_credentials(self) -> Settings:

@@ -54,6 +54,7 @@ ENVELOPE_KEYS = ("body", "properties", "headers")
 
 def quarantine(queue: str, raw: str, error: str) -> None:
     """Keep a message the worker cannot even decode, as a dead letter an operator can see and purge."""
+    from . import metrics
     from .deadletters import MALFORMED, DeadLetter, DeadLetterStore
 
     log.error("malformed message on queue %s dead-lettered: %s", queue, error)
@@ -62,6 +63,7 @@ def quarantine(queue: str, raw: str, error: str) -> None:
             DeadLetter(vendor=queue, operation=None, reason=MALFORMED, attempts=0, event_id=None,
                        error=f"not a message: {error}", raw=raw)
         )
+        metrics.record(queue, metrics.DEAD_LETTERED, MALFORMED)
     except Exception:  # never let bookkeeping of garbage stop the consumer
         log.exception("could not store the malformed message from %s: %r", queue, raw[:200])
 
