@@ -4,14 +4,22 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Every package the product, its tests and examples use, pinned: make, CI and the Docker image install from it.
+LOCK   := requirements.lock
 
-.PHONY: demo test test-fast install compose-check clean bench bench-smoke
+.PHONY: demo test test-fast install compose-check clean bench bench-smoke lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# After changing a dependency in pyproject.toml: re-pin everything (newest versions allowed by pyproject.toml).
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet pip-tools
+	$(PY) -m piptools compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
 
 install: $(STAMP)
 
