@@ -30,8 +30,10 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 from .errors import EnqueueError
+from .redisconf import RedisConfigError, config_problem
 from .settings import Settings, get_settings
 from .spool import Message, Spool, SpoolFull
 
@@ -138,13 +140,15 @@ class Publisher:
         self.settings = settings
         self.messages = TaskMessages(app)
         attempt = settings.publish_timeout * ATTEMPT_SHARE
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
+        self.target = settings.redis_target()
+        # Under Sentinel, finding the master shares the same budget (redisconf: split among the Sentinels).
+        self.redis = self.target.client(
             socket_connect_timeout=attempt,
             socket_timeout=attempt,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
         )
+        self._master_checked = False  # under Sentinel: the Sentinels were seen to monitor REDIS_SENTINEL_MASTER
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_enabled else None
         self._down = False
         self._lock = threading.Lock()
@@ -184,11 +188,14 @@ class Publisher:
         if not self._down or not spool:
             started = time.monotonic()
             error = self._try_push(messages)
-            # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
+            # A pooled connection may have died with an earlier Redis (or master): one fresh try if time allows.
             if error and time.monotonic() - started < self.settings.publish_timeout * ATTEMPT_SHARE:
+                self._raise_if_misconfigured(payload, error, None)
                 error = self._try_push(messages)
             if error is None:
+                self._master_checked = True
                 return QUEUED
+            self._raise_if_misconfigured(payload, error, started)
             self._mark_down(error)
         if not spool:
             raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
@@ -201,6 +208,30 @@ class Publisher:
         except (redis.RedisError, OSError) as exc:  # refused, reset, timed out, loading, out of memory...
             return exc
         return None
+
+    def _raise_if_misconfigured(self, payload: dict[str, Any], error: Exception, started: float | None) -> None:
+        """EnqueueError when ``error`` is one only a configuration change fixes (TLS certificate not accepted,
+        password refused, a master name the Sentinels do not monitor): spooling would only hide it.
+
+        With ``started`` (the call's last chance), whether the Sentinels monitor REDIS_SENTINEL_MASTER at
+        all is asked once per process, when finding the master fails, in what is left of the call's two
+        attempts' share of PUBLISH_TIMEOUT.
+        """
+        problem = config_problem(error)
+        if (problem is None and started is not None and isinstance(error, MasterNotFoundError)
+                and not self._master_checked):
+            left = self.settings.publish_timeout * ATTEMPT_SHARE * 2 - (time.monotonic() - started)
+            if left > 0:
+                try:
+                    self.target.find_master(timeout=left / max(1, len(self.target.sentinels)))
+                    self._master_checked = True
+                except RedisConfigError as exc:
+                    problem = str(exc)
+                except (redis.RedisError, OSError):
+                    pass  # an outage (or a failover): spool
+        if problem:
+            raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
+                               f"Redis ({self.target.describe()}) is misconfigured: {problem}") from None
 
     def _spool(self, payload: dict[str, Any], messages: list[Message], error: Exception | None) -> str:
         what = f"{payload['operation']} event {payload['id']}"
