@@ -110,6 +110,8 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
+    #: Replicas that must confirm a producer's write (Redis WAIT) before the call counts as queued; 0: none.
+    publish_wait_replicas: int = Field(0, ge=0)
     #: Spool events on local disk while Redis is unreachable; off means EnqueueError at once.
     spool_enabled: bool = True
     spool_dir: str = DEFAULT_SPOOL_DIR
