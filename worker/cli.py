@@ -1,8 +1,13 @@
-"""The operator's commands: status, deadletters list|show|replay|purge, retries release, spool status|flush,
+"""The operator's commands: status, check, deadletters list|show|replay|purge, retries release, spool status|flush,
 metrics (the Prometheus exporter).
+
+Every command reads Redis from REDIS_URL (a Sentinel-managed master too). A configuration Redis refuses (TLS
+certificate, password, unknown master name) ends it with exit status 2 and a line saying what to fix; Redis not
+answering, with status 1.
 
 Example::
 
+    $ python -m worker check             # is the configuration valid, does Redis (and each Sentinel) answer?
     $ python -m worker status            # per vendor: queued, in flight, waiting retries, breaker, rate, dead letters
     $ python -m worker deadletters list --vendor loops
     $ python -m worker deadletters show 3f9c0d...   # a dead-letter id, or an event id: all of its dead letters
@@ -19,8 +24,12 @@ import json
 import sys
 from collections.abc import Sequence
 
+import redis
+from pydantic import ValidationError
+
 from .deadletters import DeadLetter, DeadLetterStore, one_line, other_prefixes, vendor_message
 from .errors import EnqueueError
+from .redisconf import RedisConfigError, config_problem
 from .scrub import scrub
 from .vendors import VENDORS
 
@@ -271,6 +280,13 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .settings import get_settings
+
+    print(f"ok: {get_settings().redis_target().check(timeout=args.timeout)}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
@@ -310,6 +326,10 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--vendor", choices=list(VENDORS), help="only this vendor's retries")
     rl.set_defaults(func=cmd_retries_release)
 
+    ck = sub.add_parser("check", help="check the configuration, and that Redis (and its Sentinels) answer")
+    ck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)")
+    ck.set_defaults(func=cmd_check)
+
     sp = sub.add_parser("spool", help="events a producer kept on local disk while Redis was unreachable")
     ssub = sp.add_subparsers(dest="action", required=True)
     ssub.add_parser("status", help="how many events wait in SPOOL_DIR").set_defaults(func=cmd_spool_status)
@@ -330,4 +350,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "deadletters" and args.action == "replay" and bool(args.ids) == bool(args.all):
         p.error("replay takes dead letter IDs or --all (not both)")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValidationError, RedisConfigError) as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        from .settings import get_settings
+
+        where = get_settings().redis_target().describe()
+        problem = config_problem(exc)
+        if problem:
+            print(f"configuration error: Redis ({where}): {problem}", file=sys.stderr)
+            return 2
+        print(f"error: Redis ({where}) did not answer: {exc}", file=sys.stderr)
+        return 1
