@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Every package the product, its tests and examples use, pinned: make, CI and the Docker image install from it.
 LOCK   := requirements.lock
 
-.PHONY: demo test test-fast install compose-check clean bench bench-smoke lock
+.PHONY: demo test test-fast install compose-check clean bench bench-smoke lock example-flask example-fastapi example-django
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m worker.demo
+
+# The web examples (examples/), each under its real server on 127.0.0.1:8000, against a private Redis,
+# the sandbox and a worker (python -m worker.devstack); Ctrl-C stops everything.
+example-flask: $(STAMP)
+	$(PY) -m worker.devstack -- $(abspath $(VENV))/bin/gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
+
+example-fastapi: $(STAMP)
+	$(PY) -m worker.devstack -- $(abspath $(VENV))/bin/uvicorn --app-dir examples/fastapi_app --port 8000 main:app
+
+example-django: $(STAMP)
+	cd examples/django_project && $(abspath $(PY)) manage.py migrate --verbosity 0 && \
+	  $(abspath $(PY)) -m worker.devstack -- $(abspath $(PY)) manage.py runserver --noreload 127.0.0.1:8000
 
 test: $(STAMP)
 	$(PY) -m pytest

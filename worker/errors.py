@@ -21,6 +21,10 @@ class EnqueueError(RuntimeError):
     """Neither the broker nor the local spool could take the event; nothing was enqueued."""
 
 
+class ConfigurationError(RuntimeError):
+    """The product is not configured to deliver anywhere (no vendor credentials); nothing was enqueued."""
+
+
 class DeadLettered(Exception):
     """A delivery failed for good and was stored as a dead letter.
 

@@ -428,6 +428,59 @@ class MetricsExporterProcess:
         terminate(self.proc)
 
 
+class AppServer:
+    """A web app under its real server (gunicorn, uvicorn, Django's runserver) as a subprocess, its log in a file.
+
+    ``command`` contains ``{port}``, filled with a free loopback port; :meth:`start` waits until
+    ``GET health_path`` answers 200.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: str | os.PathLike[str],
+                 cwd: str | os.PathLike[str] | None = None, health_path: str = "/health") -> None:
+        self.port = free_port()
+        self.command = [part.replace("{port}", str(self.port)) for part in command]
+        self.env = env
+        self.cwd = cwd
+        self.log_path = Path(log_path)
+        self.health_path = health_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> AppServer:
+        with open(self.log_path, "wb") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up() -> bool:
+            import httpx
+
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command[:3]} exited:\n{self.log()[-3000:]}")
+            try:
+                return httpx.get(self.url + self.health_path, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(up, timeout=timeout, interval=0.1, message=f"{' '.join(self.command[:3])} to answer")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        terminate(self.proc)
+
+
 #: Variables a stack environment never inherits from the caller's shell.
 VENDOR_ENV_PREFIXES = ("CONVERTLOOP_", "LOOPS_", "CONVEYOUR_", "SENTRY_")
 

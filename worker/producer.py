@@ -4,7 +4,13 @@ Each call returns the event id (also the Idempotency-Key) once one message per
 target vendor is on that vendor's queue, or, while Redis is unreachable, in the
 local spool (:mod:`worker.publisher`). Nothing is enqueued when the input is
 bad (:class:`~worker.errors.InvalidEvent`); when neither Redis nor the spool can
-take it the call raises :class:`~worker.errors.EnqueueError`.
+take it the call raises :class:`~worker.errors.EnqueueError`; when no vendor is
+enabled it raises :class:`~worker.errors.ConfigurationError` (unless
+``ALLOW_NO_VENDORS=true``).
+
+The ``prepare_*`` functions validate and fan out without publishing: the asyncio
+API (:mod:`worker.aio`) and the after-commit helpers (:mod:`worker.oncommit`)
+publish what they return, so every path writes the same messages.
 
 Example::
 
@@ -18,13 +24,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pydantic
 
 from . import publisher
-from .errors import InvalidEvent
+from .errors import ConfigurationError, InvalidEvent
 from .events import (
     IdentifyEvent,
     SegmentEvent,
@@ -43,14 +50,50 @@ log = logging.getLogger(__name__)
 def identify(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
              traits: Mapping[str, Any] | None = None, vendors: Iterable[str] | None = None) -> str:
     """Create or update a person at every vendor that can carry it."""
-    fields = {"traits": _mapping("traits", traits)}
-    return _submit(IdentifyEvent, _identity(email, user_id, pid), fields, vendors)
+    return send(prepare_identify(email=email, user_id=user_id, pid=pid, traits=traits, vendors=vendors))
 
 
 def track(event: str, *, email: str | None = None, user_id: str | None = None, pid: str | None = None,
           properties: Mapping[str, Any] | None = None, occurred_at: datetime | str | None = None,
           vendors: Iterable[str] | None = None) -> str:
     """Record an event on a person; at most EVENT_PROPERTY_CAP properties."""
+    return send(prepare_track(event, email=email, user_id=user_id, pid=pid, properties=properties,
+                               occurred_at=occurred_at, vendors=vendors))
+
+
+def segment(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+            add: Iterable[str] = (), remove: Iterable[str] = (), vendors: Iterable[str] | None = None) -> str:
+    """Add a person to segments and remove them from others."""
+    return send(prepare_segment(email=email, user_id=user_id, pid=pid, add=add, remove=remove, vendors=vendors))
+
+
+# -- validated calls, ready to publish -----------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One validated producer call: its event id, the queue payload and its JSON, and the vendors it goes to.
+
+    Every way of publishing (blocking, :mod:`worker.aio`, after a commit: :mod:`worker.oncommit`)
+    starts from one of these, so they all validate alike and write identical messages.
+    """
+
+    id: str
+    payload: dict[str, Any]
+    event_json: str
+    vendors: list[str]
+
+
+def prepare_identify(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+                     traits: Mapping[str, Any] | None = None, vendors: Iterable[str] | None = None) -> Prepared:
+    """Validate an identify call and fan it out, without publishing; raises InvalidEvent or ConfigurationError."""
+    fields = {"traits": _mapping("traits", traits)}
+    return _prepare(IdentifyEvent, _identity(email, user_id, pid), fields, vendors)
+
+
+def prepare_track(event: str, *, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+                  properties: Mapping[str, Any] | None = None, occurred_at: datetime | str | None = None,
+                  vendors: Iterable[str] | None = None) -> Prepared:
+    """Validate a track call and fan it out, without publishing; raises InvalidEvent or ConfigurationError."""
     if not isinstance(event, str) or not event.strip():
         raise InvalidEvent("event name must be a non-empty string")
     props = _mapping("properties", properties)
@@ -63,14 +106,17 @@ def track(event: str, *, email: str | None = None, user_id: str | None = None, p
             fields["occurred_at"] = iso_utc(occurred_at)
         except ValueError as exc:
             raise InvalidEvent(str(exc)) from None
-    return _submit(TrackEvent, _identity(email, user_id, pid), fields, vendors)
+    return _prepare(TrackEvent, _identity(email, user_id, pid), fields, vendors)
 
 
-def segment(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
-            add: Iterable[str] = (), remove: Iterable[str] = (), vendors: Iterable[str] | None = None) -> str:
-    """Add a person to segments and remove them from others."""
+def prepare_segment(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
+                    add: Iterable[str] = (), remove: Iterable[str] = (),
+                    vendors: Iterable[str] | None = None) -> Prepared:
+    """Validate a segment call and fan it out, without publishing; raises InvalidEvent or ConfigurationError."""
     fields = {"add": _names("add", add), "remove": _names("remove", remove)}
-    return _submit(SegmentEvent, _identity(email, user_id, pid), fields, vendors)
+    return _prepare(SegmentEvent, _identity(email, user_id, pid), fields, vendors)
+
+
 
 
 # -- validation ---------------------------------------------------------------
@@ -129,7 +175,10 @@ def plan(event: Any, vendors: Iterable[str] | None, settings: Settings) -> list[
             else:
                 targets.append(vendor.name)
         if not targets:
-            log.warning("%s event %s goes to no vendor: none enabled can carry it", event.operation, event.id)
+            if not any(vendor.enabled(settings) for vendor in VENDORS.values()):
+                _no_vendor_enabled(event, settings)
+            else:
+                log.warning("%s event %s goes to no vendor: none enabled can carry it", event.operation, event.id)
         return targets
     if isinstance(vendors, (str, bytes)) or not isinstance(vendors, Iterable):
         raise InvalidEvent(f"vendors must be a list of vendor names, not {type(vendors).__name__}")
@@ -148,11 +197,44 @@ def plan(event: Any, vendors: Iterable[str] | None, settings: Settings) -> list[
     return names
 
 
-def _submit(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any],
-            vendors: Iterable[str] | None) -> str:
+def check_configuration() -> list[str]:
+    """The enabled vendors, for a web app to call at startup: it raises what producer calls would.
+
+    ``ConfigurationError`` when no vendor is enabled (unless ALLOW_NO_VENDORS=true: then ``[]``), and
+    pydantic's ``ValidationError`` for settings that do not parse (incomplete credentials, a bad number).
+    """
+    settings = get_settings()
+    enabled = [vendor.name for vendor in VENDORS.values() if vendor.enabled(settings)]
+    if not enabled and not settings.allow_no_vendors:
+        raise ConfigurationError(f"no vendor is enabled: set {_credential_variables()} "
+                                 "(or ALLOW_NO_VENDORS=true where events may be dropped, e.g. in development)")
+    return enabled
+
+
+def _credential_variables() -> str:
+    return "; or ".join(vendor.credential_env for vendor in VENDORS.values())
+
+
+def _no_vendor_enabled(event: Any, settings: Settings) -> None:
+    """No vendor has credentials: a clear error, unless ALLOW_NO_VENDORS says events may go nowhere."""
+    if settings.allow_no_vendors:
+        log.warning("%s event %s goes nowhere: no vendor is enabled (ALLOW_NO_VENDORS=true)", event.operation, event.id)
+        return
+    raise ConfigurationError(
+        f"no vendor is enabled, so this {event.operation} event would go nowhere: set {_credential_variables()} "
+        "(or ALLOW_NO_VENDORS=true where events may be dropped, e.g. in development)")
+
+
+def _prepare(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any],
+             vendors: Iterable[str] | None) -> Prepared:
     event, payload, text = _build(model, identity, fields)
-    publish(payload, plan(event, vendors, get_settings()), event_json=text)
-    return event.id
+    return Prepared(event.id, payload, text, plan(event, vendors, get_settings()))
+
+
+def send(prepared: Prepared) -> str:
+    """Publish a prepared call (blocking, bounded by PUBLISH_TIMEOUT); returns its event id."""
+    publish(prepared.payload, prepared.vendors, event_json=prepared.event_json)
+    return prepared.id
 
 
 # -- enqueue ------------------------------------------------------------------

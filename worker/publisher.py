@@ -215,7 +215,7 @@ class Publisher:
         """Queue one message per vendor, or spool them (unless ``spool=False``); returns QUEUED or SPOOLED."""
         messages = self.messages.build(payload, vendors, task_id_suffix, event_json)
         error = None
-        if not self._down or not spool:
+        if self.worth_trying(spool):
             started = time.monotonic()
             error = self._try_push(messages)
             # A pooled connection may have died with an earlier Redis (or master): one fresh try if time allows.
@@ -228,6 +228,22 @@ class Publisher:
                 self._master_checked = True
                 return QUEUED
             self._raise_if_misconfigured(payload, error, started)
+        return self.fail_over(payload, messages, error, spool)
+
+    @property
+    def attempt_timeout(self) -> float:
+        """Seconds one connect or write to Redis may take (a share of PUBLISH_TIMEOUT)."""
+        return self.settings.publish_timeout * ATTEMPT_SHARE
+
+    def worth_trying(self, spool: bool) -> bool:
+        """Should a call try Redis? Not while it is known to be down (its messages go straight to the spool)."""
+        return not self._down or not spool
+
+    def fail_over(self, payload: dict[str, Any], messages: list[Message], error: Exception | None,
+                  spool: bool = True) -> str:
+        """Redis did not take ``messages`` (``error``; None: it is known to be down): spool them and return
+        SPOOLED, or raise EnqueueError. It writes a file: an asyncio caller runs it in a thread."""
+        if error is not None:
             self._mark_down(error)
         if not spool:
             raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     http_timeout: float = Field(DEFAULT_HTTP_TIMEOUT, gt=0)
 
     sentry_dsn: SecretStr | None = None
+    #: Development only: a producer call with no vendor enabled logs a warning and goes nowhere,
+    #: instead of raising ConfigurationError.
+    allow_no_vendors: bool = False
 
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
