@@ -20,6 +20,9 @@ lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip-tools
 	$(PY) -m piptools compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
+	# The dev extra names the project's own [examples] extra, so pip-compile pins the project itself at this
+	# checkout's path (file:///...): a clone anywhere else could not install. Drop that pin and its comment.
+	sed -i '/^vendor-delivery-worker @ /{N;d}' $(LOCK)
 
 install: $(STAMP)
 
