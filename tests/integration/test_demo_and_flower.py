@@ -291,8 +291,11 @@ def test_ctrl_c_during_startup_stops_what_was_started(tmp_path):
     assert rc == 0, run.output()
     assert run.lines[-1] == "stopped", run.output()
     assert READY_LINE not in run.lines
-    # The demo stopped each process itself: none had ended (on the terminal's SIGINT) before it got there.
-    assert not [line for line in run.lines if "had already ended" in line], run.output()
+    # The demo stopped Redis and the worker itself: neither had ended on the terminal's SIGINT before it got
+    # there. (Flower may have: the demo spawns it right after the worker line, and a process group signal
+    # that lands between a child's fork and its setsid reaches the child too; the demo then reaps it.)
+    ended_early = [line for line in run.lines if "had already ended" in line and not line.startswith("note: flower")]
+    assert ended_early == [], run.output()
     assert running == [] and leftovers == [], run.output()
     log = worker_log.read_text(errors="replace")
     assert "Warm shutdown" in log and "Connection to broker lost" not in log, log[-3000:]
