@@ -4,14 +4,25 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Every package the product, its tests and examples use, pinned: make, CI and the Docker image install from it.
+LOCK   := requirements.lock
 
-.PHONY: demo test test-fast install compose-check clean bench bench-smoke example-flask example-fastapi example-django
+.PHONY: demo test test-fast install compose-check clean bench bench-smoke lock example-flask example-fastapi example-django
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# After changing a dependency in pyproject.toml: re-pin everything (newest versions allowed by pyproject.toml).
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet pip-tools
+	$(PY) -m piptools compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
+	# The dev extra names the project's own [examples] extra, so pip-compile pins the project itself at this
+	# checkout's path (file:///...): a clone anywhere else could not install. Drop that pin and its comment.
+	sed -i '/^vendor-delivery-worker @ /{N;d}' $(LOCK)
 
 install: $(STAMP)
 
@@ -47,8 +58,13 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)
 
+# Validates docker/compose.yaml with Docker Compose v2 (`docker compose`), or v1 (`docker-compose`) where v2 is missing.
 compose-check:
-	FLOWER_BASIC_AUTH=user:password docker-compose -f docker/compose.yaml config -q
+	@if docker compose version >/dev/null 2>&1; then compose="docker compose"; \
+	elif command -v docker-compose >/dev/null 2>&1; then compose="docker-compose"; \
+	else echo "compose-check needs Docker Compose: the docker compose plugin (v2) or docker-compose (v1)" >&2; exit 1; fi; \
+	echo "$$compose -f docker/compose.yaml config -q"; \
+	FLOWER_BASIC_AUTH=user:password $$compose -f docker/compose.yaml config -q
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache bench-*.json

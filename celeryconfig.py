@@ -10,9 +10,15 @@ from worker.vendors import VENDORS
 
 _s = get_settings()
 
-broker_url = _s.redis_url
-# kombu's Redis transport, made to dead-letter undecodable messages instead of dying on them.
-broker_transport = "worker.transport:Transport"
+# REDIS_URL, read by worker/redisconf.py: one Redis (redis://, rediss://) or the master that Sentinels
+# (sentinel://h1,h2,h3/0 + REDIS_SENTINEL_MASTER) monitor, found again after a failover.
+_broker = _s.redis_target().celery()
+broker_url = _broker["broker_url"]
+# kombu's Redis transport (or its Sentinel flavour), made to take each message atomically and to
+# dead-letter undecodable messages instead of dying on them (worker/transport.py).
+broker_transport = _broker["broker_transport"]
+# TLS options of a rediss:// or sentinels:// URL; Flower's broker view reads them from here too.
+broker_use_ssl = _broker["broker_use_ssl"]
 broker_transport_options = {
     # A message a worker holds (while it delivers it) is handed to another worker
     # after this long: the longest one delivery takes, plus a margin (35 s by
@@ -31,6 +37,8 @@ broker_transport_options = {
     "socket_timeout": 10,
     "retry_on_timeout": False,
     "health_check_interval": 30,
+    # Under Sentinel: the master's name, and how to reach the Sentinels (password, TLS, timeouts).
+    **_broker["transport_options"],
 }
 broker_connection_retry_on_startup = True
 broker_connection_timeout = _s.publish_timeout

@@ -104,3 +104,20 @@ def _readable(item: bytes) -> str:
         return text + base64.b64decode(envelope["body"]).decode(errors="replace")
     except (ValueError, KeyError, TypeError, IndexError):
         return text
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A Prometheus scrape as ``{(sample name, sorted labels): value}``, parsed by prometheus_client.
+
+    >>> metric_values('vdw_up{vendor="loops"} 1.0\\n')
+    {('vdw_up', (('vendor', 'loops'),)): 1.0}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(values: dict, name: str, **labels: str) -> float | None:
+    """One sample of :func:`metric_values` (None if the scrape did not have it)."""
+    return values.get((name, tuple(sorted(labels.items()))))

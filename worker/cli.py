@@ -1,12 +1,20 @@
-"""The operator's commands: ``status``, ``deadletters list|show|replay|purge``, ``retries release``, ``spool status|flush``.
+"""The operator's commands: status, check, deadletters list|show|replay|purge, retries release, spool status|flush,
+metrics (the Prometheus exporter).
+
+Every command reads Redis from REDIS_URL (a Sentinel-managed master too). A configuration Redis refuses (TLS
+certificate, password, unknown master name) ends it with exit status 2 and a line saying what to fix; Redis not
+answering, with status 1.
 
 Example::
 
+    $ python -m worker check             # is the configuration valid, does Redis (and each Sentinel) answer?
     $ python -m worker status            # per vendor: queued, in flight, waiting retries, breaker, rate, dead letters
     $ python -m worker deadletters list --vendor loops
+    $ python -m worker deadletters show 3f9c0d...   # a dead-letter id, or an event id: all of its dead letters
     $ python -m worker deadletters replay --all --vendor loops
     $ python -m worker retries release --vendor loops   # waiting retries due now
     $ python -m worker spool flush      # publish what a producer left in SPOOL_DIR
+    $ python -m worker metrics --port 9808   # serve /metrics to Prometheus (worker/metrics/export.py)
 """
 
 from __future__ import annotations
@@ -16,40 +24,91 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .deadletters import DeadLetter, DeadLetterStore
+import redis
+from pydantic import ValidationError
+
+from .deadletters import DeadLetter, DeadLetterStore, one_line, other_prefixes, vendor_message
 from .errors import EnqueueError
+from .redisconf import RedisConfigError, config_problem
+from .scrub import scrub
 from .vendors import VENDORS
 
-#: Characters of the error shown per row in the table listing.
-ERROR_WIDTH = 60
+#: Plain text for --help (argparse prints it as is).
+DESCRIPTION = "The operator's commands: status, deadletters, retries, spool."
+#: Characters of the error (with the vendor's message) shown per row in the table listing.
+ERROR_WIDTH = 100
 
 
 def _summary(e: DeadLetter) -> dict:
     return e.model_dump(exclude={"event", "request", "raw"})
 
 
+def error_text(entry: DeadLetter, secrets: Sequence[str] = (), width: int = ERROR_WIDTH) -> str:
+    """The ERROR column: the entry's error and, unless it already says it, the vendor's message from the
+    response body; on one line, scrubbed of ``secrets``, cut to ``width`` characters (ending in "…")."""
+    text = entry.error
+    message = vendor_message(entry.response_body)
+    if message and message not in text:
+        text = f"{text}: {message}" if text else message
+    text = one_line(scrub(text, list(secrets)))
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def prefix_hint(store: DeadLetterStore) -> str | None:
+    """When this KEY_PREFIX has no dead letters but others in the same Redis do: a line that says so."""
+    from .settings import get_settings
+
+    if store.count():
+        return None
+    prefix = get_settings().key_prefix
+    others = other_prefixes(store.client, prefix)
+    if not others:
+        return None
+    found = ", ".join(f"{name} ({n})" for name, n in others.items())
+    example = next(iter(others))
+    return (f"note: no dead letters under KEY_PREFIX={prefix}, but this Redis has dead letters under "
+            f"KEY_PREFIX {found}; e.g. KEY_PREFIX={example} python -m worker deadletters list")
+
+
+def _hint(store: DeadLetterStore) -> None:
+    hint = prefix_hint(store)
+    if hint:
+        print(hint, file=sys.stderr)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    entries = DeadLetterStore.default().list(args.vendor)
+    store = DeadLetterStore.default()
+    entries = store.list(args.vendor)
     if args.json:
         print(json.dumps([_summary(e) for e in entries], indent=2))
+        if not entries:
+            _hint(store)
         return 0
     if not entries:
         print("no dead letters" + (f" for {args.vendor}" if args.vendor else ""))
+        _hint(store)
         return 0
     print(f"{'ID':32}  {'VENDOR':11}  {'OPERATION':9}  {'REASON':17}  {'STATUS':6}  {'ATT':3}  {'FAILED AT':27}  ERROR")
     for e in entries:
         print(f"{e.id:32}  {e.vendor:11}  {e.operation or '-':9}  {e.reason:17}  {str(e.status or '-'):6}  "
-              f"{e.attempts:<3}  {e.failed_at:27}  {e.error[:ERROR_WIDTH]}")
+              f"{e.attempts:<3}  {e.failed_at:27}  {error_text(e, store.secrets)}")
     print(f"{len(entries)} dead letter(s)")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    entry = DeadLetterStore.default().get(args.id)
-    if entry is None:
-        print(f"no dead letter {args.id}", file=sys.stderr)
+    """A dead-letter id prints that entry (a JSON object); an event or task id, its dead letters (a JSON array)."""
+    store = DeadLetterStore.default()
+    entry = store.get(args.id)
+    if entry is not None:
+        print(entry.model_dump_json(indent=2))
+        return 0
+    entries = store.find(args.id)
+    if not entries:
+        print(f"no dead letter {args.id} (neither a dead-letter id nor the event id of one)", file=sys.stderr)
+        _hint(store)
         return 1
-    print(entry.model_dump_json(indent=2))
+    print("[\n" + ",\n".join(e.model_dump_json(indent=2) for e in entries) + "\n]")
     return 0
 
 
@@ -59,15 +118,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     store = DeadLetterStore.default()
     if args.all:
         entries = store.list(args.vendor)
+        if not entries:
+            _hint(store)
     else:
         entries = []
-        for entry_id in args.ids:
-            entry = store.get(entry_id)
-            if entry is None:
-                print(f"no dead letter {entry_id}", file=sys.stderr)
+        for key in args.ids:
+            found = store.find(key)
+            if not found:
+                print(f"no dead letter {key} (neither a dead-letter id nor the event id of one)", file=sys.stderr)
+                _hint(store)
                 return 1
-            if args.vendor is None or entry.vendor == args.vendor:
-                entries.append(entry)
+            entries += [e for e in found if (args.vendor is None or e.vendor == args.vendor)
+                        and e.id not in {seen.id for seen in entries}]
     replayed = skipped = 0
     for entry in entries:
         if not entry.replayable:
@@ -88,7 +150,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    print(f"{DeadLetterStore.default().purge(args.vendor)} dead letter(s) purged")
+    store = DeadLetterStore.default()
+    purged = store.purge(args.vendor)
+    print(f"{purged} dead letter(s) purged")
+    if not purged:
+        _hint(store)
     return 0
 
 
@@ -167,6 +233,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"spool {sp['dir']}: {sp['events']} event(s), {sp['bytes']} bytes" + ("" if sp["enabled"] else " (off)"))
     if not all(v["enabled"] for v in status["vendors"].values()):
         print("* not configured here (credentials not set)")
+    _hint(DeadLetterStore.default())
     return 0
 
 
@@ -206,8 +273,22 @@ def cmd_spool_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .metrics.export import serve
+
+    serve(args.port, args.host)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .settings import get_settings
+
+    print(f"ok: {get_settings().redis_target().check(timeout=args.timeout)}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m worker", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
     dl = sub.add_parser("deadletters", help="list, show, replay or purge dead letters")
     dsub = dl.add_subparsers(dest="action", required=True)
@@ -218,12 +299,15 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print a JSON array")
     ls.set_defaults(func=cmd_list)
 
-    show = dsub.add_parser("show", help="print one dead letter in full")
-    show.add_argument("id")
+    show = dsub.add_parser("show", help="print a dead letter in full (or every dead letter of an event)",
+                           description="Print a dead letter in full, as JSON. ID is a dead-letter id (prints that "
+                                       "entry) or an event id, or a task id EVENT.VENDOR as Flower shows it (prints "
+                                       "an array of that event's dead letters).")
+    show.add_argument("id", metavar="ID", help="a dead-letter id, or an event id")
     show.set_defaults(func=cmd_show)
 
     rp = dsub.add_parser("replay", help="send dead letters to their vendor again")
-    rp.add_argument("ids", nargs="*", metavar="ID")
+    rp.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids, or event ids (all of their dead letters)")
     rp.add_argument("--all", action="store_true", help="every dead letter (of --vendor)")
     rp.add_argument("--vendor", **vendor)
     rp.set_defaults(func=cmd_replay)
@@ -242,10 +326,22 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--vendor", choices=list(VENDORS), help="only this vendor's retries")
     rl.set_defaults(func=cmd_retries_release)
 
+    ck = sub.add_parser("check", help="check the configuration, and that Redis (and its Sentinels) answer")
+    ck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)")
+    ck.set_defaults(func=cmd_check)
+
     sp = sub.add_parser("spool", help="events a producer kept on local disk while Redis was unreachable")
     ssub = sp.add_subparsers(dest="action", required=True)
     ssub.add_parser("status", help="how many events wait in SPOOL_DIR").set_defaults(func=cmd_spool_status)
     ssub.add_parser("flush", help="publish them now").set_defaults(func=cmd_spool_flush)
+
+    from .metrics.export import DEFAULT_HOST, DEFAULT_PORT
+
+    mt = sub.add_parser("metrics", help="serve /metrics to Prometheus: every worker's counts and live gauges")
+    mt.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    mt.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; "
+                                                         "0.0.0.0 in a container)")
+    mt.set_defaults(func=cmd_metrics)
     return p
 
 
@@ -254,4 +350,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "deadletters" and args.action == "replay" and bool(args.ids) == bool(args.all):
         p.error("replay takes dead letter IDs or --all (not both)")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValidationError, RedisConfigError) as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        from .settings import get_settings
+
+        where = get_settings().redis_target().describe()
+        problem = config_problem(exc)
+        if problem:
+            print(f"configuration error: Redis ({where}): {problem}", file=sys.stderr)
+            return 2
+        print(f"error: Redis ({where}) did not answer: {exc}", file=sys.stderr)
+        return 1

@@ -86,15 +86,14 @@ def request_timeout(s: Settings) -> dict[str, float]:
 
 
 def redis_client() -> redis.Redis:
-    """The process's Redis client for limiter state and dead letters."""
+    """The process's Redis client for limiter state, breakers, the retry schedule and dead letters."""
     with _lock:
         _reset_if_forked()
         client = _state.get("redis")
         if client is None:
             s = get_settings()
-            client = redis.Redis.from_url(
-                s.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
-            )
+            # REDIS_URL may name Sentinels: the client then follows the master across failovers.
+            client = s.redis_target().client(socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
             _state["redis"] = client
         return client
 

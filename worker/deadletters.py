@@ -10,10 +10,14 @@ Example::
     >>> store = DeadLetterStore(redis.Redis(), "vdw")          # doctest: +SKIP
     >>> [(d.vendor, d.reason, d.status) for d in store.list()]  # doctest: +SKIP
     [('loops', 'rejected', 422)]
+    >>> vendor_message('{"success": false, "message": "seats is not a number"}')
+    'seats is not a number'
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -37,6 +41,8 @@ PROPERTY_CAP = "property_cap"  # more than EVENT_PROPERTY_CAP properties; never 
 MALFORMED = "malformed"  # the queue message was not a valid delivery
 VENDOR_DISABLED = "vendor_disabled"  # the vendor's credentials are not set on this worker
 REQUEST_ERROR = "request_error"  # the request could not be made (e.g. a bad base URL)
+#: Every reason, in the order operators read them (metrics label values).
+REASONS = (REJECTED, RETRIES_EXHAUSTED, PROPERTY_CAP, MALFORMED, VENDOR_DISABLED, REQUEST_ERROR)
 
 
 class DeadLetter(BaseModel):
@@ -62,6 +68,47 @@ class DeadLetter(BaseModel):
     @property
     def replayable(self) -> bool:
         return self.event is not None and self.reason != MALFORMED
+
+
+#: Keys of a JSON error body that hold the vendor's message, in the order they are looked for.
+MESSAGE_KEYS = ("message", "error", "detail", "errors", "msg")
+#: The end of the index key of a dead-letter store, after its KEY_PREFIX.
+INDEX_SUFFIX = ":deadletters:index"
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters (a vendor's ANSI escapes too) and runs of space become one space."""
+    return re.sub(r"[\x00-\x20\x7f-\x9f]+", " ", text).strip()
+
+
+def vendor_message(body: str | None) -> str | None:
+    """The vendor's own words in a response body, on one line: a JSON body's ``message`` / ``error`` /
+    ``detail`` / ``errors[].message``, else the body's text; None for an empty body."""
+    if not body or not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return one_line(body) or None
+    found = _message_in(data)
+    if found is None:
+        found = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return one_line(found) or None
+
+
+def _message_in(data: Any) -> str | None:
+    if isinstance(data, str):
+        return data or None
+    if isinstance(data, list):
+        parts = [m for m in (_message_in(item) for item in data) if m]
+        return "; ".join(parts) or None
+    if isinstance(data, dict):
+        for key in MESSAGE_KEYS:
+            if key in data:
+                found = _message_in(data[key])
+                if found:
+                    return found
+    return None
 
 
 class DeadLetterStore:
@@ -116,3 +163,27 @@ class DeadLetterStore:
 
     def count(self) -> int:
         return self.client.hlen(self.hash_key)
+
+    def find(self, key: str) -> list[DeadLetter]:
+        """The dead letters ``key`` names: a dead-letter id; else an event id, or a task id
+        (``<event id>.<vendor>``, as Flower shows it): all of that event's (or task's) dead letters, oldest first."""
+        entry = self.get(key)
+        if entry is not None:
+            return [entry]
+        return [e for e in self.list() if key in (e.event_id, e.task_id)]
+
+
+def other_prefixes(client: redis.Redis, prefix: str) -> dict[str, int]:
+    """KEY_PREFIXes other than ``prefix`` under which this Redis keeps dead letters, with how many.
+
+    For the CLI's hint when it finds none under its own prefix (e.g. the demo uses ``vdw-demo``).
+    """
+    found: dict[str, int] = {}
+    for key in client.scan_iter(match="*" + INDEX_SUFFIX, count=1000):
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+        other = name[: -len(INDEX_SUFFIX)]
+        if other != prefix:
+            count = client.zcard(key)
+            if count:
+                found[other] = count
+    return dict(sorted(found.items()))

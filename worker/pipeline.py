@@ -11,7 +11,9 @@ No Celery here: :meth:`Pipeline.deliver` returns :class:`Delivered` or
 :class:`~worker.errors.DeadLettered` after storing a dead letter,
 :class:`~worker.limits.throttle.Throttled` when the vendor's tokens are all
 spoken for, or :class:`VendorDown` while the vendor's circuit breaker is open.
-Every request's result feeds the vendor's :class:`~worker.retries.breaker.Breaker`.
+Every request's result feeds the vendor's :class:`~worker.retries.breaker.Breaker`,
+and every outcome, request duration and 429 the process's metrics
+(:mod:`worker.metrics`: in memory, flushed to Redis by a thread).
 
 Example::
 
@@ -33,7 +35,7 @@ from typing import Any, NoReturn
 import httpx
 import pydantic
 
-from . import clients, observability
+from . import clients, metrics, observability
 from .retries import backoff
 from .retries.attempts import RetryState
 from .retries.breaker import Breaker
@@ -127,6 +129,7 @@ class Pipeline:
         vendors: dict[str, Vendor] = VENDORS,
         breaker: Breaker | None = None,
         schedule: RetrySchedule | None = None,
+        recorder: metrics.Recorder | None = None,
     ) -> None:
         self.settings = settings
         self.http = http
@@ -137,6 +140,7 @@ class Pipeline:
         self.vendors = vendors
         self.breaker = breaker
         self.schedule = schedule
+        self.metrics = recorder if recorder is not None else metrics.RECORDER
         self._batchers: dict[str, Batcher[AnyEvent]] = {}
         self._batchers_lock = threading.Lock()
 
@@ -235,6 +239,7 @@ class Pipeline:
         try:
             response = self._send(vendor, request)
         except RETRYABLE_ERRORS as exc:
+            self.metrics.request(vendor.name, time.monotonic() - started, None)
             self._health(vendor, ok=False)
             return [Sent(Outcome(Verdict.RETRY, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
                     for i in range(n)]
@@ -242,6 +247,7 @@ class Pipeline:
             return [Sent(Outcome(Verdict.REJECTED, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
                     for i in range(n)]
         elapsed = round(time.monotonic() - started, 4)
+        self.metrics.request(vendor.name, elapsed, response.status_code)
         outcomes = vendor.classify_batch(response.status_code, response.headers, response.text, request, n)
         retry_after = max((o.retry_after or 0.0 for o in outcomes if o.status == 429), default=0.0)
         if retry_after:
@@ -267,6 +273,7 @@ class Pipeline:
             log.debug("delivered %s %s event=%s status=%s attempt=%s in %.0fms%s",
                      vendor.name, this.event.operation, this.event.id, outcome.status, this.number,
                      sent.elapsed * 1000, bulk)
+            self.metrics.record(vendor.name, metrics.DELIVERED)
             return Delivered(vendor.name, outcome.status, this.number, sent.elapsed)
         error = f"{vendor.name} answered {outcome.status}{bulk}" + (f": {outcome.message}" if outcome.message else "")
         if outcome.verdict is Verdict.REJECTED:
@@ -304,6 +311,7 @@ class Pipeline:
         if status == 429:
             log.info("rate limited by %s event=%s: again in %.2fs (no attempt counted)",
                      this.vendor.name, this.event.id, wait)
+            self.metrics.record(this.vendor.name, metrics.RETRIED)
             return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error,
                               RetryState(this.number - 1, this.first_failure))
         now = time.time()
@@ -318,6 +326,7 @@ class Pipeline:
         wait = min(wait, window_left)  # the last attempt comes as the window ends, not after it
         log.warning("retrying %s event=%s status=%s attempt=%s in %.2fs (window left %.0fs): %s",
                     this.vendor.name, this.event.id, status, this.number, wait, window_left, error)
+        self.metrics.record(this.vendor.name, metrics.RETRIED)
         return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error, RetryState(this.number, first))
 
     def _dead(self, entry: DeadLetter) -> NoReturn:
@@ -326,6 +335,7 @@ class Pipeline:
                   stored.vendor, stored.operation, stored.event_id, stored.reason, stored.status,
                   stored.attempts, stored.id, stored.error)
         observability.tag_failure(stored.vendor, stored.status, stored.reason)
+        self.metrics.record(stored.vendor, metrics.DEAD_LETTERED, stored.reason)
         raise DeadLettered(stored.vendor, stored.status, stored.reason, stored.id)
 
 

@@ -11,6 +11,13 @@ and a background thread publishes them once Redis answers again. While Redis is
 known to be down, calls go straight to the spool without waiting on it. If the
 spool is disabled or full the call raises :class:`~worker.errors.EnqueueError`.
 
+With ``PUBLISH_WAIT_REPLICAS=n`` the same write ends with Redis' ``WAIT n``: a call
+counts as queued only once ``n`` replicas have its messages, so that a failover
+(after which the promoted replica is all there is) cannot take an acknowledged
+event with it. When fewer confirm in time the event is spooled as well — a
+duplicate is possible, a loss is not — and the spool is published only while
+``n`` replicas confirm.
+
 Example::
 
     >>> Publisher.default().publish("5f0c...", {"id": "5f0c...", ...}, ["loops", "conveyour"])  # doctest: +SKIP
@@ -30,8 +37,10 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 from .errors import EnqueueError
+from .redisconf import RedisConfigError, config_problem
 from .settings import Settings, get_settings
 from .spool import Message, Spool, SpoolFull
 
@@ -116,14 +125,33 @@ def _lpush(queue: str, message: str) -> bytes:
     return b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(q), q, len(m), m)
 
 
-def _push(client: redis.Redis, messages: list[Message]) -> None:
-    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries)."""
+class NotReplicated(redis.RedisError):
+    """Redis took the messages but fewer replicas than PUBLISH_WAIT_REPLICAS confirmed them in time."""
+
+
+def _wait(replicas: int, wait_ms: int) -> bytes:
+    """``WAIT replicas wait_ms`` in Redis's wire protocol."""
+    r, w = str(replicas).encode(), str(wait_ms).encode()
+    return b"*3\r\n$4\r\nWAIT\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(r), r, len(w), w)
+
+
+def _push(client: redis.Redis, messages: list[Message], replicas: int = 0, wait_ms: int = 0) -> None:
+    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries); with ``replicas``,
+    a ``WAIT replicas wait_ms`` in the same write, and :class:`NotReplicated` if fewer confirm."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_packed_command([b"".join(_lpush(q, m) for q, m in messages)], check_health=False)
+        wait = [_wait(replicas, wait_ms)] if replicas else []
+        conn.send_packed_command([b"".join([*(_lpush(q, m) for q, m in messages), *wait])], check_health=False)
         for _ in messages:
             conn.read_response()
+        if replicas:
+            acked = conn.read_response()
+            if acked < replicas:
+                raise NotReplicated(f"only {acked} of {replicas} replica(s) confirmed the event within {wait_ms} ms "
+                                    f"(PUBLISH_WAIT_REPLICAS={replicas})")
+    except NotReplicated:
+        raise
     except BaseException:
         conn.disconnect()
         raise
@@ -137,13 +165,20 @@ class Publisher:
     def __init__(self, settings: Settings, app: Any) -> None:
         self.settings = settings
         self.messages = TaskMessages(app)
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=self.attempt_timeout,
-            socket_timeout=self.attempt_timeout,
+        attempt = settings.publish_timeout * ATTEMPT_SHARE
+        self.target = settings.redis_target()
+        # Under Sentinel, finding the master shares the same budget (redisconf: split among the Sentinels).
+        self.redis = self.target.client(
+            socket_connect_timeout=attempt,
+            socket_timeout=attempt,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
         )
+        self._master_checked = False  # under Sentinel: the Sentinels were seen to monitor REDIS_SENTINEL_MASTER
+        # PUBLISH_WAIT_REPLICAS: how many replicas must confirm a write, and how long Redis' WAIT may take
+        # (less than the socket timeout, so that its answer arrives).
+        self._replicas = settings.publish_wait_replicas
+        self._wait_ms = max(1, int(attempt * 1000 * 0.8))
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_enabled else None
         self._down = False
         self._lock = threading.Lock()
@@ -183,11 +218,16 @@ class Publisher:
         if self.worth_trying(spool):
             started = time.monotonic()
             error = self._try_push(messages)
-            # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
-            if error and time.monotonic() - started < self.attempt_timeout:
+            # A pooled connection may have died with an earlier Redis (or master): one fresh try if time allows.
+            # Not after NotReplicated: the master has the messages (they are spooled as well).
+            if (error and not isinstance(error, NotReplicated)
+                    and time.monotonic() - started < self.settings.publish_timeout * ATTEMPT_SHARE):
+                self._raise_if_misconfigured(payload, error, None)
                 error = self._try_push(messages)
             if error is None:
+                self._master_checked = True
                 return QUEUED
+            self._raise_if_misconfigured(payload, error, started)
         return self.fail_over(payload, messages, error, spool)
 
     @property
@@ -210,12 +250,39 @@ class Publisher:
                                f"broker unreachable ({error})")
         return self._spool(payload, messages, error)
 
+    def _push(self, messages: list[Message]) -> None:
+        _push(self.redis, messages, self._replicas, self._wait_ms)
+
     def _try_push(self, messages: list[Message]) -> Exception | None:
         try:
-            _push(self.redis, messages)
+            self._push(messages)
         except (redis.RedisError, OSError) as exc:  # refused, reset, timed out, loading, out of memory...
             return exc
         return None
+
+    def _raise_if_misconfigured(self, payload: dict[str, Any], error: Exception, started: float | None) -> None:
+        """EnqueueError when ``error`` is one only a configuration change fixes (TLS certificate not accepted,
+        password refused, a master name the Sentinels do not monitor): spooling would only hide it.
+
+        With ``started`` (the call's last chance), whether the Sentinels monitor REDIS_SENTINEL_MASTER at
+        all is asked once per process, when finding the master fails, in what is left of the call's two
+        attempts' share of PUBLISH_TIMEOUT.
+        """
+        problem = config_problem(error)
+        if (problem is None and started is not None and isinstance(error, MasterNotFoundError)
+                and not self._master_checked):
+            left = self.settings.publish_timeout * ATTEMPT_SHARE * 2 - (time.monotonic() - started)
+            if left > 0:
+                try:
+                    self.target.find_master(timeout=left / max(1, len(self.target.sentinels)))
+                    self._master_checked = True
+                except RedisConfigError as exc:
+                    problem = str(exc)
+                except (redis.RedisError, OSError):
+                    pass  # an outage (or a failover): spool
+        if problem:
+            raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
+                               f"Redis ({self.target.describe()}) is misconfigured: {problem}") from None
 
     def _spool(self, payload: dict[str, Any], messages: list[Message], error: Exception | None) -> str:
         what = f"{payload['operation']} event {payload['id']}"
@@ -235,7 +302,8 @@ class Publisher:
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:
             if not self._down:
-                log.warning("broker unreachable, spooling events to %s until it is back: %s",
+                what = "replicas not confirming" if isinstance(exc, NotReplicated) else "broker unreachable"
+                log.warning("%s, spooling events to %s until it is back: %s", what,
                             self.settings.spool_dir if self.spool else "(spool off)", exc)
             self._down = True
         self._start_flusher()
@@ -259,8 +327,10 @@ class Publisher:
         """One round: publish what the spool holds. True when Redis is up and the spool is empty."""
         try:
             self.redis.ping()
+            if self._replicas and self.redis.wait(self._replicas, self._wait_ms) < self._replicas:
+                return False  # publishing now would only publish the same entries again next round
             if self.spool is not None:
-                while self.spool.drain(lambda msgs: _push(self.redis, msgs), limit=FLUSH_BATCH):
+                while self.spool.drain(self._push, limit=FLUSH_BATCH):
                     pass
         except (redis.RedisError, OSError):
             return False

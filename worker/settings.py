@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .limits.throttle import DEFAULT_MAX_TOTAL
+from .redisconf import RedisTarget
 
 #: Broker, limiter state and dead letters all live here by default.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -58,6 +59,8 @@ DEFAULT_PUBLISH_TIMEOUT = 0.25
 DEFAULT_SPOOL_DIR = "/var/tmp/vendor-delivery-worker/spool"
 #: The spool refuses new events (EnqueueError) beyond this many bytes, about 40 000 events.
 DEFAULT_SPOOL_MAX_BYTES = 128 * 1024 * 1024
+#: Seconds between a worker process's flushes of its metric counts to Redis (a SIGKILL loses at most this).
+DEFAULT_METRICS_FLUSH_INTERVAL = 1.0
 
 
 class Settings(BaseSettings):
@@ -65,7 +68,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
+    #: redis://, rediss:// (TLS) or sentinel:// / sentinels:// (a Sentinel-managed master): see worker/redisconf.py.
     redis_url: str = DEFAULT_REDIS_URL
+    #: With a sentinel:// REDIS_URL: the name the Sentinels monitor the master under.
+    redis_sentinel_master: str | None = None
+    #: With a sentinel:// REDIS_URL: the Sentinels' own password (requirepass in sentinel.conf), if any.
+    redis_sentinel_password: SecretStr | None = None
     #: Prefix of the Redis keys this product owns (limiter, dead letters).
     key_prefix: str = "vdw"
 
@@ -107,6 +115,8 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
+    #: Replicas that must confirm a producer's write (Redis WAIT) before the call counts as queued; 0: none.
+    publish_wait_replicas: int = Field(0, ge=0)
     #: Spool events on local disk while Redis is unreachable; off means EnqueueError at once.
     spool_enabled: bool = True
     spool_dir: str = DEFAULT_SPOOL_DIR
@@ -114,6 +124,19 @@ class Settings(BaseSettings):
     #: Seconds before an unacknowledged message is handed to another worker;
     #: default: the longest one delivery can take, plus a margin (see :attr:`visibility_timeout`).
     broker_visibility_timeout: float | None = Field(None, gt=0)
+    #: Count deliveries, 429s and request durations for ``python -m worker metrics`` (worker/metrics/).
+    metrics_enabled: bool = True
+    metrics_flush_interval: float = Field(DEFAULT_METRICS_FLUSH_INTERVAL, gt=0)
+
+    @model_validator(mode="after")
+    def _redis_target(self) -> Settings:
+        self.redis_target()  # raises RedisConfigError (a ValueError) saying what is wrong
+        return self
+
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is (one server, TLS, or a Sentinel-managed master), for every Redis user."""
+        password = self.redis_sentinel_password.get_secret_value() if self.redis_sentinel_password else None
+        return RedisTarget.parse(self.redis_url, self.redis_sentinel_master, password)
 
     @model_validator(mode="after")
     def _complete_credentials(self) -> Settings:
@@ -160,8 +183,11 @@ class Settings(BaseSettings):
             self.loops_api_key,
             self.conveyour_appkey,
             self.conveyour_token,
+            self.redis_sentinel_password,
         ]
-        return [v.get_secret_value() for v in values if v and v.get_secret_value()]
+        out = [v.get_secret_value() for v in values if v and v.get_secret_value()]
+        redis_password = self.redis_target().password
+        return out + [redis_password] if redis_password else out
 
 
 @lru_cache(maxsize=1)

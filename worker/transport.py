@@ -15,13 +15,21 @@ that is not JSON, or JSON that is not a kombu envelope, raises out of the
 consumer and stops the worker ("Unrecoverable error"). This transport catches
 exactly those cases, stores the raw entry as a ``malformed`` dead letter (the
 vendor is the queue's name) and goes on. ``celeryconfig.broker_transport``
-selects it; ``REDIS_URL`` keeps its ordinary ``redis://`` form.
+selects it (``worker/redisconf.py`` says which).
+
+:class:`SentinelTransport` is the same on a master that Redis Sentinels monitor:
+kombu's ``SentinelChannel`` finds the master (again, after a failover) and this
+module's channel takes messages from it.
 
 Example::
 
     >>> from kombu import Connection
     >>> Connection("redis://127.0.0.1:6379/0", transport="worker.transport:Transport").transport_cls
     'worker.transport:Transport'
+    >>> Connection("sentinel://10.0.0.1:26379/0;sentinel://10.0.0.2:26379/0",
+    ...            transport="worker.transport:SentinelTransport",
+    ...            transport_options={"master_name": "mymaster"}).transport_cls
+    'worker.transport:SentinelTransport'
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ ENVELOPE_KEYS = ("body", "properties", "headers")
 
 def quarantine(queue: str, raw: str, error: str) -> None:
     """Keep a message the worker cannot even decode, as a dead letter an operator can see and purge."""
+    from . import metrics
     from .deadletters import MALFORMED, DeadLetter, DeadLetterStore
 
     log.error("malformed message on queue %s dead-lettered: %s", queue, error)
@@ -62,6 +71,7 @@ def quarantine(queue: str, raw: str, error: str) -> None:
             DeadLetter(vendor=queue, operation=None, reason=MALFORMED, attempts=0, event_id=None,
                        error=f"not a message: {error}", raw=raw)
         )
+        metrics.record(queue, metrics.DEAD_LETTERED, MALFORMED)
     except Exception:  # never let bookkeeping of garbage stop the consumer
         log.exception("could not store the malformed message from %s: %r", queue, raw[:200])
 
@@ -230,6 +240,19 @@ class Transport(kombu_redis.Transport):
                 _orphans.append((queue, message))
             log.warning("Redis went away while taking a message from %s; it goes back once Redis answers", queue)
             raise
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel` on the master the Sentinels name: kombu's ``SentinelChannel`` makes the connection
+    pools (each new connection asks the Sentinels where the master is), this module's channel takes, waits and
+    quarantines as above. Transport options: ``master_name``, ``sentinel_kwargs`` (celeryconfig sets both)."""
+
+
+class SentinelTransport(Transport):
+    """:class:`Transport` through Redis Sentinel: ``sentinel://h1:26379/0;sentinel://h2:26379/0`` broker URLs."""
+
+    default_port = 26379
+    Channel = SentinelChannel
 
 
 def _requeue_orphans(client: Any) -> None:

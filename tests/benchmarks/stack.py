@@ -75,6 +75,8 @@ class Sizes:
     latency_extra_concurrency: int = 128
     #: An extra, diagnostic run with the per-delivery INFO log lines silenced.
     diagnose_logging: bool = True
+    #: An extra, diagnostic run with METRICS_ENABLED=false: what counting costs a worker.
+    diagnose_metrics: bool = True
     rate_limits: tuple[float, ...] = (10.0, 50.0)
     rate_processes: tuple[int, ...] = (1, 2, 4)
     rate_warmup: float = 3.0

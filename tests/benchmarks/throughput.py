@@ -9,6 +9,7 @@ unacked hash, polled every 10 ms). Every event must reach the sandbox with a 200
 - baseline: the same number of no-op Celery tasks, same queue, pool and concurrency.
 - ours: track deliveries, sandbox without latency or limit (no rate limit in the worker).
 - ours with 100 ms sandbox latency, against ours without.
+- diagnosis: the same deliveries with ``METRICS_ENABLED=false`` (what counting costs).
 - reference: the sandbox's own capacity for one client process with as many threads
   (``loadgen``), to see whether the sandbox is the bottleneck.
 
@@ -113,6 +114,8 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
                               "slow": {"noop": False, "latency_ms": 100}}
     if sizes.latency_extra_concurrency:
         kinds["more"] = {"noop": False, "latency_ms": 100, "WORKER_CONCURRENCY": str(sizes.latency_extra_concurrency)}
+    if sizes.diagnose_metrics:
+        kinds["nometrics"] = {"noop": False, "METRICS_ENABLED": "false"}
     if sizes.diagnose_logging:
         kinds["quiet"] = {"noop": False, "extra_args": ("--include", "tests.benchmarks.quiet")}
     got: dict[str, list[dict]] = {k: [] for k in kinds}
@@ -143,6 +146,13 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
         c = sizes.latency_extra_concurrency
         rows.append(Row.repeated(f"(diagnosis) 100 ms latency with WORKER_CONCURRENCY={c}, vs no latency",
                                  _per_second(got["more"]), _per_second(got["ours"]), "/s", ours=got["more"]))
+    if "nometrics" in got:
+        on, off = _mid(got["ours"]), _mid(got["nometrics"])
+        rows.append(Row.repeated("(diagnosis) deliveries/s with metrics counted (the default) vs METRICS_ENABLED=false",
+                                 _per_second(got["ours"]), _per_second(got["nometrics"]), "/s",
+                                 notes=f"worker CPU per message {on['cpu_ms_per_message']['worker']} ms vs "
+                                       f"{off['cpu_ms_per_message']['worker']} ms (median runs)",
+                                 ours=got["ours"], baseline=got["nometrics"]))
     if "quiet" in got:
         quiet = _mid(got["quiet"])
         rows.append(Row.repeated("(diagnosis) deliveries/s without per-delivery INFO lines, vs no-op tasks/s",

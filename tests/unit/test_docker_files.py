@@ -296,14 +296,15 @@ def test_no_secrets_in_dockerfile() -> None:
 
 
 def _compose_cli() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
+    """Docker Compose v2 (``docker compose``) as the README runs it, else v1 (``docker-compose``), as make compose-check."""
     if shutil.which("docker"):
         probe = subprocess.run(
             ["docker", "compose", "version"], capture_output=True, text=True, timeout=60
         )
         if probe.returncode == 0:
             return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
     return None
 
 

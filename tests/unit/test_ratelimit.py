@@ -243,14 +243,15 @@ def test_a_429_cuts_the_rate_for_every_worker_and_it_climbs_back(client, key, ca
     clock.now += adaptive.CUT_GAP
     b.observe(429, {})  # nothing but 429s since the cut (a's and b's): halved, the most one cut takes
     assert a.effective_rate() == pytest.approx(3.75)
-    # Quiet windows: halfway towards 0.97 x the rate that drew the last cut (7.5) ...
+    # Quiet windows: +5 % each, at most halfway towards 0.97 x the rate that drew the last cut (7.5) ...
     rates = []
-    for _ in range(6):
+    for _ in range(20):  # 40 s: within BAD_TTL
         clock.now += adaptive.QUIET
         a.acquire(max_wait=100)
         rates.append(round(b.effective_rate(), 4))
-    assert rates[0] == pytest.approx(3.75 + (7.275 - 3.75) / 2, abs=1e-3)
-    assert all(x < y for x, y in zip(rates, rates[1:4], strict=False)) and max(rates) < 7.275
+    assert rates[0] == pytest.approx(3.75 * adaptive.INCREASE, abs=1e-3)
+    assert all(x < y for x, y in zip(rates, rates[1:8], strict=False)) and max(rates) < 7.275
+    assert rates[-1] > 7.0  # and it gets there
     # ... and once that 429 is forgotten, +5 % a window up to the configured ceiling, never above.
     clock.now += adaptive.BAD_TTL
     for _ in range(20):
@@ -401,3 +402,33 @@ def test_a_waiter_gives_up_after_max_total_and_the_message_is_requeued():
         throttle.wait("loops", Paused())
     assert 5.0 <= now[0] <= 5.0 + throttle.horizon and Paused.calls >= 2
     assert throttle.waiting("loops") == 0
+
+
+def test_a_429_with_k_requests_in_the_last_second_cuts_to_k_minus_1(client, key, caplog):
+    """Configured 10, the vendor really lets 5 through: the 429 on the 6th request of a second says so."""
+    clock = Clock()
+    a, b = window(client, key, clock), window(client, key, clock)  # two processes share the log
+    for limiter in (a, b, a, b, a, b):
+        reserve(limiter, clock, 1)
+        clock.now += 0.1
+    with caplog.at_level("INFO", logger="worker.limits.ratelimit"):
+        b.observe(429, {})  # one 429 is enough: 6 of ours in the last second
+    assert a.effective_rate() == pytest.approx(5.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "v: effective rate 10.0 -> 5.0/s after 429 with 6 requests in the last second"]
+
+
+def test_a_stray_429_at_the_right_rate_cuts_next_to_nothing_and_never_more_than_half(client, key):
+    clock = Clock()
+    limiter = window(client, key, clock, rate=50.0)
+    for _ in range(51):  # a full second at 50/s, and one more
+        reserve(limiter, clock, 1)
+        clock.now += 0.02
+    limiter.observe(429, {})
+    assert limiter.effective_rate() >= 49.0  # ~50 of ours in the last second: the rate already, give or take one
+    clock2 = Clock()
+    other = window(client, key + ":2", clock2, rate=10.0)
+    reserve(other, clock2, 2)
+    clock2.now += 0.5
+    other.observe(429, {})  # 2 in the last second would say 1/s: one cut at most halves
+    assert other.effective_rate() == pytest.approx(5.0)

@@ -335,6 +335,33 @@ def test_fail_next_then_success(http: httpx.Client, urls: dict[str, str], contro
     assert convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code == 200
 
 
+def test_fail_next_match_waits_for_the_request_it_names(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    control.configure("loops", fail_next=[{"status": 503, "match": '"upgraded"'}, {"status": 500, "match": "evt-9"}])
+    other = send_event(http, urls)  # neither entry names it: answered normally, both stay queued
+    keyed = send_event(http, urls, headers={"Idempotency-Key": "evt-9"})  # the second entry, by its key
+    named = loops(http, urls, "/events/send", {"email": "ada@example.com", "eventName": "upgraded"})
+    again = loops(http, urls, "/events/send", {"email": "ada@example.com", "eventName": "upgraded"})
+    assert [r.status_code for r in (other, keyed, named, again)] == [200, 500, 503, 200]
+    assert control.configure("loops", latency_ms=0)["fail_next"] == []
+
+
+def test_fail_next_plain_entry_still_takes_the_next_request(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    control.configure("loops", fail_next=[{"status": 503, "match": "nobody-sends-this"}, 502])
+    assert send_event(http, urls).status_code == 502
+    assert control.configure("loops", latency_ms=0)["fail_next"] == [{"status": 503, "match": "nobody-sends-this"}]
+
+
+@pytest.mark.parametrize("match", ["", 7, None])
+def test_fail_next_match_must_be_text(control: SandboxClient, match: object) -> None:
+    with pytest.raises(RuntimeError, match="match must be a non-empty string"):
+        control.configure("loops", fail_next=[{"status": 503, "match": match}])
+    assert control.configure("loops", latency_ms=0)["fail_next"] == []
+
+
 def test_fail_next_comes_before_auth(http: httpx.Client, urls: dict[str, str], control: SandboxClient) -> None:
     control.configure("convertloop", fail_next=[500])
     assert convertloop(http, urls, "/people", {"email": "a@b.c"}, auth=("x", "y")).status_code == 500

@@ -7,14 +7,21 @@ limiter's state, so every process on every host uses the same one) changes when:
   current window, and at least ``MIN_429`` (so a stray 429 does not cost a tenth of the limit): it drops by
   that share (the vendor took about the rest), at least ×``MIN_DECREASE``, at most
   ×``DECREASE``, and at most once per ``CUT_GAP`` seconds (one burst, one cut);
+- a vendor answers **429** while the limiter's own log holds ``k`` requests in the last
+  second (every worker's): the vendor lets fewer than ``k`` through, so the rate drops to
+  ``k - 1`` at once (at most halved by one cut). A vendor that counts strictly and lower
+  than configured is found in one 429, not a staircase of them; a stray 429 at the right
+  rate changes next to nothing (``k - 1`` is the rate already);
 - a vendor **announces a lower limit** (Loops' ``x-ratelimit-limit``): it drops to
   that at once; the announcement caps the rate for ``ANNOUNCED_TTL`` seconds after
   it was last seen;
 - a **quiet window** (``QUIET`` seconds with no 429 and no response saying nothing
   was left in the window, ``x-ratelimit-remaining: 0``) passes: it climbs by
   ``INCREASE`` × itself, up to the ceiling; but for ``BAD_TTL`` seconds after a 429
-  it only climbs halfway towards ``BAD_SHARE`` × the rate that drew it, so it settles
-  just under the vendor's real limit instead of hitting it again and again.
+  it climbs no higher than ``BAD_SHARE`` × the rate that drew it, and by at most half the
+  way there per window, so it settles just under the vendor's real limit instead of
+  hitting it again and again (a cut lands near the real limit; a probe above it costs
+  a few 429s, not a burst).
 
 The arithmetic runs inside the limiter's Lua scripts (:data:`ADAPT_LUA`, one atomic
 operation with the reservation). This module holds it, its parameters and the
@@ -111,7 +118,8 @@ class Pending:
 
 
 #: Lua: ``adapt(st, now, ceiling, responses, too_many, full, announced)`` updates the state
-#: table ``st`` (fields of the limiter's hash) and returns ``old_rate, reason`` ('' = no change).
+#: table ``st`` (fields of the limiter's hash) and returns ``old_rate, reason`` ('' = no change);
+#: ``count_cut(st, now, ceiling, sent)`` cuts to ``sent - 1`` after a 429 and returns its reason or ''.
 #: A lower rate bumps ``st.epoch``: slots reserved before it are to be taken again.
 ADAPT_LUA = f"""
 local function adapt(st, now, ceiling, responses, too_many, full, announced)
@@ -148,7 +156,9 @@ local function adapt(st, now, ceiling, responses, too_many, full, announced)
     if st.n429 == 0 and st.full == 0 and st.rate < cap then
       if now < st.bad_until then
         local target = math.min(cap, st.bad * {BAD_SHARE})
-        if st.rate < target - 0.01 * ceiling then st.rate = st.rate + (target - st.rate) / 2 end
+        if st.rate < target - 0.01 * ceiling then
+          st.rate = math.min(st.rate + (target - st.rate) / 2, st.rate * {INCREASE})
+        end
       else
         st.rate = math.min(cap, st.rate * {INCREASE})
       end
@@ -164,6 +174,20 @@ local function adapt(st, now, ceiling, responses, too_many, full, announced)
   if st.rate == old then reason = '' end
   if st.rate < old then st.epoch = st.epoch + 1 end
   return old, reason
+end
+
+local function count_cut(st, now, ceiling, sent)
+  local est = sent - 1
+  local cap = math.max(st.rate * {MIN_DECREASE}, math.max(0.1, ceiling * {FLOOR_SHARE}), est)
+  if est < 1 or cap >= st.rate then return '' end
+  st.bad = st.rate
+  st.bad_until = now + {BAD_TTL}
+  st.rate = cap
+  st.cut_at = now
+  st.win_start = now
+  st.n, st.n429, st.full = 0, 0, 0
+  st.epoch = st.epoch + 1
+  return '429 with ' .. sent .. ' requests in the last second'
 end
 
 local FIELDS = {{'tat', 'rate', 'ceiling', 'announced', 'announced_until', 'win_start', 'n', 'n429', 'full', 'cut_at', 'seq', 'bad', 'bad_until', 'epoch'}}

@@ -196,13 +196,23 @@ save(KEYS[1], st, """ + str(int(STATE_TTL * 1000)) + """)
 return {granted, tostring(wait), tostring(st.rate), tostring(old), reason, st.epoch}
 """
 
-# KEYS: state hash. ARGV: now, ceiling, responses, 429s, full windows, announced, pause seconds.
+# KEYS: state hash, log zset. ARGV: now, ceiling, responses, 429s, full windows, announced, pause seconds, margin.
 # Returns: effective rate, old rate, reason.
 _WINDOW_OBSERVE = _WINDOW_LUA + """
 local now = clock(ARGV[1])
 local ceiling = tonumber(ARGV[2])
 local st = load(KEYS[1], now, ceiling)
 local old, reason = adapt(st, now, ceiling, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+if tonumber(ARGV[4]) > 0 then
+  -- A 429 while our own log holds k slots in the last second: the vendor lets fewer than k through.
+  local sent = redis.call('ZCOUNT', KEYS[2], now - 1, now + tonumber(ARGV[8]))
+  local before = st.rate
+  local why = count_cut(st, now, ceiling, sent)
+  if why ~= '' then
+    if reason == '' then old = before end
+    reason = why
+  end
+end
 local pause = tonumber(ARGV[7])
 if pause > 0 then
   if now + pause > st.tat then st.tat = now + pause end
@@ -303,7 +313,7 @@ class WindowLimiter(RateLimiter):
     def _flush(self, announced: float = 0.0, pause: float = 0.0) -> None:
         responses, too_many, full = self._pending.take()
         rate, old, reason = self._observe(
-            keys=self._keys[:1], args=[self._now(), self.rate, responses, too_many, full, announced, pause])
+            keys=self._keys, args=[self._now(), self.rate, responses, too_many, full, announced, pause, self.margin])
         if announced:
             self._announced, self._announced_sent = announced, time.monotonic()
         self._changed(float(rate), float(old), reason)

@@ -4,6 +4,7 @@ Example::
 
     client = SandboxClient("http://127.0.0.1:8900")
     client.configure("loops", fail_next=[503], rate_limit=10)   # sliding window: at most 10 in any 1 s
+    client.configure("loops", fail_next=[{"status": 503, "match": '"upgraded"'}])  # only the request naming it
     client.configure("loops", rate_limit_mode="fixed", rate_limit_shared=3, latency_ms=100, latency_jitter_ms=50)
     ...  # exercise code that talks to Loops
     sends = client.wait_for(2, vendor="loops")         # two 200s recorded

@@ -12,7 +12,8 @@ Example::
         SandboxClient(sandbox.url).requests(vendor="loops")
 
 Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record,
-take an injected failure (fail_all, fail_next), count an authenticated request
+take an injected failure (fail_all, fail_next: the first entry without a
+``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
 against the rate limit (see `state` for the modes); then the latency sleep ->
 the injected failure -> auth (401) -> rate limit (429) -> idempotency (409) ->
 route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
@@ -138,7 +139,7 @@ class SandboxApp:
     ) -> Reply:
         state, name = self.state, vendor.name
         # Decided at arrival (when the record was made), answered after the latency.
-        failure = state.take_failure(name)
+        failure = state.take_failure(name, body.decode("utf-8", "replace") + "\n" + (idem_key or ""))
         retry_after = state.take_token(name) if failure is None and record["auth_ok"] else None
         limit_headers = state.rate_limit_headers(name) if vendor.rate_limit_headers else []
         delay = state.latency(name)

@@ -3,7 +3,8 @@
 Switches (per vendor, see `VendorConfig`): ``latency_ms`` and
 ``latency_jitter_ms`` (uniform in latency ± jitter), ``rate_limit`` with
 ``rate_limit_mode`` and ``rate_limit_shared``, ``retry_after``/``retry_after_format``,
-``fail_next`` (FIFO of injected failures) and ``fail_all`` (outage).
+``fail_next`` (FIFO of injected failures; an entry with ``match`` waits for a
+request whose body or Idempotency-Key contains that text) and ``fail_all`` (outage).
 
 Rate-limit modes (``rate_limit`` = N requests per second, counted when a request
 arrives; refused requests do not count):
@@ -22,6 +23,9 @@ Example::
     state.configure("loops", {"fail_next": [503], "rate_limit": 10, "rate_limit_mode": "sliding"})
     record = state.begin("loops", "POST", "/events/send", "", {}, b"{}", True, None)
     state.take_failure("loops")      # -> Failure(status=503, ...)
+    state.configure("loops", {"fail_next": [{"status": 503, "match": '"upgraded"'}]})
+    state.take_failure("loops", '{"eventName": "signup"}')    # -> None: the entry waits
+    state.take_failure("loops", '{"eventName": "upgraded"}')  # -> Failure(status=503, ...)
     state.rate_limit_headers("loops")  # -> [("x-ratelimit-limit", "10"), ("x-ratelimit-remaining", "9")]
     state.finish(record, 503)
     state.requests(status=503)       # -> [{"seq": 1, "vendor": "loops", ...}]
@@ -285,10 +289,12 @@ def _check_retry_after(value: object, name: str) -> int | float | str:
 
 def _check_fail_entry(entry: object) -> int | dict[str, Any]:
     if isinstance(entry, dict):
-        unknown = set(entry) - {"status", "retry_after", "body"}
+        unknown = set(entry) - {"status", "retry_after", "body", "match"}
         if unknown:
             raise ValueError(f"unknown fail_next keys: {sorted(unknown)}")
         _check_status(entry.get("status"), "fail_next[].status")
+        if "match" in entry and (not isinstance(entry["match"], str) or not entry["match"]):
+            raise ValueError(f"fail_next[].match must be a non-empty string, got {entry['match']!r}")
         if entry.get("retry_after") is not None:
             _check_retry_after(entry["retry_after"], "fail_next[].retry_after")
         return dict(entry)
@@ -419,19 +425,26 @@ class SandboxState:
             self._received[vendor] += 1
         return record
 
-    def take_failure(self, vendor: str) -> Failure | None:
-        """The outage (`fail_all`) or next queued `fail_next` failure, if any."""
+    def take_failure(self, vendor: str, text: str = "") -> Failure | None:
+        """The outage (`fail_all`) or the first queued `fail_next` failure that applies, if any.
+
+        ``text`` is what an entry's ``match`` is looked for in (the request body and its
+        Idempotency-Key); an entry without ``match`` applies to any request, one whose ``match``
+        is not in ``text`` stays queued for a later request.
+        """
         with self._lock:
             cfg = self._configs[vendor]
             if cfg.fail_all is not None:
                 retry = cfg.fail_all_retry_after
                 return Failure(cfg.fail_all, _render(retry, cfg))
-            if not cfg.fail_next:
-                return None
-            entry = cfg.fail_next.popleft()
-            if isinstance(entry, int):
-                return Failure(entry)
-            return Failure(entry["status"], _render(entry.get("retry_after"), cfg), entry.get("body"))
+            for i, entry in enumerate(cfg.fail_next):
+                if isinstance(entry, int):
+                    del cfg.fail_next[i]
+                    return Failure(entry)
+                if entry.get("match") is None or entry["match"] in text:
+                    del cfg.fail_next[i]
+                    return Failure(entry["status"], _render(entry.get("retry_after"), cfg), entry.get("body"))
+            return None
 
     def latency(self, vendor: str) -> float:
         """Seconds to wait before answering: ``latency_ms`` ± ``latency_jitter_ms``, uniform, at least 0."""
