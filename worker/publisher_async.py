@@ -39,7 +39,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .publisher import QUEUED, Publisher, _lpush
+from .publisher import QUEUED, NotReplicated, Publisher, _lpush, _wait
 from .spool import Message
 
 #: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
@@ -62,14 +62,24 @@ def executor() -> ThreadPoolExecutor:
         return _executor
 
 
-async def _push(client: redis.asyncio.Redis, messages: list[Message]) -> None:
-    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries)."""
+async def _push(client: redis.asyncio.Redis, messages: list[Message], replicas: int = 0, wait_ms: int = 0) -> None:
+    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries); with ``replicas``,
+    a ``WAIT replicas wait_ms`` in the same write, and NotReplicated if fewer confirm (as the blocking one)."""
     pool = client.connection_pool
     conn = await pool.get_connection()
     try:
-        await conn.send_packed_command([b"".join(_lpush(q, m) for q, m in messages)], check_health=False)
+        wait = [_wait(replicas, wait_ms)] if replicas else []
+        await conn.send_packed_command([b"".join([*(_lpush(q, m) for q, m in messages), *wait])],
+                                       check_health=False)
         for _ in messages:
             await conn.read_response()
+        if replicas:
+            acked = await conn.read_response()
+            if acked < replicas:
+                raise NotReplicated(f"only {acked} of {replicas} replica(s) confirmed the event within {wait_ms} ms "
+                                    f"(PUBLISH_WAIT_REPLICAS={replicas})")
+    except NotReplicated:
+        raise
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
@@ -86,8 +96,8 @@ class AsyncPublisher:
         self.sync = sync
         self._closer: AsyncGenerator[None, None] | None = None
         attempt = sync.attempt_timeout
-        self.redis = redis.asyncio.Redis.from_url(
-            sync.settings.redis_url,
+        # Plain, TLS or Sentinel: the same target as the blocking publisher's (worker.redisconf).
+        self.redis = sync.target.async_client(
             socket_connect_timeout=attempt,
             socket_timeout=attempt,
             retry=Retry(NoBackoff(), 0),
@@ -124,18 +134,32 @@ class AsyncPublisher:
         if sync.worth_trying(spool):
             started = time.monotonic()
             error = await self._try_push(messages)
-            # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
-            if error and time.monotonic() - started < sync.attempt_timeout:
+            # A pooled connection may have died with an earlier Redis (or master): one fresh try if time allows.
+            # Not after NotReplicated: the master has the messages (they are spooled as well).
+            if (error and not isinstance(error, NotReplicated)
+                    and time.monotonic() - started < sync.attempt_timeout):
+                sync._raise_if_misconfigured(payload, error, None)  # no I/O without ``started``
                 error = await self._try_push(messages)
             if error is None:
+                sync._master_checked = True
                 return QUEUED
+            loop = asyncio.get_running_loop()
+            # The last chance may ask the Sentinels whether they know the master (blocking): in the thread too.
+            return await loop.run_in_executor(executor(), self._fail_over, payload, messages, error, spool, started)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor(), sync.fail_over, payload, messages, error, spool)
 
+    def _fail_over(self, payload: dict[str, Any], messages: list[Message], error: Exception, spool: bool,
+                   started: float) -> str:
+        """In the spool's thread: EnqueueError for a misconfiguration, else spool as the blocking publisher does."""
+        self.sync._raise_if_misconfigured(payload, error, started)
+        return self.sync.fail_over(payload, messages, error, spool)
+
     async def _try_push(self, messages: list[Message]) -> Exception | None:
+        sync = self.sync
         try:
-            async with asyncio.timeout(self.sync.attempt_timeout):
-                await _push(self.redis, messages)
+            async with asyncio.timeout(sync.attempt_timeout):
+                await _push(self.redis, messages, sync._replicas, sync._wait_ms)
         except (redis.RedisError, OSError) as exc:  # refused, reset, timed out (TimeoutError is an OSError)...
             return exc
         return None
