@@ -53,7 +53,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tests.benchmarks --json bench-results.json $(BENCH_ARGS)
 
-# Small sizes, each figure once, about 3¾ minutes on 2 cores (213 s measured before the 11-second web group): fails only if something breaks (not on a missed target);
+# Small sizes, each figure once, about 4 minutes on 2 cores (213 s measured before the 11-second web group): fails only if something breaks (not on a missed target);
 # never touches README.md.
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)
