@@ -1,5 +1,7 @@
 """The asyncio producer API: the blocking API's validation, ids and messages; the loop keeps running while
-Redis is refused or hangs; the spool is written off the loop; a cancelled caller's event is not lost."""
+Redis is refused or hangs; the spool is written off the loop; a cancelled caller's event is not lost. And
+misconfiguration is loud: no vendor enabled is a ConfigurationError (calls, startup check, ``worker check``)
+unless ALLOW_NO_VENDORS=true."""
 
 from __future__ import annotations
 
@@ -274,3 +276,15 @@ def test_check_configuration_at_startup(no_vendors, monkeypatch):
 def test_bad_input_is_still_invalid_event_when_no_vendor_is_enabled(no_vendors):
     with pytest.raises(worker.InvalidEvent):
         worker.track("", email="j@a.co")
+
+
+def test_the_check_command_names_the_vendors_or_fails_without_one(no_vendors, product_env, capsys, monkeypatch):
+    from worker.cli import main
+
+    assert main(["check", "--timeout", "5"]) == 2
+    assert "no vendor is enabled" in capsys.readouterr().err
+    monkeypatch.setenv("LOOPS_API_KEY", "k")
+    get_settings.cache_clear()
+    assert main(["check", "--timeout", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok: redis://127.0.0.1:") and out[1] == "vendors: loops"
