@@ -43,8 +43,8 @@ from .publisher import QUEUED, NotReplicated, Publisher, _lpush, _wait
 from .spool import Message
 
 #: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
-#: thread more contends with the event loop for the GIL (with four, the loop stalled for tens of ms while
-#: they spooled); a spooled call waits for an fsync, not for Python.
+#: thread more contends with the event loop for the GIL (with four, the loop stalled several times longer
+#: while they spooled; README, Performance); a spooled call waits for an fsync, not for Python.
 SPOOL_THREADS = 1
 
 _executor: ThreadPoolExecutor | None = None
