@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from .deadletters import DeadLetter, DeadLetterStore
 from .errors import EnqueueError
-from .redisconf import RedisConfigError, config_problem
+from .redisconf import RedisConfigError
 from .vendors import VENDORS
 
 #: Characters of the error shown per row in the table listing.
@@ -283,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except redis.RedisError as exc:
         from .settings import get_settings
 
-        where = get_settings().redis_target().describe()
-        problem = config_problem(exc)
+        target = get_settings().redis_target()
+        where, problem = target.describe(), target.explain(exc)
         if problem:
             print(f"configuration error: Redis ({where}): {problem}", file=sys.stderr)
             return 2

@@ -221,6 +221,16 @@ class SentinelStack:
 
         return wait_until(promoted, timeout=timeout, interval=0.05, message="the Sentinels to promote the replica")
 
+    def wait_replica(self, port: int, timeout: float = 60.0) -> None:
+        """Wait until the node on ``port`` (a master before a failover) is a replica again."""
+        def replica() -> bool:
+            try:
+                return self.nodes[port].client().info("replication")["role"] == "slave"
+            except redis.RedisError:
+                return False
+
+        wait_until(replica, timeout=timeout, interval=0.1, message=f"the node on {port} to become a replica")
+
     def stop(self) -> None:
         for proc in self.sentinel_procs:
             terminate(proc)

@@ -220,6 +220,19 @@ class RedisTarget:
             client.close()
         return f"{self.describe()}{where} answered"
 
+    def explain(self, exc: BaseException, timeout: float = 5.0) -> str | None:
+        """What ``exc`` says about the configuration (see :func:`config_problem`), or None for an outage.
+        When no master was found, whether the Sentinels monitor REDIS_SENTINEL_MASTER at all is asked."""
+        problem = config_problem(exc)
+        if problem is None and self.is_sentinel and isinstance(exc, MasterNotFoundError):
+            try:
+                self.find_master(timeout)
+            except RedisConfigError as error:
+                return str(error)
+            except (redis.RedisError, OSError):
+                return None
+        return problem
+
     def find_master(self, timeout: float = 5.0) -> tuple[str, int]:
         """The master's address as the Sentinels report it; :class:`RedisConfigError` if the Sentinels that
         answer do not monitor REDIS_SENTINEL_MASTER or refuse us, ``MasterNotFoundError`` if none answers or
