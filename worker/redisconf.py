@@ -218,6 +218,9 @@ class RedisTarget:
             raise
         finally:
             client.close()
+            manager = getattr(client.connection_pool, "sentinel_manager", None)
+            if manager is not None:
+                manager.close()
         return f"{self.describe()}{where} answered"
 
     def explain(self, exc: BaseException, timeout: float = 5.0) -> str | None:
