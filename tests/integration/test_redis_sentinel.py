@@ -8,6 +8,8 @@
   throws those writes away. A producer with ``PUBLISH_WAIT_REPLICAS=1`` counts a write as queued only once
   a replica confirmed it, so it spools them instead, and every one of its events is delivered; a producer
   without it, sending next to it, is measured (and printed), not asserted on.
+* With the first Sentinel down, every Redis user asks the others.
+* The workers take messages with this product's atomic take (``worker/transport.py``) under Sentinel too.
 * A master name the Sentinels do not monitor is a configuration error for the producer, the CLI and a
   worker alike.
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import email_of
-from worker.localstack import SentinelStack, wait_until
+from worker.localstack import SentinelStack, terminate, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -167,6 +169,29 @@ def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, senti
     assert ok.returncode == 0 and f"at 127.0.0.1:{stack.master_port()} answered" in ok.stdout, ok
 
 
+def test_a_sentinel_down_is_no_matter(stack, sentinel_env, worker_factory, sandbox_client, unique_email, tmp_path):
+    """The first Sentinel in REDIS_URL (the one Celery's broker URL names) is down: producer, worker and CLI
+    ask the others."""
+    terminate(stack.sentinel_procs[0])
+    w = worker_factory("sentinel-one-down", **stack.env)
+    try:
+        env = {**sentinel_env, "SPOOL_DIR": str(tmp_path / "spool")}
+        emails = [f"{i}-{unique_email}" for i in range(3)]
+        producer = subprocess.run(
+            [sys.executable, "-c", "import sys, worker; from worker.publisher import Publisher\n"
+                                   "for e in sys.argv[1:]: worker.track('one_down', email=e, vendors=['loops'])\n"
+                                   "print(Publisher.default().spool.pending())", *emails],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert producer.returncode == 0 and producer.stdout.strip() == "0", producer  # queued, none spooled
+        wait_until(lambda: set(emails) <= {r["body"]["email"] for r in sandbox_client.requests(vendor="loops")
+                                          if r["status"] == 200}, timeout=45, message=f"the events (log: {w.log_path})")
+        check = subprocess.run([sys.executable, "-m", "worker", "check"], env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert check.returncode == 0, check.stderr
+    finally:
+        w.stop()
+
+
 def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, worker_factory, sandbox_client,
                                                           unique_email, tmp_path):
     workers = [worker_factory(f"sentinel-{n}", **stack.env) for n in "ab"]
@@ -194,6 +219,11 @@ def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, w
         expected = {c[3] for c in calls}
         wait_delivered(sandbox_client, tag, expected, workers)
         finished = time.monotonic()
+        # Under Sentinel the workers still take each message with the atomic take script (worker/transport.py),
+        # on the promoted master too: never kombu's BRPOP.
+        commands = stack.nodes[new].client().info("commandstats")
+        assert commands.get("cmdstat_eval", {}).get("calls", 0) > 0 and "cmdstat_brpop" not in commands, \
+            str({k: v["calls"] for k, v in commands.items()})
         extra = {v: sum(n - 1 for n in delivered(sandbox_client, tag, v).values()) for v in VENDORS}
         print(f"\nSIGKILL of the master {old} -> replica {new} promoted after {promoted - killed:.1f} s; "
               f"{summary(calls)} (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT * 1000:.0f} ms); {len(after)} calls after the "
