@@ -117,6 +117,15 @@ def wait_delivered(sandbox_client, tag: str, expected: set[str], workers, timeou
                                  f"e.g. {missing[:3]}\n{logs}") from None
 
 
+def assert_accepted(calls: list[list], done: dict, err: str) -> None:
+    """Every call was accepted (queued or spooled) within CALL_BOUND, and the web process published its spool."""
+    assert done["spool_left"] == 0, f"the web process did not publish its spool: {done}\n{err[-3000:]}"
+    failed = [c for c in calls if c[1] not in ("queued", "spooled")]
+    assert not failed, f"calls failed although the spool was on: {failed[:3]}\n{err[-3000:]}"
+    slowest = max(c[2] for c in calls)
+    assert slowest <= CALL_BOUND, f"a call took {slowest:.3f} s (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT} s)"
+
+
 def summary(calls: list[list]) -> str:
     outcomes = Counter(c[1].split(":")[0] for c in calls)
     slowest = max(c[2] for c in calls)
@@ -138,6 +147,31 @@ def stack(leak_watch):
 @pytest.fixture
 def sentinel_env(product_env, stack) -> dict[str, str]:
     return {**product_env, **stack.env}
+
+
+@pytest.fixture
+def web(tmp_path):
+    """Start web processes (WebProcess); any still running when the test ends (it failed) is killed."""
+    started: list[WebProcess] = []
+
+    def start(env: dict[str, str], tag: str) -> WebProcess:
+        started.append(WebProcess(env, tag, tmp_path))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(10)
+
+
+@pytest.fixture
+def workers(stack, worker_factory, request):
+    """Two workers on the stack, stopped before it is (a warm shutdown without Redis waits for its timeout)."""
+    started = [worker_factory(f"{request.node.name[5:25]}-{n}", **stack.env) for n in "ab"]
+    yield started
+    for w in started:
+        w.stop()
 
 
 def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, sentinel_env, worker_factory,
@@ -192,88 +226,70 @@ def test_a_sentinel_down_is_no_matter(stack, sentinel_env, worker_factory, sandb
         w.stop()
 
 
-def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, worker_factory, sandbox_client,
-                                                          unique_email, tmp_path):
-    workers = [worker_factory(f"sentinel-{n}", **stack.env) for n in "ab"]
+def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, workers, web, sandbox_client,
+                                                          unique_email):
     tag = unique_email.split("@")[0]
-    try:
-        web = WebProcess(sentinel_env, tag, tmp_path)
-        time.sleep(2)                                # steady traffic to the first master
-        killed = time.monotonic()
-        old = stack.kill_master()
-        new = stack.wait_failover(old)
-        promoted = time.monotonic()
-        time.sleep(2.5)                              # and to the promoted replica
-        calls, done, err = web.finish()
+    producer = web(sentinel_env, tag)
+    time.sleep(2)                                # steady traffic to the first master
+    killed = time.monotonic()
+    old = stack.kill_master()
+    new = stack.wait_failover(old)
+    promoted = time.monotonic()
+    time.sleep(2.5)                              # and to the promoted replica
+    calls, done, err = producer.finish()
 
-        assert done["spool_left"] == 0, f"the web process did not publish its spool: {done}\n{err[-3000:]}"
-        failed = [c for c in calls if c[1] not in ("queued", "spooled")]
-        assert not failed, f"calls failed although the spool was on: {failed[:3]}\n{err[-3000:]}"
-        spooled = [c for c in calls if c[1] == "spooled"]
-        assert spooled, "no call met the failover: the test did not test it"
-        after = [c for c in calls if c[4] >= promoted]
-        assert len(after) >= 10, f"hardly any call after the failover: {len(after)}"
-        slowest = max(c[2] for c in calls)
-        assert slowest <= CALL_BOUND, f"a call took {slowest:.3f} s (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT} s)"
+    assert_accepted(calls, done, err)
+    assert any(c[1] == "spooled" for c in calls), "no call met the failover: the test did not test it"
+    after = [c for c in calls if c[4] >= promoted]
+    assert len(after) >= 10, f"hardly any call after the failover: {len(after)}"
 
-        expected = {c[3] for c in calls}
-        wait_delivered(sandbox_client, tag, expected, workers)
-        finished = time.monotonic()
-        # Under Sentinel the workers still take each message with the atomic take script (worker/transport.py),
-        # on the promoted master too: never kombu's BRPOP.
-        commands = stack.nodes[new].client().info("commandstats")
-        assert commands.get("cmdstat_eval", {}).get("calls", 0) > 0 and "cmdstat_brpop" not in commands, \
-            str({k: v["calls"] for k, v in commands.items()})
-        extra = {v: sum(n - 1 for n in delivered(sandbox_client, tag, v).values()) for v in VENDORS}
-        print(f"\nSIGKILL of the master {old} -> replica {new} promoted after {promoted - killed:.1f} s; "
-              f"{summary(calls)} (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT * 1000:.0f} ms); {len(after)} calls after the "
-              f"promotion; all {len(expected)} events at all {len(VENDORS)} vendors "
-              f"{finished - promoted:.1f} s after it; requests beyond one per event: {extra}")
-    finally:
-        for w in workers:
-            w.stop()
+    expected = {c[3] for c in calls}
+    wait_delivered(sandbox_client, tag, expected, workers)
+    finished = time.monotonic()
+    # Under Sentinel the workers still take each message with the atomic take script (worker/transport.py),
+    # on the promoted master too: never kombu's BRPOP.
+    commands = stack.nodes[new].client().info("commandstats")
+    assert commands.get("cmdstat_eval", {}).get("calls", 0) > 0 and "cmdstat_brpop" not in commands, \
+        str({k: v["calls"] for k, v in commands.items()})
+    extra = {v: sum(n - 1 for n in delivered(sandbox_client, tag, v).values()) for v in VENDORS}
+    print(f"\nSIGKILL of the master {old} -> replica {new} promoted after {promoted - killed:.1f} s; "
+          f"{summary(calls)} (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT * 1000:.0f} ms); {len(after)} calls after the "
+          f"promotion; all {len(expected)} events at all {len(VENDORS)} vendors "
+          f"{finished - promoted:.1f} s after it; requests beyond one per event: {extra}")
 
 
-def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, worker_factory, sandbox_client,
-                                                           unique_email, tmp_path):
-    workers = [worker_factory(f"sentinel-planned-{n}", **stack.env) for n in "ab"]
+def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, workers, web, sandbox_client,
+                                                           unique_email):
     tag = unique_email.split("@")[0]
-    try:
-        safe = WebProcess({**sentinel_env, "PUBLISH_WAIT_REPLICAS": "1"}, f"{tag}w", tmp_path)
-        plain = WebProcess(sentinel_env, f"{tag}p", tmp_path)
-        time.sleep(2)
-        started = time.monotonic()
-        old = stack.master_port()
-        stack.sentinel().execute_command("SENTINEL", "FAILOVER", stack.master_name)
-        new = stack.wait_failover(old)
-        promoted = time.monotonic()
-        stack.wait_replica(old)                      # the Sentinels turn the old master into a replica
-        converted = time.monotonic()
-        time.sleep(2)
-        calls, done, err = safe.finish()
-        plain_calls, _, _ = plain.finish()
+    safe = web({**sentinel_env, "PUBLISH_WAIT_REPLICAS": "1"}, f"{tag}w")
+    plain = web(sentinel_env, f"{tag}p")
+    time.sleep(2)
+    started = time.monotonic()
+    old = stack.master_port()
+    stack.sentinel().execute_command("SENTINEL", "FAILOVER", stack.master_name)
+    new = stack.wait_failover(old)
+    promoted = time.monotonic()
+    stack.wait_replica(old)                      # the Sentinels turn the old master into a replica
+    converted = time.monotonic()
+    time.sleep(2)
+    calls, done, err = safe.finish()
+    plain_calls, _, _ = plain.finish()
 
-        assert done["spool_left"] == 0, f"the web process did not publish its spool: {done}\n{err[-3000:]}"
-        assert all(c[1] in ("queued", "spooled") for c in calls), [c for c in calls if c[1] not in ("queued",
-                                                                                                     "spooled")][:3]
-        slowest = max(c[2] for c in calls)
-        assert slowest <= CALL_BOUND, f"a call took {slowest:.3f} s (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT} s)"
-        expected = {c[3] for c in calls}
-        wait_delivered(sandbox_client, f"{tag}w", expected, workers)
-        extra = {v: sum(n - 1 for n in delivered(sandbox_client, f"{tag}w", v).values()) for v in VENDORS}
+    assert_accepted(calls, done, err)
+    expected = {c[3] for c in calls}
+    wait_delivered(sandbox_client, f"{tag}w", expected, workers)
+    extra = {v: sum(n - 1 for n in delivered(sandbox_client, f"{tag}w", v).values()) for v in VENDORS}
 
-        # The producer without PUBLISH_WAIT_REPLICAS, measured: its calls after the old master became a replica
-        # went to the new one, so once those are delivered, what is missing is what Redis threw away.
-        at_risk = [c for c in plain_calls if promoted <= c[4] < converted]  # written to the old master only
-        late = {c[3] for c in plain_calls if c[4] >= converted}
-        wait_delivered(sandbox_client, f"{tag}p", late, workers)
-        lost = {v: len({c[3] for c in plain_calls} - set(delivered(sandbox_client, f"{tag}p", v))) for v in VENDORS}
-        print(f"\nSENTINEL FAILOVER {old} -> {new}: promoted after {promoted - started:.1f} s, the old master "
-              f"took writes until it became a replica {converted - started:.1f} s after the start. "
-              f"PUBLISH_WAIT_REPLICAS=1: {summary(calls)}; all {len(expected)} events at all vendors; requests "
-              f"beyond one per event: {extra}. Without it: {summary(plain_calls)}, {len(at_risk)} of them written to the old "
-              f"master after the promotion (kept only if a worker took them before it became a replica); events "
-              f"lost per vendor: {lost}")
-    finally:
-        for w in workers:
-            w.stop()
+    # The producer without PUBLISH_WAIT_REPLICAS, measured: its calls after the old master became a replica
+    # went to the new one, so once those are delivered, what is missing is what Redis threw away.
+    at_risk = [c for c in plain_calls if promoted <= c[4] < converted]  # written to the old master only
+    late = {c[3] for c in plain_calls if c[4] >= converted}
+    wait_delivered(sandbox_client, f"{tag}p", late, workers)
+    lost = {v: len({c[3] for c in plain_calls} - set(delivered(sandbox_client, f"{tag}p", v))) for v in VENDORS}
+    print(f"\nSENTINEL FAILOVER {old} -> {new}: promoted after {promoted - started:.1f} s, the old master "
+          f"took writes until it became a replica {converted - started:.1f} s after the start. "
+          f"PUBLISH_WAIT_REPLICAS=1: {summary(calls)}; all {len(expected)} events at all vendors; requests "
+          f"beyond one per event: {extra}. Without it: {summary(plain_calls)}, {len(at_risk)} of them written to the old "
+          f"master after the promotion (kept only if a worker took them before it became a replica); events "
+          f"lost per vendor: {lost}")
+
