@@ -262,12 +262,24 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
             return super()._sentinel_managed_pool(asynchronous)
         if self.connection.client is None and self._conninfo is not None:
             self.connection.client = self._conninfo  # see Channel._connparams
-        client = self.connection.client
-        saved, client.alt = client.alt, list(self.sentinels)  # where kombu looks for them
+        # kombu reads the Sentinels from the kombu Connection's alternates: show it, for this one call and this
+        # channel only, a Connection whose alternates are the Sentinels (the real one is shared: never changed).
+        transport = self.connection
+        self.connection = _Override(transport, client=_Override(transport.client, alt=list(self.sentinels)))
         try:
             return super()._sentinel_managed_pool(asynchronous)
         finally:
-            client.alt = saved
+            self.connection = transport
+
+
+class _Override:
+    """``obj`` with some attributes replaced; everything else is read from ``obj``."""
+
+    def __init__(self, obj: Any, **replaced: Any) -> None:
+        self.__dict__.update(replaced, _obj=obj)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._obj, name)
 
 
 class SentinelTransport(Transport):
