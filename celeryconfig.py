@@ -18,7 +18,7 @@ broker_url = _broker["broker_url"]
 # dead-letter undecodable messages instead of dying on them (worker/transport.py).
 broker_transport = _broker["broker_transport"]
 # TLS options of a rediss:// or sentinels:// URL; Flower's broker view reads them from here too.
-broker_use_ssl = _broker["broker_use_ssl"]
+broker_use_ssl = _broker["broker_use_ssl"] or False
 broker_transport_options = {
     # A message a worker holds (while it delivers it) is handed to another worker
     # after this long: the longest one delivery takes, plus a margin (35 s by

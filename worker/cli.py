@@ -367,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except redis.RedisError as exc:
         from .settings import get_settings
 
-        where = get_settings().redis_target().describe()
-        problem = config_problem(exc)
+        target = get_settings().redis_target()
+        where, problem = target.describe(), target.explain(exc)
         if problem:
             print(f"configuration error: Redis ({where}): {problem}", file=sys.stderr)
             return 2

@@ -157,11 +157,14 @@ class SentinelStack:
     """A Sentinel-managed Redis on loopback: one master, one replica (``--replicaof``) and three Sentinels
     (``sentinel monitor <master> 127.0.0.1 <port> 2``) that fail over ``down_after`` ms after the master stops
     answering. :attr:`env` points the product at it; :meth:`kill_master` and :meth:`wait_failover` drive a failover.
+    With ``tls`` every node and Sentinel speaks only TLS, with that certificate (``sentinels://``).
     """
 
     def __init__(self, master_name: str = "vdw", sentinels: int = 3, down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 5000, quorum: int = 2, master_args: tuple[str, ...] = ()) -> None:
+                 failover_timeout_ms: int = 5000, quorum: int = 2, master_args: tuple[str, ...] = (),
+                 tls: TlsFiles | None = None) -> None:
         self.master_name = master_name
+        self.tls = tls
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.quorum = quorum
@@ -173,25 +176,33 @@ class SentinelStack:
 
     @property
     def url(self) -> str:
-        return "sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports) + "/0"
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        if self.tls:
+            return f"sentinels://{hosts}/0?ssl_cert_reqs=required&ssl_ca_certs={self.tls.ca}"
+        return f"sentinel://{hosts}/0"
 
     @property
     def env(self) -> dict[str, str]:
         return {"REDIS_URL": self.url, "REDIS_SENTINEL_MASTER": self.master_name}
 
     def start(self, timeout: float = 30.0) -> SentinelStack:
-        nosync_delay = ("--repl-diskless-sync-delay", "0")
-        master = RedisServer(args=(*nosync_delay, *self.master_args)).start()
+        common = ("--repl-diskless-sync-delay", "0", *(("--tls-replication", "yes") if self.tls else ()),
+                  *self.master_args)
+        master = RedisServer(tls=self.tls, args=common).start()
         self.nodes[master.port] = master
-        replica = RedisServer(args=(*nosync_delay, *self.master_args, "--replicaof", "127.0.0.1", str(master.port)))
+        replica = RedisServer(tls=self.tls, args=(*common, "--replicaof", "127.0.0.1", str(master.port)))
         self.nodes[replica.port] = replica.start()
         wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up",
                    timeout=timeout, message="the replica to sync")
         binary = shutil.which("redis-server")
         for port in self.sentinel_ports:
             conf = Path(self.dir) / f"sentinel-{port}.conf"
+            listen = f"port {port}\n"
+            if self.tls:
+                listen = (f"port 0\ntls-port {port}\ntls-cert-file {self.tls.cert}\ntls-key-file {self.tls.key}\n"
+                          f"tls-ca-cert-file {self.tls.ca}\ntls-auth-clients no\ntls-replication yes\n")
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile sentinel-{port}.log\n"
+                f"{listen}bind 127.0.0.1\ndir {self.dir}\nlogfile sentinel-{port}.log\n"
                 f"sentinel monitor {self.master_name} 127.0.0.1 {master.port} {self.quorum}\n"
                 f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
@@ -214,7 +225,8 @@ class SentinelStack:
         return self
 
     def sentinel(self, port: int | None = None) -> redis.Redis:
-        return redis.Redis(port=port or self.sentinel_ports[0], socket_timeout=2, decode_responses=True)
+        tls = {"ssl": True, "ssl_ca_certs": self.tls.ca} if self.tls else {}
+        return redis.Redis(port=port or self.sentinel_ports[0], socket_timeout=2, decode_responses=True, **tls)
 
     def master_port(self, sentinel_port: int | None = None) -> int:
         """The master's port as a Sentinel reports it."""
@@ -242,6 +254,16 @@ class SentinelStack:
                 return None
 
         return wait_until(promoted, timeout=timeout, interval=0.05, message="the Sentinels to promote the replica")
+
+    def wait_replica(self, port: int, timeout: float = 60.0) -> None:
+        """Wait until the node on ``port`` (a master before a failover) is a replica again."""
+        def replica() -> bool:
+            try:
+                return self.nodes[port].client().info("replication")["role"] == "slave"
+            except redis.RedisError:
+                return False
+
+        wait_until(replica, timeout=timeout, interval=0.1, message=f"the node on {port} to become a replica")
 
     def stop(self) -> None:
         for proc in self.sentinel_procs:

@@ -40,7 +40,7 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
 from .errors import EnqueueError
-from .redisconf import RedisConfigError, config_problem
+from .redisconf import config_problem
 from .settings import Settings, get_settings
 from .spool import Message, Spool, SpoolFull
 
@@ -264,22 +264,16 @@ class Publisher:
         """EnqueueError when ``error`` is one only a configuration change fixes (TLS certificate not accepted,
         password refused, a master name the Sentinels do not monitor): spooling would only hide it.
 
-        With ``started`` (the call's last chance), whether the Sentinels monitor REDIS_SENTINEL_MASTER at
-        all is asked once per process, when finding the master fails, in what is left of the call's two
-        attempts' share of PUBLISH_TIMEOUT.
+        With ``started`` (the call's last chance), when finding the master failed and no write has succeeded
+        yet in this process, the Sentinels are asked whether they monitor REDIS_SENTINEL_MASTER at all, in
+        what is left of the call's two attempts' share of PUBLISH_TIMEOUT (later calls go to the spool).
         """
         problem = config_problem(error)
         if (problem is None and started is not None and isinstance(error, MasterNotFoundError)
                 and not self._master_checked):
             left = self.settings.publish_timeout * ATTEMPT_SHARE * 2 - (time.monotonic() - started)
             if left > 0:
-                try:
-                    self.target.find_master(timeout=left / max(1, len(self.target.sentinels)))
-                    self._master_checked = True
-                except RedisConfigError as exc:
-                    problem = str(exc)
-                except (redis.RedisError, OSError):
-                    pass  # an outage (or a failover): spool
+                problem = self.target.explain(error, timeout=left / max(1, len(self.target.sentinels)))
         if problem:
             raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
                                f"Redis ({self.target.describe()}) is misconfigured: {problem}") from None

@@ -18,8 +18,8 @@ Example::
     >>> t = RedisTarget.parse("sentinel://10.0.0.1:26379,10.0.0.2:26379/0", master="mymaster")
     >>> t.sentinels
     (('10.0.0.1', 26379), ('10.0.0.2', 26379))
-    >>> t.celery()["broker_url"]
-    'sentinel://10.0.0.1:26379/0;sentinel://10.0.0.2:26379/0'
+    >>> t.celery()["broker_url"], t.celery()["transport_options"]["sentinels"]
+    ('sentinel://10.0.0.1:26379/0', ['sentinel://10.0.0.1:26379', 'sentinel://10.0.0.2:26379'])
     >>> RedisTarget.parse("sentinel://10.0.0.1:26379/0")
     Traceback (most recent call last):
     ...
@@ -176,15 +176,15 @@ class RedisTarget:
 
     def sentinel_kwargs(self, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Connection options for the Sentinels themselves: their password, TLS, and ``kwargs``' timeouts
-        divided among them (redis-py asks them in turn), and ``kwargs``' retry policy."""
+        divided among them (redis-py asks them in turn). No retries (unless ``kwargs`` has a policy): a Sentinel
+        that does not answer is passed over for the next at once — redis-py's default would retry it with
+        backoff, seconds for each new connection while one Sentinel is down."""
         kwargs = kwargs or {}
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"retry": kwargs.get("retry")}
         share = max(1, len(self.sentinels))
         for key in ("socket_connect_timeout", "socket_timeout"):
             if kwargs.get(key) is not None:
                 out[key] = kwargs[key] / share
-        if "retry" in kwargs:
-            out["retry"] = kwargs["retry"]
         if self.sentinel_password:
             out["password"] = self.sentinel_password
         if self.tls is not None:
@@ -201,9 +201,10 @@ class RedisTarget:
         auth = ""
         if self.username or self.password:
             auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
-        hosts = [f"[{h}]" if ":" in h else h for h, _ in self.sentinels]
-        url = ";".join(f"sentinel://{auth}{h}:{p}/{self.db}" for h, (_, p) in zip(hosts, self.sentinels))
-        options = {"master_name": self.master,
+        hosts = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels]
+        # One Sentinel in the URL, all of them in an option: see worker.transport.SentinelChannel for why.
+        url = f"sentinel://{auth}{hosts[0]}/{self.db}"
+        options = {"master_name": self.master, "sentinels": [f"sentinel://{h}" for h in hosts],
                    "sentinel_kwargs": self.sentinel_kwargs({"socket_connect_timeout": timeout,
                                                             "socket_timeout": timeout})}
         return {"broker_url": url, "broker_transport": "worker.transport:SentinelTransport",
@@ -234,7 +235,23 @@ class RedisTarget:
             raise
         finally:
             client.close()
+            manager = getattr(client.connection_pool, "sentinel_manager", None)
+            if manager is not None:
+                manager.close()
         return f"{self.describe()}{where} answered"
+
+    def explain(self, exc: BaseException, timeout: float = 5.0) -> str | None:
+        """What ``exc`` says about the configuration (see :func:`config_problem`), or None for an outage.
+        When no master was found, whether the Sentinels monitor REDIS_SENTINEL_MASTER at all is asked."""
+        problem = config_problem(exc)
+        if problem is None and self.is_sentinel and isinstance(exc, MasterNotFoundError):
+            try:
+                self.find_master(timeout)
+            except RedisConfigError as error:
+                return str(error)
+            except (redis.RedisError, OSError):
+                return None
+        return problem
 
     def find_master(self, timeout: float = 5.0) -> tuple[str, int]:
         """The master's address as the Sentinels report it; :class:`RedisConfigError` if the Sentinels that

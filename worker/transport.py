@@ -26,9 +26,10 @@ Example::
     >>> from kombu import Connection
     >>> Connection("redis://127.0.0.1:6379/0", transport="worker.transport:Transport").transport_cls
     'worker.transport:Transport'
-    >>> Connection("sentinel://10.0.0.1:26379/0;sentinel://10.0.0.2:26379/0",
-    ...            transport="worker.transport:SentinelTransport",
-    ...            transport_options={"master_name": "mymaster"}).transport_cls
+    >>> Connection("sentinel://10.0.0.1:26379/0", transport="worker.transport:SentinelTransport",
+    ...            transport_options={"master_name": "mymaster",
+    ...                               "sentinels": ["sentinel://10.0.0.1:26379", "sentinel://10.0.0.2:26379"]}
+    ...            ).transport_cls
     'worker.transport:SentinelTransport'
 """
 
@@ -245,11 +246,47 @@ class Transport(kombu_redis.Transport):
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """:class:`Channel` on the master the Sentinels name: kombu's ``SentinelChannel`` makes the connection
     pools (each new connection asks the Sentinels where the master is), this module's channel takes, waits and
-    quarantines as above. Transport options: ``master_name``, ``sentinel_kwargs`` (celeryconfig sets both)."""
+    quarantines as above. Transport options: ``master_name``, ``sentinel_kwargs``, ``sentinels``
+    (``redisconf.RedisTarget.celery`` sets them).
+
+    kombu reads the Sentinels from a broker URL listing them all (``sentinel://h1;sentinel://h2``), but a
+    kombu Connection given several URLs fails over to the next one by re-reading it — transport included,
+    so a worker would go on with kombu's stock transport (BRPOP, and a message lost with a worker killed at
+    the wrong moment). So the broker URL names one Sentinel and the ``sentinels`` option all of them.
+    """
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + ("sentinels",)
+    #: ``sentinel://host:port`` of every Sentinel.
+    sentinels: tuple[str, ...] = ()
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)
+        if self.connection.client is None and self._conninfo is not None:
+            self.connection.client = self._conninfo  # see Channel._connparams
+        # kombu reads the Sentinels from the kombu Connection's alternates: show it, for this one call and this
+        # channel only, a Connection whose alternates are the Sentinels (the real one is shared: never changed).
+        transport = self.connection
+        self.connection = _Override(transport, client=_Override(transport.client, alt=list(self.sentinels)))
+        try:
+            return super()._sentinel_managed_pool(asynchronous)
+        finally:
+            self.connection = transport
+
+
+class _Override:
+    """``obj`` with some attributes replaced; everything else is read from ``obj``."""
+
+    def __init__(self, obj: Any, **replaced: Any) -> None:
+        self.__dict__.update(replaced, _obj=obj)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._obj, name)
 
 
 class SentinelTransport(Transport):
-    """:class:`Transport` through Redis Sentinel: ``sentinel://h1:26379/0;sentinel://h2:26379/0`` broker URLs."""
+    """:class:`Transport` through Redis Sentinel: a ``sentinel://h1:26379/0`` broker URL and the transport options
+    ``master_name`` and ``sentinels`` (every Sentinel)."""
 
     default_port = 26379
     Channel = SentinelChannel

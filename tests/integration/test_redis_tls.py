@@ -18,7 +18,7 @@ import redis
 import worker
 from worker import clients
 from worker.errors import EnqueueError
-from worker.localstack import RedisServer, make_tls_files, wait_until
+from worker.localstack import RedisServer, SentinelStack, make_tls_files, wait_until
 from worker.pipeline import Pipeline
 from worker.publisher import Publisher
 from worker.settings import get_settings
@@ -109,3 +109,35 @@ def test_a_wrong_ca_fails_clearly_everywhere_and_loses_nothing(tls_redis, produc
     assert "configuration error" in str(started.value) and NOT_ACCEPTED in str(started.value), started.value
     print(f"\nwrong CA: producer raised EnqueueError (nothing spooled); CLI exit 2; worker stopped: "
           f"{status.stderr.strip()[:200]}")
+
+
+def test_sentinels_over_tls(tls_redis, product_env, worker_factory, sandbox_client, unique_email, monkeypatch,
+                            tmp_path):
+    """sentinels://: TLS to the Sentinels and to the master they name, with the same private CA."""
+    _, other = tls_redis
+    stack = SentinelStack(tls=make_tls_files(tmp_path / "ca")).start()
+    w = None
+    try:
+        w = worker_factory("tls-sentinel", **stack.env)
+        _point_producer_at(monkeypatch, stack.url, tmp_path / "spool")
+        monkeypatch.setenv("REDIS_SENTINEL_MASTER", stack.master_name)
+        get_settings.cache_clear()
+        emails = {f"{i}-{unique_email}" for i in range(5)}
+        for email in emails:
+            worker.track("tls_sentinel_probe", email=email, vendors=["convertloop"])
+        assert Publisher.default().spool.pending() == 0, "an event was spooled: the producer could not reach Redis"
+        wait_until(lambda: emails <= {r["body"]["person"]["email"] for r in sandbox_client.requests(vendor="convertloop")
+                                      if r["status"] == 200}, timeout=45, message=f"every event (log: {w.log_path})")
+
+        env = {**product_env, **stack.env}
+        check = _run(env, "-m", "worker", "check")
+        assert check.returncode == 0 and "(TLS) at 127.0.0.1:" in check.stdout, check.stderr
+        wrong = _run({**env, "REDIS_URL": stack.url.replace(stack.tls.ca, other.ca)}, "-m", "worker", "check")
+        assert wrong.returncode == 2 and "the Sentinel at 127.0.0.1:" in wrong.stderr \
+            and NOT_ACCEPTED in wrong.stderr, (wrong.returncode, wrong.stderr)
+        print(f"\nsentinels:// {len(emails)} events delivered; CLI: {check.stdout.strip()}; wrong CA: "
+              f"{wrong.stderr.strip()[:160]}")
+    finally:
+        if w is not None:
+            w.stop()  # before its Redis goes: a warm shutdown without Redis waits for its timeout
+        stack.stop()

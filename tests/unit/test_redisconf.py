@@ -53,8 +53,10 @@ def test_a_sentinel_url_names_every_sentinel_and_the_master():
                                                                                      pytest.approx(0.2), "spw")
 
     celery = t.celery()
-    assert celery["broker_url"] == ("sentinel://:redispw@10.0.0.1:26379/2;sentinel://:redispw@10.0.0.2:26379/2;"
-                                    "sentinel://:redispw@[fd00::3]:26380/2")
+    # One URL (kombu would fail over to a second one with its own transport); every Sentinel in an option.
+    assert celery["broker_url"] == "sentinel://:redispw@10.0.0.1:26379/2"
+    assert celery["transport_options"]["sentinels"] == ["sentinel://10.0.0.1:26379", "sentinel://10.0.0.2:26379",
+                                                        "sentinel://[fd00::3]:26380"]
     assert celery["broker_transport"] == "worker.transport:SentinelTransport"
     assert celery["transport_options"]["master_name"] == "mymaster"
     assert celery["transport_options"]["sentinel_kwargs"]["password"] == "spw"
@@ -150,3 +152,16 @@ def test_wait_replicas_spools_what_no_replica_confirmed(product_env, redis_serve
         publisher.close()
         client.delete("loops")
         get_settings.cache_clear()
+
+
+def test_a_sentinel_that_does_not_answer_is_passed_over_at_once():
+    """redis-py retries a refused connection three times with backoff (seconds); a Sentinel client must not."""
+    from worker.localstack import free_port
+
+    t = RedisTarget.parse(f"sentinel://127.0.0.1:{free_port()}/0", master="m")
+    manager = t.client(socket_connect_timeout=1).connection_pool.sentinel_manager
+    assert manager.sentinels[0].connection_pool.connection_kwargs["retry"] is None
+    assert t.celery()["transport_options"]["sentinel_kwargs"]["retry"] is None
+    with pytest.raises(redis.ConnectionError):
+        manager.sentinels[0].ping()
+    assert manager.sentinels[0].connection_pool.make_connection().retry.get_retries() == 0
