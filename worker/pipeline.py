@@ -36,10 +36,6 @@ import httpx
 import pydantic
 
 from . import clients, metrics, observability
-from .retries import backoff
-from .retries.attempts import RetryState
-from .retries.breaker import Breaker
-from .retries.schedule import RetrySchedule
 from .batching import Batcher, Sent
 from .deadletters import (
     MALFORMED,
@@ -54,8 +50,12 @@ from .deadletters import (
 from .errors import DeadLettered
 from .events import check_encodable, parse_event, utc_iso
 from .limits.ratelimit import RateLimiter, limiter_for
-from .settings import Settings, get_settings
 from .limits.throttle import Throttle
+from .retries import backoff
+from .retries.attempts import RetryState
+from .retries.breaker import Breaker
+from .retries.schedule import RetrySchedule
+from .settings import Settings, get_settings
 from .vendors import VENDORS, Outcome, Request, Vendor, Verdict
 from .vendors.base import AnyEvent
 

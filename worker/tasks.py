@@ -33,10 +33,10 @@ from celery.exceptions import Reject, Retry
 from .app import app
 from .limits import gate
 from .limits.throttle import Throttled
-from .publisher import TaskMessages
 from .pipeline import Delivered, Pipeline, RetryableError, RetryLater, VendorDown
-from .retries.attempts import RetryState
+from .publisher import TaskMessages
 from .retries import ticker
+from .retries.attempts import RetryState
 
 DELIVER_TASK = "worker.deliver"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -110,7 +110,7 @@ def call_and_check(client: redis.Redis, op: str, kwargs: dict[str, Any], expect:
         assert event[key] == value, f"{key}: queued {event[key]!r}, asked for {value!r}"
     if op == "track" and kwargs.get("occurred_at") is not None:
         asked = kwargs["occurred_at"]
-        asked = asked if asked.tzinfo else asked.replace(tzinfo=timezone.utc)
+        asked = asked if asked.tzinfo else asked.replace(tzinfo=UTC)
         assert datetime.fromisoformat(event["occurred_at"].replace("Z", "+00:00")) == asked
     parsed = parse_event(event)  # the worker will accept it
 

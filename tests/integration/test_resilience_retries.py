@@ -14,9 +14,9 @@ import statistics
 import pytest
 
 import worker
-from worker.retries.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
+from worker.retries.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

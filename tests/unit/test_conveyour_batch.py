@@ -15,8 +15,9 @@ import respx
 from worker.deadletters import DeadLetterStore
 from worker.errors import DeadLettered
 from worker.events import IdentifyEvent, Identity, SegmentEvent, TrackEvent
-from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.limits.ratelimit import RateLimiter, Reservation, Unlimited
+from worker.limits.throttle import Throttle
+from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.sandbox.conveyour import ConveYourAPI
 from worker.settings import (
@@ -24,7 +25,6 @@ from worker.settings import (
     DEFAULT_CONVEYOUR_BATCH_SIZE,
     Settings,
 )
-from worker.limits.throttle import Throttle
 from worker.vendors import VENDORS, Outcome, Verdict
 
 CY = VENDORS["conveyour"]

@@ -11,11 +11,11 @@ import respx
 
 from worker.deadletters import DeadLetterStore
 from worker.errors import DeadLettered
-from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.limits.ratelimit import Unlimited
+from worker.limits.throttle import Throttle
+from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.settings import Settings
-from worker.limits.throttle import Throttle
 from worker.vendors import VENDORS
 
 BASE = "https://vendor.test"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
@@ -145,7 +145,7 @@ def test_classification(vendor, status, verdict):
 def test_retry_after_seconds_and_http_date():
     v = VENDORS["loops"]
     assert v.classify(429, {"retry-after": "7"}, Request("POST", "/x", {})).retry_after == 7.0
-    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    when = datetime.now(UTC) + timedelta(seconds=30)
     got = v.classify(503, {"retry-after": format_datetime(when, usegmt=True)}, Request("POST", "/x", {})).retry_after
     assert 28 <= got <= 30
     assert parse_retry_after("garbage") is None

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -86,7 +86,7 @@ def format_retry_after(value: int | float | str, fmt: str = "seconds") -> str:
     if isinstance(value, str):
         return value
     if fmt == "http-date":
-        when = datetime.now(timezone.utc) + timedelta(seconds=value)
+        when = datetime.now(UTC) + timedelta(seconds=value)
         return format_datetime(when, usegmt=True)
     return str(math.ceil(value))
 
