@@ -143,7 +143,7 @@ class Stack:
             try:
                 part.stop()
                 self.stopped.append(name)
-            except Exception as exc:  # keep going: a later part must still stop
+            except Exception as exc:  # noqa: BLE001 - keep going: a later part must still stop
                 print(f"stopping {name} failed: {exc}", file=sys.stderr, flush=True)
 
 

@@ -203,7 +203,8 @@ class Pipeline:
                                                          f"(set {vendor.credential_env})"))
         cap = self.settings.event_property_cap
         if event.operation == "track" and len(event.properties) > cap:
-            self._dead(this.dead_letter(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
+            self._dead(this.dead_letter(PROPERTY_CAP,
+                                        f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
 
         if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
             raise VendorDown(vendor.name)

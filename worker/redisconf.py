@@ -24,7 +24,7 @@ Example::
     Traceback (most recent call last):
     ...
     worker.redisconf.RedisConfigError: REDIS_URL names Redis Sentinels (sentinel://10.0.0.1:26379/0): set REDIS_SENTINEL_MASTER to the name they monitor the master under (sentinel monitor <name> ...)
-"""
+"""  # noqa: E501 (the doctest shows the error message as raised, on one line)
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ class RedisTarget:
         if self.username or self.password:
             auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
         hosts = [f"[{h}]" if ":" in h else h for h, _ in self.sentinels]
-        url = ";".join(f"sentinel://{auth}{h}:{p}/{self.db}" for h, (_, p) in zip(hosts, self.sentinels))
+        url = ";".join(f"sentinel://{auth}{h}:{p}/{self.db}" for h, (_, p) in zip(hosts, self.sentinels, strict=True))
         options = {"master_name": self.master,
                    "sentinel_kwargs": self.sentinel_kwargs({"socket_connect_timeout": timeout,
                                                             "socket_timeout": timeout})}

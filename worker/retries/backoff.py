@@ -28,7 +28,8 @@ def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None
     return (rng or random).uniform(0, ceiling)
 
 
-def countdown(attempt: int, retry_after: float | None, base: float, cap: float, rng: random.Random | None = None) -> float:
+def countdown(attempt: int, retry_after: float | None, base: float, cap: float,
+              rng: random.Random | None = None) -> float:
     """Seconds until the next attempt: ``Retry-After`` (plus a little spread) when given, else full jitter."""
     rng = rng or random
     if retry_after is not None:

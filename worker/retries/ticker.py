@@ -76,7 +76,7 @@ class Ticker(threading.Thread):
             for vendor in self.vendors:
                 try:
                     sleep = min(sleep, self.tick(vendor))
-                except Exception as exc:  # Redis away or restarting: the next round tries again
+                except Exception as exc:  # noqa: BLE001 - Redis away or restarting: the next round tries again
                     log.debug("retry ticker: %s: %s", vendor, exc)
             _wake.wait(max(MIN_SLEEP, sleep))
 

@@ -43,7 +43,7 @@ class Request:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     REJECTED = "rejected"
