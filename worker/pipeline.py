@@ -270,6 +270,7 @@ class Pipeline:
             self._dead(this.dead_letter(REQUEST_ERROR, sent.error, request=_request_dict(request)))
         bulk = f" (item {sent.index} of a bulk request of {sent.batch})" if sent.batch > 1 else ""
         if outcome.verdict is Verdict.DELIVERED:
+            assert outcome.status is not None, "a delivered verdict comes from a vendor's answer"
             # DEBUG: Celery's own "succeeded" line already says vendor, status, attempt and time.
             log.debug("delivered %s %s event=%s status=%s attempt=%s in %.0fms%s",
                      vendor.name, this.event.operation, this.event.id, outcome.status, this.number,

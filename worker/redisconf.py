@@ -224,6 +224,7 @@ class RedisTarget:
         """The master's address as the Sentinels report it; :class:`RedisConfigError` if the Sentinels that
         answer do not monitor REDIS_SENTINEL_MASTER or refuse us, ``MasterNotFoundError`` if none answers or
         the master is down (a failover may be under way)."""
+        assert self.master is not None, "not a Sentinel target"  # parse() requires the master's name for Sentinels
         manager = Sentinel(self.sentinels, sentinel_kwargs={
             **self.sentinel_kwargs(), "socket_connect_timeout": timeout, "socket_timeout": timeout,
             "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0)})
@@ -233,7 +234,8 @@ class RedisTarget:
         try:
             for node in manager.sentinels:
                 try:
-                    masters = node.sentinel_masters()
+                    # A dict by master name from every redis-py parser; the annotation also allows a list.
+                    masters: dict[str, dict[str, Any]] = node.sentinel_masters()  # type: ignore[assignment]
                 except redis.RedisError as exc:
                     problem = config_problem(exc)
                     addr = "{host}:{port}".format_map(node.connection_pool.connection_kwargs)

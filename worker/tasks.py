@@ -81,6 +81,7 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
                               first_failure=state.first_failure, probe=probe)
     if isinstance(result, RetryLater):
         message = _retry_message(vendor, event, task_id, retries + 1, result.state)
+        assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
         pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
         ticker.poke()
     return result

@@ -174,7 +174,7 @@ class Channel(kombu_redis.Channel):
                     repr(time.time()), *names]
             self._pending = "take"
         self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's class default is None
         self.client.connection.send_command(*args)
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -220,7 +220,7 @@ class Channel(kombu_redis.Channel):
             self.connection._deliver(message, dest)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]  # kombu's class default is False
             self._flush_brpop_reauth()
 
 
@@ -251,7 +251,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 class SentinelTransport(Transport):
     """:class:`Transport` through Redis Sentinel: ``sentinel://h1:26379/0;sentinel://h2:26379/0`` broker URLs."""
 
-    default_port = 26379
+    default_port = 26379  # type: ignore[assignment]  # kombu's class default is None
     Channel = SentinelChannel
 
 

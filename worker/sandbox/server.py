@@ -118,6 +118,7 @@ class SandboxApp:
         state, name = self.state, vendor.name
         idem_key = headers.get("idempotency-key")
         record = state.begin(name, method, path, query, headers, body, vendor.check_auth(headers), idem_key)
+        extra: list[tuple[str, str]]
         status, payload, extra = 500, None, []
         try:
             status, payload, extra = self._vendor_reply(vendor, record, method, path, headers, body, idem_key)

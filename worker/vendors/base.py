@@ -27,10 +27,18 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
+from pydantic import SecretStr
+
 from ..events import IdentifyEvent, SegmentEvent, TrackEvent
 from ..settings import Settings
 
 AnyEvent = IdentifyEvent | TrackEvent | SegmentEvent
+
+
+def secret(value: SecretStr | None) -> str:
+    """A credential's value for :meth:`Vendor.auth_headers`; "" if unset (the pipeline never sends to a vendor
+    that is not enabled, i.e. whose credentials are unset)."""
+    return value.get_secret_value() if value is not None else ""
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
     >>> parse_retry_after("3")
     3.0
-    >>> parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=datetime(2015, 10, 21, 7, 27, 58, tzinfo=timezone.utc))
+    >>> parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=datetime(2015, 10, 21, 7, 27, 58, tzinfo=UTC))
     2.0
     """
     if not value:
