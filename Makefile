@@ -52,13 +52,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check worker tests examples celeryconfig.py
 	$(PY) -m mypy
 
-# Full sizes, noisy figures 3 runs each, about 30-35 minutes on 2 cores (28 measured before the 5-minute retries group): table on stdout, JSON in bench-results.json,
+# Full sizes, noisy figures 3 runs each, about 31-36 minutes on 2 cores (28 measured before the 5-minute retries group and the 1-minute web group): table on stdout, JSON in bench-results.json,
 # and README.md's Performance table rewritten from that JSON (not with --only or --no-readme).
 # BENCH_ARGS e.g. --only enqueue, --profile var/profile. Again from a JSON: python -m tests.benchmarks.readme FILE
 bench: $(STAMP)
 	$(PY) -m tests.benchmarks --json bench-results.json $(BENCH_ARGS)
 
-# Small sizes, each figure once, about 3½ minutes on 2 cores (213 s measured): fails only if something breaks (not on a missed target);
+# Small sizes, each figure once, about 4 minutes on 2 cores (213 s measured before the 11-second web group): fails only if something breaks (not on a missed target);
 # never touches README.md.
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)

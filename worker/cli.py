@@ -282,9 +282,17 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .errors import ConfigurationError
+    from .producer import check_configuration
     from .settings import get_settings
 
+    try:
+        vendors = check_configuration()
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     print(f"ok: {get_settings().redis_target().check(timeout=args.timeout)}")
+    print(f"vendors: {', '.join(vendors)}" if vendors else "vendors: none (ALLOW_NO_VENDORS=true: events go nowhere)")
     return 0
 
 
@@ -327,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--vendor", choices=list(VENDORS), help="only this vendor's retries")
     rl.set_defaults(func=cmd_retries_release)
 
-    ck = sub.add_parser("check", help="check the configuration, and that Redis (and its Sentinels) answer")
+    ck = sub.add_parser("check", help="check the configuration (a vendor enabled), and that Redis (and its "
+                                      "Sentinels) answer")
     ck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)")
     ck.set_defaults(func=cmd_check)
 

@@ -7,10 +7,14 @@ the same share of ``PUBLISH_TIMEOUT`` as the blocking publisher's (and by
 else is the process's blocking :class:`~worker.publisher.Publisher`: its
 "Redis is down" state, its spool and its flusher thread. What blocks — creating
 that publisher (it imports Celery's app), writing a spool file (``fsync``) —
-runs in a small thread pool of its own, so the event loop only ever awaits.
+runs in a thread of its own, so the event loop only ever awaits.
 
 One AsyncPublisher per event loop (a ``redis.asyncio`` connection belongs to
-the loop that made it); it follows ``Publisher.reset_default()`` and forks.
+the loop that made it); it follows ``Publisher.reset_default()`` and forks, and
+closes its connections when its loop shuts down (``asyncio.run`` and asgiref's
+``async_to_sync`` — a Django async view under WSGI — end each loop with
+``shutdown_asyncgens()``, which runs an async generator's ``finally``), so
+short-lived loops leave no socket behind.
 
 Example::
 
@@ -26,6 +30,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,11 +39,13 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .publisher import QUEUED, Publisher, _lpush
+from .publisher import QUEUED, NotReplicated, Publisher, _lpush, _wait
 from .spool import Message
 
-#: Threads that write spool files (and create the process's publisher) for asyncio callers.
-SPOOL_THREADS = 4
+#: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
+#: thread more contends with the event loop for the GIL (with four, the loop stalled several times longer
+#: while they spooled; README, Performance); a spooled call waits for an fsync, not for Python.
+SPOOL_THREADS = 1
 
 _executor: ThreadPoolExecutor | None = None
 _executor_pid: int | None = None
@@ -55,14 +62,24 @@ def executor() -> ThreadPoolExecutor:
         return _executor
 
 
-async def _push(client: redis.asyncio.Redis, messages: list[Message]) -> None:
-    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries)."""
+async def _push(client: redis.asyncio.Redis, messages: list[Message], replicas: int = 0, wait_ms: int = 0) -> None:
+    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries); with ``replicas``,
+    a ``WAIT replicas wait_ms`` in the same write, and NotReplicated if fewer confirm (as the blocking one)."""
     pool = client.connection_pool
     conn = await pool.get_connection()
     try:
-        await conn.send_packed_command([b"".join(_lpush(q, m) for q, m in messages)], check_health=False)
+        wait = [_wait(replicas, wait_ms)] if replicas else []
+        await conn.send_packed_command([b"".join([*(_lpush(q, m) for q, m in messages), *wait])],
+                                       check_health=False)
         for _ in messages:
             await conn.read_response()
+        if replicas:
+            acked = await conn.read_response()
+            if acked < replicas:
+                raise NotReplicated(f"only {acked} of {replicas} replica(s) confirmed the event within {wait_ms} ms "
+                                    f"(PUBLISH_WAIT_REPLICAS={replicas})")
+    except NotReplicated:
+        raise
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
@@ -77,9 +94,10 @@ class AsyncPublisher:
 
     def __init__(self, sync: Publisher) -> None:
         self.sync = sync
+        self._closer: AsyncGenerator[None, None] | None = None
         attempt = sync.attempt_timeout
-        self.redis = redis.asyncio.Redis.from_url(
-            sync.settings.redis_url,
+        # Plain, TLS or Sentinel: the same target as the blocking publisher's (worker.redisconf).
+        self.redis = sync.target.async_client(
             socket_connect_timeout=attempt,
             socket_timeout=attempt,
             retry=Retry(NoBackoff(), 0),
@@ -98,6 +116,8 @@ class AsyncPublisher:
         if pub is None or pub.sync is not sync:
             old, pub = pub, cls(sync)
             cls._by_loop[loop] = pub
+            pub._closer = _close_with_loop(pub)
+            await pub._closer.__anext__()
             if old is not None:
                 await old.aclose()
         return pub
@@ -114,18 +134,32 @@ class AsyncPublisher:
         if sync.worth_trying(spool):
             started = time.monotonic()
             error = await self._try_push(messages)
-            # A pooled connection may have died with an earlier Redis: one fresh try if time allows.
-            if error and time.monotonic() - started < sync.attempt_timeout:
+            # A pooled connection may have died with an earlier Redis (or master): one fresh try if time allows.
+            # Not after NotReplicated: the master has the messages (they are spooled as well).
+            if (error and not isinstance(error, NotReplicated)
+                    and time.monotonic() - started < sync.attempt_timeout):
+                sync._raise_if_misconfigured(payload, error, None)  # no I/O without ``started``
                 error = await self._try_push(messages)
             if error is None:
+                sync._master_checked = True
                 return QUEUED
+            loop = asyncio.get_running_loop()
+            # The last chance may ask the Sentinels whether they know the master (blocking): in the thread too.
+            return await loop.run_in_executor(executor(), self._fail_over, payload, messages, error, spool, started)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor(), sync.fail_over, payload, messages, error, spool)
 
+    def _fail_over(self, payload: dict[str, Any], messages: list[Message], error: Exception, spool: bool,
+                   started: float) -> str:
+        """In the spool's thread: EnqueueError for a misconfiguration, else spool as the blocking publisher does."""
+        self.sync._raise_if_misconfigured(payload, error, started)
+        return self.sync.fail_over(payload, messages, error, spool)
+
     async def _try_push(self, messages: list[Message]) -> Exception | None:
+        sync = self.sync
         try:
-            async with asyncio.timeout(self.sync.attempt_timeout):
-                await _push(self.redis, messages)
+            async with asyncio.timeout(sync.attempt_timeout):
+                await _push(self.redis, messages, sync._replicas, sync._wait_ms)
         except (redis.RedisError, OSError) as exc:  # refused, reset, timed out (TimeoutError is an OSError)...
             return exc
         return None
@@ -135,3 +169,11 @@ class AsyncPublisher:
             await self.redis.aclose()
         except (redis.RedisError, OSError):
             pass
+
+
+async def _close_with_loop(pub: AsyncPublisher) -> AsyncIterator[None]:
+    """Suspended for the loop's life; the loop's ``shutdown_asyncgens()`` closes it, and ``pub`` with it."""
+    try:
+        yield
+    finally:
+        await pub.aclose()

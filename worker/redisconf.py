@@ -158,6 +158,22 @@ class RedisTarget:
             node.update(ssl=True, **self.tls)
         return manager.master_for(self.master, **node, **kwargs)
 
+    def async_client(self, **kwargs: Any) -> redis.asyncio.Redis:
+        """:meth:`client` for asyncio (``redis.asyncio``; its connections belong to the running event loop).
+
+        ``kwargs`` are the same options; a ``retry`` must be ``redis.asyncio.retry.Retry``.
+        """
+        import redis.asyncio
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        if not self.is_sentinel:
+            return redis.asyncio.Redis.from_url(self.url, **kwargs)
+        manager = AsyncSentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs(kwargs))
+        node: dict[str, Any] = {"db": self.db, "username": self.username, "password": self.password}
+        if self.tls is not None:
+            node.update(ssl=True, **self.tls)
+        return manager.master_for(self.master, **node, **kwargs)
+
     def sentinel_kwargs(self, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Connection options for the Sentinels themselves: their password, TLS, and ``kwargs``' timeouts
         divided among them (redis-py asks them in turn), and ``kwargs``' retry policy."""

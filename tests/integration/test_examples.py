@@ -52,13 +52,15 @@ def consumer(worker_factory):
 
 
 @pytest.fixture(params=["flask", "fastapi", "django"])
-def app(request, consumer, product_env, sandbox_client, tmp_path):
-    server = _server(request.param, product_env, tmp_path).start()
+def app(request, consumer, product_env, sandbox_client, tmp_path, leak_watch):
+    server = _server(request.param, product_env, tmp_path)
     try:
+        server.start()
         with httpx.Client(base_url=server.url, timeout=30) as client:
             yield client
     finally:
         server.stop()
+        leak_watch.add_log(server.log_path)  # the web server's log too must hold no credential
 
 
 SIGNUP_PATHS = {"convertloop": "/event_logs", "loops": "/events/send", "conveyour": "/analytics/track"}

@@ -1,5 +1,7 @@
 """The asyncio producer API: the blocking API's validation, ids and messages; the loop keeps running while
-Redis is refused or hangs; the spool is written off the loop; a cancelled caller's event is not lost."""
+Redis is refused or hangs; the spool is written off the loop; a cancelled caller's event is not lost. And
+misconfiguration is loud: no vendor enabled is a ConfigurationError (calls, startup check, ``worker check``)
+unless ALLOW_NO_VENDORS=true."""
 
 from __future__ import annotations
 
@@ -86,6 +88,28 @@ def test_bad_input_raises_invalid_event_and_enqueues_nothing(queues, call, messa
     with pytest.raises(worker.InvalidEvent, match=message):
         asyncio.run(call())
     assert _queued(queues) == {}
+
+
+def test_short_lived_loops_leave_no_connection_behind(queues):
+    """asyncio.run per call (as asgiref runs a Django async view under WSGI): each loop's connection closes
+    with the loop, not whenever the garbage collector finds it."""
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    asyncio.run(worker.aio.track("warm_up", email="j@a.co"))
+    gc.disable()
+    try:
+        before = open_fds()
+        for i in range(20):
+            asyncio.run(worker.aio.track("one_loop_each", email=f"u{i}@a.co"))
+        after = open_fds()
+    finally:
+        gc.enable()
+    assert after <= before, f"{after - before} file descriptors left open by 20 event loops"
+    assert len(_queued(queues)["loops"]) == 21
 
 
 # -- Redis away -------------------------------------------------------------------
@@ -252,3 +276,15 @@ def test_check_configuration_at_startup(no_vendors, monkeypatch):
 def test_bad_input_is_still_invalid_event_when_no_vendor_is_enabled(no_vendors):
     with pytest.raises(worker.InvalidEvent):
         worker.track("", email="j@a.co")
+
+
+def test_the_check_command_names_the_vendors_or_fails_without_one(no_vendors, product_env, capsys, monkeypatch):
+    from worker.cli import main
+
+    assert main(["check", "--timeout", "5"]) == 2
+    assert "no vendor is enabled" in capsys.readouterr().err
+    monkeypatch.setenv("LOOPS_API_KEY", "k")
+    get_settings.cache_clear()
+    assert main(["check", "--timeout", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok: redis://127.0.0.1:") and out[1] == "vendors: loops"
