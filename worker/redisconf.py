@@ -168,6 +168,7 @@ class RedisTarget:
 
         if not self.is_sentinel:
             return redis.asyncio.Redis.from_url(self.url, **kwargs)
+        assert self.master is not None  # parse() requires the master's name for Sentinels
         manager = AsyncSentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs(kwargs))
         node: dict[str, Any] = {"db": self.db, "username": self.username, "password": self.password}
         if self.tls is not None:
