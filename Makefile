@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Every package the product, its tests and examples use, pinned: make, CI and the Docker image install from it.
 LOCK   := requirements.lock
 
-.PHONY: demo test test-fast install compose-check clean bench bench-smoke lock example-flask example-fastapi example-django
+.PHONY: demo test test-fast lint install compose-check clean bench bench-smoke lock example-flask example-fastapi example-django
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m 'not slow'
 
+# ruff (lint only, never `ruff format`) and mypy, as configured in pyproject.toml; CI runs it before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check worker tests examples celeryconfig.py
+	$(PY) -m mypy
+
 # Full sizes, noisy figures 3 runs each, about 31-36 minutes on 2 cores (28 measured before the 5-minute retries group and the 1-minute web group): table on stdout, JSON in bench-results.json,
 # and README.md's Performance table rewritten from that JSON (not with --only or --no-readme).
 # BENCH_ARGS e.g. --only enqueue, --profile var/profile. Again from a JSON: python -m tests.benchmarks.readme FILE
@@ -67,4 +72,4 @@ compose-check:
 	FLOWER_BASIC_AUTH=user:password $$compose -f docker/compose.yaml config -q
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache bench-*.json
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-*.json

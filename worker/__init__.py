@@ -21,5 +21,5 @@ from .app import app
 from .errors import ConfigurationError, DeadLettered, EnqueueError, InvalidEvent
 from .producer import check_configuration, identify, segment, track
 
-__all__ = ["app", "identify", "track", "segment", "aio", "check_configuration", "InvalidEvent", "DeadLettered", "EnqueueError",
-           "ConfigurationError"]
+__all__ = ["app", "identify", "track", "segment", "aio", "check_configuration", "InvalidEvent", "DeadLettered",
+           "EnqueueError", "ConfigurationError"]

@@ -16,9 +16,9 @@ from celery import Celery, signals
 
 from . import metrics
 from .limits.gate import QueueGate
-from .retries.ticker import TickerStep
 from .observability import init_sentry
 from .redisconf import RedisConfigError
+from .retries.ticker import TickerStep
 from .settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from pydantic import ValidationError
@@ -132,7 +133,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                         and e.id not in {seen.id for seen in entries}]
     replayed = skipped = 0
     for entry in entries:
-        if not entry.replayable:
+        if not entry.replayable or entry.event is None:
             print(f"skipped {entry.id}: a {entry.reason} message cannot be replayed (purge it)")
             skipped += 1
             continue
@@ -300,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     dl = sub.add_parser("deadletters", help="list, show, replay or purge dead letters")
     dsub = dl.add_subparsers(dest="action", required=True)
-    vendor = {"choices": list(VENDORS), "help": "only this vendor's dead letters"}
+    vendor: dict[str, Any] = {"choices": list(VENDORS), "help": "only this vendor's dead letters"}
 
     ls = dsub.add_parser("list", help="list dead letters, oldest first")
     ls.add_argument("--vendor", **vendor)

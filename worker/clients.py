@@ -28,13 +28,23 @@ USER_AGENT = "vendor-delivery-worker/0.1"
 CONNECTIONS_PER_THREAD = 4
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"pid": None}
+
+
+class _Clients:
+    """This process's clients, made on first use; ``pid`` is the process they belong to."""
+
+    pid: int | None = None
+    http: PerThreadTransport | None = None
+    redis: redis.Redis | None = None
+
+
+_state = _Clients()
 
 
 def _reset_if_forked() -> None:
-    if _state["pid"] != os.getpid():
-        _state.clear()
-        _state["pid"] = os.getpid()
+    if _state.pid != os.getpid():
+        _state.http = _state.redis = None
+        _state.pid = os.getpid()
 
 
 class PerThreadTransport(httpx.BaseTransport):
@@ -74,13 +84,13 @@ def http_client() -> PerThreadTransport:
     """
     with _lock:
         _reset_if_forked()
-        transport = _state.get("http")
+        transport = _state.http
         if transport is None:
-            transport = _state["http"] = PerThreadTransport()
+            transport = _state.http = PerThreadTransport()
         return transport
 
 
-def request_timeout(s: Settings) -> dict[str, float]:
+def request_timeout(s: Settings) -> dict[str, float | None]:
     """HTTP_TIMEOUT for one exchange (connecting takes at most CONNECT_TIMEOUT_CAP of it), as httpcore wants it."""
     return httpx.Timeout(s.http_timeout, connect=min(s.http_timeout, CONNECT_TIMEOUT_CAP)).as_dict()
 
@@ -89,19 +99,20 @@ def redis_client() -> redis.Redis:
     """The process's Redis client for limiter state, breakers, the retry schedule and dead letters."""
     with _lock:
         _reset_if_forked()
-        client = _state.get("redis")
+        client = _state.redis
         if client is None:
             s = get_settings()
             # REDIS_URL may name Sentinels: the client then follows the master across failovers.
             client = s.redis_target().client(socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
-            _state["redis"] = client
+            _state.redis = client
         return client
 
 
 def reset() -> None:
     """Forget the clients (tests use it after changing the environment)."""
     with _lock:
-        for key in ("http", "redis"):
-            obj = _state.pop(key, None)
+        http, client = _state.http, _state.redis
+        _state.http = _state.redis = None
+        for obj in (http, client):
             if obj is not None:
                 obj.close()

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import time
@@ -148,7 +149,7 @@ class DeadLetterStore:
         ids = self.client.zrange(self.index_key, 0, -1)
         if not ids:
             return []
-        rows = self.client.hmget(self.hash_key, ids)
+        rows = self.client.hmget(self.hash_key, ids)  # type: ignore[arg-type]  # zrange without scores: names
         entries = [DeadLetter.model_validate_json(r) for r in rows if r]
         return [e for e in entries if vendor is None or e.vendor == vendor]
 
@@ -164,7 +165,7 @@ class DeadLetterStore:
     def count(self) -> int:
         return self.client.hlen(self.hash_key)
 
-    def find(self, key: str) -> list[DeadLetter]:
+    def find(self, key: str) -> builtins.list[DeadLetter]:  # `list` is the method above
         """The dead letters ``key`` names: a dead-letter id; else an event id, or a task id
         (``<event id>.<vendor>``, as Flower shows it): all of that event's (or task's) dead letters, oldest first."""
         entry = self.get(key)

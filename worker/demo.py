@@ -143,7 +143,7 @@ class Stack:
             try:
                 part.stop()
                 self.stopped.append(name)
-            except Exception as exc:  # keep going: a later part must still stop
+            except Exception as exc:  # noqa: BLE001 - keep going: a later part must still stop
                 print(f"stopping {name} failed: {exc}", file=sys.stderr, flush=True)
 
 
@@ -319,7 +319,8 @@ def _show(args: argparse.Namespace, stack: Stack, signals: StopSignals) -> None:
     loops_tries = [r["status"] for r in event_report(records, ["loops"], retried)["loops"]]
     _say(f"retried:   event {retried} (track upgraded) to loops: {attempts_text(loops_tries)}")
     conveyour_tries = [r["status"] for r in event_report(records, ["conveyour"], REJECTED_MARK)["conveyour"]]
-    from .cli import error_text, main as cli
+    from .cli import error_text
+    from .cli import main as cli
 
     for entry in dead:
         _say(f"dead letter: event {rejected} (identify jack) to {entry.vendor}: answered "

@@ -101,7 +101,9 @@ def _people(body: object) -> set[str]:
     out = set()
     for b in bodies:
         if isinstance(b, dict):
-            person = b.get("person") if isinstance(b.get("person"), dict) else b
+            person = b.get("person")
+            if not isinstance(person, dict):
+                person = b
             out |= {str(person[k]) for k in ("email", "id", "userId", "user_id") if person.get(k)}
     return out
 

@@ -15,8 +15,8 @@ Example::
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -122,7 +122,7 @@ class SegmentEvent(_Event):
         return self
 
 
-Event = Annotated[Union[IdentifyEvent, TrackEvent, SegmentEvent], Field(discriminator="operation")]
+Event = Annotated[IdentifyEvent | TrackEvent | SegmentEvent, Field(discriminator="operation")]
 _EVENT = TypeAdapter(Event)
 
 
@@ -162,14 +162,14 @@ def iso_utc(value: datetime | str) -> str:
     if not isinstance(value, datetime):
         raise ValueError(f"occurred_at must be a datetime or an ISO 8601 string, not {type(value).__name__}")
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def utc_now() -> str:
-    return iso_utc(datetime.now(timezone.utc))
+    return iso_utc(datetime.now(UTC))
 
 
 def utc_iso(unix_time: float) -> str:
     """A Unix time as an ISO 8601 UTC timestamp, like :func:`utc_now`."""
-    return iso_utc(datetime.fromtimestamp(unix_time, timezone.utc))
+    return iso_utc(datetime.fromtimestamp(unix_time, UTC))

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -195,6 +196,7 @@ class SentinelStack:
         wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up",
                    timeout=timeout, message="the replica to sync")
         binary = shutil.which("redis-server")
+        assert binary is not None  # the master and the replica above run it
         for port in self.sentinel_ports:
             conf = Path(self.dir) / f"sentinel-{port}.conf"
             listen = f"port {port}\n"
@@ -214,7 +216,8 @@ class SentinelStack:
         def settled() -> bool:  # every Sentinel sees the master, its replica and the other Sentinels
             try:
                 for port in self.sentinel_ports:
-                    state = self.sentinel(port).sentinel_master(self.master_name)
+                    # A dict from one Sentinel's client (the bool in the annotation is Sentinel.execute_command's).
+                    state: dict[str, Any] = self.sentinel(port).sentinel_master(self.master_name)  # type: ignore[assignment]
                     if state["num-slaves"] < 1 or state["num-other-sentinels"] < others:
                         return False
                 return True
@@ -230,13 +233,16 @@ class SentinelStack:
 
     def master_port(self, sentinel_port: int | None = None) -> int:
         """The master's port as a Sentinel reports it."""
-        _, port = self.sentinel(sentinel_port).sentinel_get_master_addr_by_name(self.master_name)
-        return int(port)
+        addr = self.sentinel(sentinel_port).sentinel_get_master_addr_by_name(self.master_name)
+        if not isinstance(addr, tuple):
+            raise RuntimeError(f"the Sentinel does not know master {self.master_name!r}: {addr!r}")
+        return int(addr[1])
 
     def kill_master(self) -> int:
         """SIGKILL the master now (no shutdown, no last writes); returns its port."""
         port = self.master_port()
         proc = self.nodes[port].proc
+        assert proc is not None, "started"
         proc.kill()
         proc.wait(5)
         return port
@@ -473,13 +479,13 @@ class AppServer:
 
     def start(self, timeout: float = 60.0) -> AppServer:
         with open(self.log_path, "wb") as log:  # the child keeps its own handle
-            self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            proc = self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
 
         def up() -> bool:
             import httpx
 
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise RuntimeError(f"{self.command[:3]} exited:\n{self.log()[-3000:]}")
             try:
                 return httpx.get(self.url + self.health_path, timeout=1).status_code == 200

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any
 
 import sentry_sdk
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.types import Event, Hint
 
 from .scrub import scrub_obj
 from .settings import Settings
@@ -26,7 +26,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-def before_send(event: dict[str, Any], hint: dict[str, Any], secrets: list[str]) -> dict[str, Any]:
+def before_send(event: Event, hint: Hint, secrets: list[str]) -> Event:
     return scrub_obj(event, secrets)
 
 

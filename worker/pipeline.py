@@ -36,10 +36,6 @@ import httpx
 import pydantic
 
 from . import clients, metrics, observability
-from .retries import backoff
-from .retries.attempts import RetryState
-from .retries.breaker import Breaker
-from .retries.schedule import RetrySchedule
 from .batching import Batcher, Sent
 from .deadletters import (
     MALFORMED,
@@ -54,8 +50,12 @@ from .deadletters import (
 from .errors import DeadLettered
 from .events import check_encodable, parse_event, utc_iso
 from .limits.ratelimit import RateLimiter, limiter_for
-from .settings import Settings, get_settings
 from .limits.throttle import Throttle
+from .retries import backoff
+from .retries.attempts import RetryState
+from .retries.breaker import Breaker
+from .retries.schedule import RetrySchedule
+from .settings import Settings, get_settings
 from .vendors import VENDORS, Outcome, Request, Vendor, Verdict
 from .vendors.base import AnyEvent
 
@@ -203,7 +203,8 @@ class Pipeline:
                                                          f"(set {vendor.credential_env})"))
         cap = self.settings.event_property_cap
         if event.operation == "track" and len(event.properties) > cap:
-            self._dead(this.dead_letter(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
+            self._dead(this.dead_letter(PROPERTY_CAP,
+                                        f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
 
         if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
             raise VendorDown(vendor.name)
@@ -269,6 +270,7 @@ class Pipeline:
             self._dead(this.dead_letter(REQUEST_ERROR, sent.error, request=_request_dict(request)))
         bulk = f" (item {sent.index} of a bulk request of {sent.batch})" if sent.batch > 1 else ""
         if outcome.verdict is Verdict.DELIVERED:
+            assert outcome.status is not None, "a delivered verdict comes from a vendor's answer"
             # DEBUG: Celery's own "succeeded" line already says vendor, status, attempt and time.
             log.debug("delivered %s %s event=%s status=%s attempt=%s in %.0fms%s",
                      vendor.name, this.event.operation, this.event.id, outcome.status, this.number,

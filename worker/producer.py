@@ -139,7 +139,7 @@ def _names(name: str, value: Any) -> list[Any]:
     return list(value)
 
 
-def _build(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any]):
+def _build(model: type[IdentifyEvent | TrackEvent | SegmentEvent], identity: dict[str, Any], fields: dict[str, Any]):
     data = {"id": os.urandom(16).hex(), "created_at": utc_now(), "identity": identity, **fields}
     try:
         event = model.model_validate(data)
@@ -186,12 +186,12 @@ def plan(event: Any, vendors: Iterable[str] | None, settings: Settings) -> list[
     if not names:
         raise InvalidEvent("vendors is empty; leave it out to send to every enabled vendor")
     for name in names:
-        vendor = VENDORS.get(name) if isinstance(name, str) else None
-        if vendor is None:
+        named = VENDORS.get(name) if isinstance(name, str) else None
+        if named is None:
             raise InvalidEvent(f"unknown vendor {name!r}; known: {', '.join(VENDORS)}")
-        if not vendor.enabled(settings):
-            raise InvalidEvent(f"vendor {name!r} is not enabled: set {vendor.credential_env}")
-        reason = vendor.refusal(event, settings)
+        if not named.enabled(settings):
+            raise InvalidEvent(f"vendor {name!r} is not enabled: set {named.credential_env}")
+        reason = named.refusal(event, settings)
         if reason:
             raise InvalidEvent(f"vendor {name!r} cannot take this {event.operation}: {reason}")
     return names
@@ -225,7 +225,7 @@ def _no_vendor_enabled(event: Any, settings: Settings) -> None:
         "(or ALLOW_NO_VENDORS=true where events may be dropped, e.g. in development)")
 
 
-def _prepare(model: type[pydantic.BaseModel], identity: dict[str, Any], fields: dict[str, Any],
+def _prepare(model: type[IdentifyEvent | TrackEvent | SegmentEvent], identity: dict[str, Any], fields: dict[str, Any],
              vendors: Iterable[str] | None) -> Prepared:
     event, payload, text = _build(model, identity, fields)
     return Prepared(event.id, payload, text, plan(event, vendors, get_settings()))

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -171,7 +171,7 @@ class AsyncPublisher:
             pass
 
 
-async def _close_with_loop(pub: AsyncPublisher) -> AsyncIterator[None]:
+async def _close_with_loop(pub: AsyncPublisher) -> AsyncGenerator[None, None]:
     """Suspended for the loop's life; the loop's ``shutdown_asyncgens()`` closes it, and ``pub`` with it."""
     try:
         yield

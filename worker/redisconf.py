@@ -24,7 +24,7 @@ Example::
     Traceback (most recent call last):
     ...
     worker.redisconf.RedisConfigError: REDIS_URL names Redis Sentinels (sentinel://10.0.0.1:26379/0): set REDIS_SENTINEL_MASTER to the name they monitor the master under (sentinel monitor <name> ...)
-"""
+"""  # noqa: E501 (the doctest shows the error message as raised, on one line)
 
 from __future__ import annotations
 
@@ -168,6 +168,7 @@ class RedisTarget:
 
         if not self.is_sentinel:
             return redis.asyncio.Redis.from_url(self.url, **kwargs)
+        assert self.master is not None  # parse() requires the master's name for Sentinels
         manager = AsyncSentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs(kwargs))
         node: dict[str, Any] = {"db": self.db, "username": self.username, "password": self.password}
         if self.tls is not None:
@@ -257,6 +258,7 @@ class RedisTarget:
         """The master's address as the Sentinels report it; :class:`RedisConfigError` if the Sentinels that
         answer do not monitor REDIS_SENTINEL_MASTER or refuse us, ``MasterNotFoundError`` if none answers or
         the master is down (a failover may be under way)."""
+        assert self.master is not None, "not a Sentinel target"  # parse() requires the master's name for Sentinels
         manager = Sentinel(self.sentinels, sentinel_kwargs={
             **self.sentinel_kwargs(), "socket_connect_timeout": timeout, "socket_timeout": timeout,
             "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0)})
@@ -266,7 +268,8 @@ class RedisTarget:
         try:
             for node in manager.sentinels:
                 try:
-                    masters = node.sentinel_masters()
+                    # A dict by master name from every redis-py parser; the annotation also allows a list.
+                    masters: dict[str, dict[str, Any]] = node.sentinel_masters()  # type: ignore[assignment]
                 except redis.RedisError as exc:
                     problem = config_problem(exc)
                     addr = "{host}:{port}".format_map(node.connection_pool.connection_kwargs)

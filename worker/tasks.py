@@ -33,10 +33,10 @@ from celery.exceptions import Reject, Retry
 from .app import app
 from .limits import gate
 from .limits.throttle import Throttled
-from .publisher import TaskMessages
 from .pipeline import Delivered, Pipeline, RetryableError, RetryLater, VendorDown
-from .retries.attempts import RetryState
+from .publisher import TaskMessages
 from .retries import ticker
+from .retries.attempts import RetryState
 
 DELIVER_TASK = "worker.deliver"
 
@@ -81,6 +81,7 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
                               first_failure=state.first_failure, probe=probe)
     if isinstance(result, RetryLater):
         message = _retry_message(vendor, event, task_id, retries + 1, result.state)
+        assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
         pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
         ticker.poke()
     return result

@@ -175,7 +175,7 @@ class Channel(kombu_redis.Channel):
                     repr(time.time()), *names]
             self._pending = "take"
         self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's class default is None
         self.client.connection.send_command(*args)
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -221,7 +221,7 @@ class Channel(kombu_redis.Channel):
             self.connection._deliver(message, dest)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]  # kombu's class default is False
             self._flush_brpop_reauth()
 
 
@@ -288,7 +288,7 @@ class SentinelTransport(Transport):
     """:class:`Transport` through Redis Sentinel: a ``sentinel://h1:26379/0`` broker URL and the transport options
     ``master_name`` and ``sentinels`` (every Sentinel)."""
 
-    default_port = 26379
+    default_port = 26379  # type: ignore[assignment]  # kombu's class default is None
     Channel = SentinelChannel
 
 

@@ -18,6 +18,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -103,7 +104,7 @@ async def health() -> dict:
 
 
 @app.post("/signup", status_code=201)
-async def signup(body: SignupIn, session: AsyncSession = Depends(db)) -> dict:
+async def signup(body: SignupIn, session: Annotated[AsyncSession, Depends(db)]) -> dict:
     user = User(id=new_id(), email=body.email, name=body.name, team=Team(name=body.team))
     try:
         async with session.begin():
@@ -118,7 +119,7 @@ async def signup(body: SignupIn, session: AsyncSession = Depends(db)) -> dict:
 
 
 @app.post("/segments")
-async def segments(body: SegmentsIn, session: AsyncSession = Depends(db)) -> dict:
+async def segments(body: SegmentsIn, session: Annotated[AsyncSession, Depends(db)]) -> dict:
     user = await session.scalar(select(User).where(User.email == body.email))
     if user is None:
         raise HTTPException(404, "no such user")

@@ -3,9 +3,10 @@
 Starts a private Redis and the sandbox, runs the figure groups, prints one table
 (figure, ours, baseline, ratio, target, met?) and writes it as JSON with the
 environment. A full run of every group also rewrites README.md's Performance table
-from that JSON (``readme.py``); ``--smoke``, ``--only`` and ``--no-readme`` never do. Exit status: 0 when every figure was produced (targets missed or
-not: the table says), 1 when something broke (an exception, lost events, a figure
-missing); with ``--strict`` also 2 when a target was missed.
+from that JSON (``readme.py``); ``--smoke``, ``--only`` and ``--no-readme`` never do.
+Exit status: 0 when every figure was produced (targets missed or not: the table says),
+1 when something broke (an exception, lost events, a figure missing); with ``--strict``
+also 2 when a target was missed.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
             stack.say(f"throughput run {i + 1} of {sizes.repeats}")
         for kind, kw in kinds.items():
             got[kind].append(_drain(stack, n, **kw))
-    base, ours, slow = _mid(got["base"]), _mid(got["ours"]), _mid(got["slow"])
+    base, ours = _mid(got["base"]), _mid(got["ours"])
     cap = sandbox_capacity(stack, sizes.sandbox_capacity_requests, concurrency)
     rows = [
         Row.repeated(f"deliveries/s, {n:,} track → ConvertLoop, no latency, vs no-op tasks/s",

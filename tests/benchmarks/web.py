@@ -259,7 +259,8 @@ def run(stack: BenchStack, sizes: Sizes) -> list[Row]:
                             notes=_raw(reference), **reference))
     rows.append(Row.compare(f"{stall}, uvicorn, {sizes.web_clients} clients calling aio.track(), Redis up, "
                             f"{n_up} calls (reference)", up["max_net_ms"], None, "ms", notes=_raw(up), **up))
-    for name, figures, n in (("Redis stopped (refused)", stopped, n_stopped), ("Redis SIGSTOPped (hung)", hung, n_hung)):
+    for name, figures, n in (("Redis stopped (refused)", stopped, n_stopped),
+                             ("Redis SIGSTOPped (hung)", hung, n_hung)):
         rows.append(Row.compare(f"{stall} while {name}, {sizes.web_clients} clients calling aio.track(), {n} calls, "
                                 f"vs {STALL_MS:g} ms", figures["max_net_ms"], STALL_MS, "ms", at_most=1.0,
                                 notes=_raw(figures), calls=n, **figures))

@@ -54,7 +54,8 @@ def test_replay_all_for_one_vendor(store, product_env, worker_factory, sandbox_c
     store.add(entry("loops", "m-" + unique_email, reason="malformed").model_copy(update={"event": None}))
     rc, out, _ = cli(product_env, "replay", "--all", "--vendor", "loops")
     assert rc == 0 and "1 replayed, 1 skipped" in out
-    wait_until(lambda: [r for r in sandbox_client.requests(vendor="loops", status=200) if unique_email in str(r["body"])])
+    wait_until(lambda: [r for r in sandbox_client.requests(vendor="loops", status=200)
+                        if unique_email in str(r["body"])])
     assert [r for r in sandbox_client.requests(vendor="conveyour") if unique_email in str(r["body"])] == []
     assert sorted(e.vendor for e in store.list()) == ["conveyour", "loops"]
     rc, _, err = cli(product_env, "replay")

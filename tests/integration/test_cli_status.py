@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-
 from .test_cli import entry
 
 pytestmark = pytest.mark.integration

@@ -43,7 +43,8 @@ def items(record) -> list[dict]:
 
 def mine(sandbox_client, tag, status=None) -> list[dict]:
     return [r for r in sandbox_client.requests(vendor="conveyour")
-            if r["path"] == "/analytics/identify" and tag in str(r["body"]) and (status is None or r["status"] == status)]
+            if r["path"] == "/analytics/identify" and tag in str(r["body"])
+            and (status is None or r["status"] == status)]
 
 
 def delivered_ids(sandbox_client, tag) -> list[str]:
@@ -58,7 +59,8 @@ def test_identifies_share_requests_under_a_low_rate_limit(env, sandbox_client, u
     n, tag = 60, unique_email
     emails = [f"{i}-{tag}" for i in range(n)]
     t0 = time.time()
-    ids = [worker.identify(email=e, traits={"plan": "pro", "seat": i}, vendors=["conveyour"]) for i, e in enumerate(emails)]
+    ids = [worker.identify(email=e, traits={"plan": "pro", "seat": i}, vendors=["conveyour"])
+           for i, e in enumerate(emails)]
     wait_until(lambda: set(delivered_ids(sandbox_client, tag)) == set(emails), timeout=30, message=f"{n} identifies")
     took = time.time() - t0
     requests = mine(sandbox_client, tag)
@@ -94,7 +96,8 @@ def test_only_the_invalid_identifies_of_a_rejected_batch_are_dead_lettered(env, 
     assert len(mine(sandbox_client, tag)) < n
 
 
-def test_a_bulk_rejection_without_per_item_errors_is_split_and_everything_valid_arrives(env, sandbox_client, unique_email):
+def test_a_bulk_rejection_without_per_item_errors_is_split_and_everything_valid_arrives(env, sandbox_client,
+                                                                                        unique_email):
     sandbox_client.configure("conveyour", fail_next=[{"status": 422, "body": {"message": "bulk refused"}}])
     n, tag = 20, unique_email
     emails = [f"{i}-{tag}" for i in range(n)]

@@ -56,7 +56,8 @@ def test_sigkill_of_every_worker_with_deliveries_in_flight_and_retries_waiting(
     for w in doomed:
         w.proc.wait(10)
     at_kill = len(delivered())
-    assert at_kill < 60 + WAITING and schedule.waiting("loops").count > 0, "nothing was held by the workers: the test proves nothing"
+    assert at_kill < 60 + WAITING and schedule.waiting("loops").count > 0, \
+        "nothing was held by the workers: the test proves nothing"
 
     rescuer = worker_factory("rescuer", **PRODUCT_DEFAULTS)
     sandbox_client.configure("loops", latency_ms=0)
@@ -94,7 +95,8 @@ def test_the_schedule_survives_a_redis_restart_and_is_delivered(worker_factory, 
         assert json.loads(before[0][0])["headers"]["retries"] == 1
 
         w = worker_factory("after-restart", ("-Q", "loops"), REDIS_URL=server.url)
-        wait_until(lambda: len({email_of("loops", x["body"]) for x in sandbox_client.requests(vendor="loops", status=200)
+        wait_until(lambda: len({email_of("loops", x["body"])
+                                for x in sandbox_client.requests(vendor="loops", status=200)
                                 if unique_email in str(x["body"])}) == 50, timeout=60, message="50 deliveries")
         assert RetrySchedule(client, "vdw").waiting("loops").count == 0
         w.stop()

@@ -42,7 +42,8 @@ def dead_letters(event_id):
 def test_identify_reaches_every_vendor_with_exact_shapes(env, sandbox_client, unique_email):
     worker.identify(email=unique_email, user_id="u-1", traits={"first_name": "Jill", "career_sales": 500000})
     match = body_has(unique_email)
-    wait_until(lambda: all(received(sandbox_client, v, match, 200) for v in ("convertloop", "loops")), message="identify")
+    wait_until(lambda: all(received(sandbox_client, v, match, 200) for v in ("convertloop", "loops")),
+               message="identify")
     wait_until(lambda: received(sandbox_client, "conveyour", lambda r: r["body"].get("id") == "u-1", 200))
     (cl,) = received(sandbox_client, "convertloop", match)
     assert (cl["method"], cl["path"]) == ("POST", "/people")
@@ -67,11 +68,13 @@ def test_track_reaches_every_vendor_with_exact_shapes(env, sandbox_client, uniqu
                           "metadata": {"amount": 1000, "customer": "John Doe"}, "ocurred_at": "2026-03-04T03:06:07Z"}
     (lo,) = received(sandbox_client, "loops", match)
     assert (lo["method"], lo["path"]) == ("POST", "/events/send")
-    assert lo["body"] == {"email": unique_email, "eventName": "made_sale", "eventProperties": {"amount": 1000, "customer": "John Doe"}}
+    assert lo["body"] == {"email": unique_email, "eventName": "made_sale",
+                          "eventProperties": {"amount": 1000, "customer": "John Doe"}}
     assert lo["idempotency_key"] == event_id
     (cy,) = received(sandbox_client, "conveyour", match)
     assert (cy["method"], cy["path"]) == ("POST", "/analytics/track")
-    assert cy["body"] == {"id": unique_email, "events": [{"event": "made_sale", "properties": {"amount": 1000, "customer": "John Doe"}}]}
+    assert cy["body"] == {"id": unique_email,
+                          "events": [{"event": "made_sale", "properties": {"amount": 1000, "customer": "John Doe"}}]}
 
 
 def test_segment_reaches_every_vendor_with_exact_shapes(env, sandbox_client, unique_email):
@@ -111,8 +114,10 @@ def test_property_cap_is_checked_again_by_the_worker(env, sandbox_client, unique
                "identity": {"email": unique_email}, "event": "big", "properties": {f"p{i}": i for i in range(16)},
                "occurred_at": None}
     publish(payload, ["conveyour", "loops"])
-    entries = wait_until(lambda: len(dead_letters(payload["id"])) == 2 and dead_letters(payload["id"]), message="cap dead letters")
-    assert {(d.vendor, d.reason, d.attempts) for d in entries} == {("conveyour", "property_cap", 1), ("loops", "property_cap", 1)}
+    entries = wait_until(lambda: len(dead_letters(payload["id"])) == 2 and dead_letters(payload["id"]),
+                         message="cap dead letters")
+    assert {(d.vendor, d.reason, d.attempts) for d in entries} == {("conveyour", "property_cap", 1),
+                                                                   ("loops", "property_cap", 1)}
     assert received(sandbox_client, "conveyour", body_has(unique_email)) == []
     assert received(sandbox_client, "loops", body_has(unique_email)) == []
 
@@ -148,7 +153,8 @@ def test_422_is_dead_lettered_after_one_attempt(env, sandbox_client, unique_emai
     sandbox_client.configure("conveyour", fail_next=[{"status": 422, "body": {"error": "bad field"}}])
     event_id = worker.identify(email=unique_email, vendors=["conveyour"])
     (entry,) = wait_until(lambda: dead_letters(event_id), message="dead letter")
-    assert (entry.vendor, entry.operation, entry.reason, entry.status, entry.attempts) == ("conveyour", "identify", "rejected", 422, 1)
+    assert (entry.vendor, entry.operation, entry.reason, entry.status, entry.attempts) == \
+        ("conveyour", "identify", "rejected", 422, 1)
     assert "bad field" in entry.response_body
     wait_idle(env["REDIS_URL"])  # nothing queued or held: no further request can come
     assert len(received(sandbox_client, "conveyour", body_has(unique_email))) == 1

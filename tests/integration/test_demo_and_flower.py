@@ -320,7 +320,8 @@ def test_an_unreachable_redis_url_is_a_clear_error_without_its_password(tmp_path
     run = Demo(("--redis-url", url, "--exit-after", "0"), tmp_path).start()
     rc = run.finish()
     err = run.stderr.read_text()
-    assert rc == 1 and "demo failed: --redis-url redis://:***@127.0.0.1:" in err and "ConnectionError" in err, run.output()
+    assert rc == 1 and "demo failed: --redis-url redis://:***@127.0.0.1:" in err and "ConnectionError" in err, \
+        run.output()
     assert "hunter2" not in run.output() and "Traceback" not in err
     assert run.lines[-1] == "stopped"
 
@@ -348,8 +349,8 @@ def flower(base_env, worker_factory, tmp_path_factory, leak_watch):
     try:
         url = proc.start().url
         yield url
-        leak_watch.add_text("flower /api/tasks", httpx.get(f"{url}/api/tasks", auth=("ops", "secret-pw"), timeout=5).text,
-                            kind="flower")
+        leak_watch.add_text("flower /api/tasks",
+                            httpx.get(f"{url}/api/tasks", auth=("ops", "secret-pw"), timeout=5).text, kind="flower")
     finally:
         proc.stop()
         leak_watch.add_log(log_path)
@@ -399,4 +400,5 @@ def test_flower_shows_dead_letter_as_failure_and_the_retry(flower, product_env, 
     failed = wait_until(lambda: (t := flower_task(flower, f"{dead}.convertloop")) and t["state"] == "FAILURE" and t,
                         timeout=20, message="FAILURE in Flower")
     assert "DeadLettered" in failed["exception"]
-    assert "convertloop" in failed["exception"] and "status=422" in failed["exception"] and "reason=rejected" in failed["exception"]
+    exception = failed["exception"]
+    assert "convertloop" in exception and "status=422" in exception and "reason=rejected" in exception

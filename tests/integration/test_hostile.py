@@ -36,7 +36,8 @@ def valid_event(marker: str, **changes) -> dict:
 
 
 def celery_body(args: list, kwargs: dict | None = None) -> bytes:
-    return json.dumps([args, kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    return json.dumps([args, kwargs or {}, embed]).encode()
 
 
 HUGE = 5 * 1024 * 1024
@@ -96,7 +97,8 @@ def test_garbage_in_every_queue_is_dead_lettered_or_rejected_and_delivery_goes_o
         return sorted(key for key in dead_lettered if not entries_for(marker[key]))
 
     try:
-        wait_until(lambda: not missing(), timeout=60, interval=0.25, message="a dead letter for every malformed message")
+        wait_until(lambda: not missing(), timeout=60, interval=0.25,
+                   message="a dead letter for every malformed message")
     except AssertionError:
         raise AssertionError(f"no dead letter for {missing()}; worker alive: {w.proc.poll() is None}; "
                              f"log tail:\n{w.log()[-3000:]}") from None
@@ -120,7 +122,8 @@ def test_garbage_in_every_queue_is_dead_lettered_or_rejected_and_delivery_goes_o
         (entry,) = found
         assert entry.reason == "malformed" and not entry.replayable, (key, entry.reason)
         # The vendor the message named (a message naming none is filed under "None"), else the queue's.
-        assert entry.vendor == {"unknown-vendor": "nosuchvendor", "no-args": "None"}.get(key[0], key[1]), (key, entry.vendor)
+        named = {"unknown-vendor": "nosuchvendor", "no-args": "None"}.get(key[0], key[1])
+        assert entry.vendor == named, (key, entry.vendor)
         assert len(entry.raw or "") <= 4096 and len(entry.model_dump_json()) < 16_384
         if how == "dead-lettered":
             assert entry.task_id == m

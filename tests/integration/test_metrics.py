@@ -57,7 +57,7 @@ def test_known_traffic_from_two_worker_processes_is_counted_exactly(worker_facto
     workers = [worker_factory("metrics-a"), worker_factory("metrics-b")]  # two processes: one total in Redis
     try:
         before = metric_values(exporter.scrape())
-        for vendor, (n, failures) in TRAFFIC.items():
+        for vendor, (_n, failures) in TRAFFIC.items():
             sandbox_client.configure(vendor, fail_next=failures)
         for vendor, (n, _) in TRAFFIC.items():
             for i in range(n):

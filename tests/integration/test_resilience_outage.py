@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 import worker
-from tests.helpers import breaker_open, email_of as _email
+from tests.helpers import breaker_open
+from tests.helpers import email_of as _email
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -110,7 +110,7 @@ def call_and_check(client: redis.Redis, op: str, kwargs: dict[str, Any], expect:
         assert event[key] == value, f"{key}: queued {event[key]!r}, asked for {value!r}"
     if op == "track" and kwargs.get("occurred_at") is not None:
         asked = kwargs["occurred_at"]
-        asked = asked if asked.tzinfo else asked.replace(tzinfo=timezone.utc)
+        asked = asked if asked.tzinfo else asked.replace(tzinfo=UTC)
         assert datetime.fromisoformat(event["occurred_at"].replace("Z", "+00:00")) == asked
     parsed = parse_event(event)  # the worker will accept it
 
@@ -128,7 +128,8 @@ def mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy
     return st.one_of(good, good, bad)
 
 
-finite = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+finite = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+          | st.text(max_size=20))
 scalars = finite | st.floats(allow_nan=True, allow_infinity=True)
 json_like = st.recursive(
     scalars,
@@ -185,7 +186,8 @@ def test_identify_returns_an_id_or_invalid_event_and_round_trips(queues, identit
 
 @hsettings(max_examples=EXAMPLES["track"], **SETTINGS)
 @given(identity=identities, event=event_names, properties=mappings, occurred_at=occurred, vendors=vendor_lists)
-def test_track_returns_an_id_or_invalid_event_and_round_trips(queues, identity, event, properties, occurred_at, vendors):
+def test_track_returns_an_id_or_invalid_event_and_round_trips(queues, identity, event, properties, occurred_at,
+                                                              vendors):
     kwargs = {**identity, "event": event, "properties": properties, "occurred_at": occurred_at, "vendors": vendors}
     call_and_check(queues, "track", kwargs, lambda: {"event": event, "properties": mapping_as_queued(properties)})
 

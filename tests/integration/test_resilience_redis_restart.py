@@ -81,7 +81,8 @@ def test_worker_carries_on_after_redis_restart_and_the_limit_holds(restartable_r
                        timeout=60, interval=0.2, message=f"every {phase}-restart event at {vendor}")
     assert w.proc.poll() is None, "the worker died with Redis"
 
-    after = sorted(r["ts"] for r in sandbox_client.requests(vendor="loops") if r["ts"] > up_at and unique_email in str(r["body"]))
+    after = sorted(r["ts"] for r in sandbox_client.requests(vendor="loops")
+                   if r["ts"] > up_at and unique_email in str(r["body"]))
     rejected = [r for r in sandbox_client.requests(vendor="loops") if r["status"] == 429]
     span = after[-1] - after[0]
     rate = (len(after) - 1) / span if span else float("inf")

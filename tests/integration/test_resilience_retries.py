@@ -14,9 +14,9 @@ import statistics
 import pytest
 
 import worker
-from worker.retries.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
+from worker.retries.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -70,7 +70,8 @@ def test_always_500_gets_exactly_max_attempts_with_growing_jittered_gaps(retry_w
     print(f"\n{EVENTS} deliveries x {ATTEMPTS} attempts; caps {[cap(n) for n in range(1, ATTEMPTS)]} s")
     for g in gaps.values():
         print("  gaps " + " ".join(f"{x:5.2f}" for x in g))
-    print("  mean " + " ".join(f"{x:5.2f}" for x in means) + f"   (full jitter expects {[cap(n) / 2 for n in range(1, ATTEMPTS)]})")
+    print("  mean " + " ".join(f"{x:5.2f}" for x in means)
+          + f"   (full jitter expects {[cap(n) / 2 for n in range(1, ATTEMPTS)]})")
 
     for eid, g in gaps.items():
         for n, gap in enumerate(g, start=1):
@@ -96,7 +97,8 @@ def test_retry_after_is_honoured_between_attempts(retry_worker, product_env, san
     print("\nRetry-After 3 then 2: gaps " + " ".join(f"{x:.2f}" for x in gaps))
     for n, retry_after in ((0, 3), (2, 2)):
         spread = min(RETRY_AFTER_SPREAD_MAX, RETRY_AFTER_SPREAD * retry_after)
-        assert retry_after <= gaps[n] <= retry_after + spread + SLACK, f"gap {n + 1}: {gaps[n]:.2f}s, Retry-After {retry_after}"
+        assert retry_after <= gaps[n] <= retry_after + spread + SLACK, \
+            f"gap {n + 1}: {gaps[n]:.2f}s, Retry-After {retry_after}"
     for n in (1, 3, 4):
         assert gaps[n] <= cap(n + 1) + SLACK
     assert (entry.reason, entry.status, entry.attempts) == ("retries_exhausted", 500, ATTEMPTS)

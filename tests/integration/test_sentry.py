@@ -70,10 +70,12 @@ def sentry(worker_factory, leak_watch):
     leak_watch.add_text("sentry envelopes", b"\n".join(stub.raw), kind="sentry")
 
 
-def test_retry_then_success_reports_nothing_and_dead_letter_reports_once(sentry, product_env, sandbox_client, unique_email):
+def test_retry_then_success_reports_nothing_and_dead_letter_reports_once(sentry, product_env, sandbox_client,
+                                                                        unique_email):
     sandbox_client.configure("loops", fail_next=[503, 502])
     retried = worker.track("t", email=unique_email, vendors=["loops"])
-    wait_until(lambda: sandbox_client.requests(vendor="loops", status=200), timeout=20, message="delivery after retries")
+    wait_until(lambda: sandbox_client.requests(vendor="loops", status=200), timeout=20,
+               message="delivery after retries")
     time.sleep(1.5)
     assert sentry.events() == [], f"a retried delivery must not be reported: {sentry.events()}"
 

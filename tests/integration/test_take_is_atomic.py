@@ -42,6 +42,7 @@ def test_message_popped_by_a_frozen_worker_is_not_lost(worker_factory, product_e
     assert "nowhere" not in where, f"the message left Redis with the frozen worker: {where}"
 
     worker_factory("rescuer", BROKER_VISIBILITY_TIMEOUT=5)
-    wait_until(lambda: [r for r in sandbox_client.requests(vendor="loops", status=200) if r["body"]["email"] == unique_email],
+    wait_until(lambda: [r for r in sandbox_client.requests(vendor="loops", status=200)
+                        if r["body"]["email"] == unique_email],
                timeout=60, message="the event at loops")
     client.close()

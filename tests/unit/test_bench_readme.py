@@ -38,8 +38,8 @@ def bench_doc(smoke: bool = False, errors: list[str] | None = None) -> dict:
     ]
     return {
         "environment": {"date": "2026-11-24T09:30:00+00:00", "cpu_count": 2, "cpu_model": "AMD EPYC",
-                        "load_average_at_start": [1.5, 0.75, 0.25], "load_average_at_end": [3.0, 2.5, 1.0], "python": "3.11.9",
-                        "git_commit": "abc1234+dirty"},
+                        "load_average_at_start": [1.5, 0.75, 0.25], "load_average_at_end": [3.0, 2.5, 1.0],
+                        "python": "3.11.9", "git_commit": "abc1234+dirty"},
         "sizes": asdict(Sizes.small() if smoke else Sizes.full()),
         "elapsed_seconds": 1260.0,
         "errors": errors or [],
@@ -62,8 +62,8 @@ def test_the_markdown_names_when_where_and_what_and_shows_medians_with_ranges():
     assert "load average (1, 5, 15 min) at start 1.50, 0.75, 0.25 (at the end 3.00, 2.50, 1.00)" in lines[0]
     assert "Python 3.11.9" in lines[0] and "commit `abc1234+dirty`" in lines[0] and "21 min" in lines[0]
     assert "| figure | ours | baseline | ratio | target | met |" in lines
-    assert "| deliveries/s vs no-op tasks/s [1] | 300.0 /s (280.0–320.0) | 400.0 /s (390.0–410.0) | 0.75 | >= 0.7 | ✔ |" \
-        in lines
+    assert ("| deliveries/s vs no-op tasks/s [1] | 300.0 /s (280.0–320.0) | 400.0 /s (390.0–410.0) | 0.75 "
+            "| >= 0.7 | ✔ |") in lines
     assert "| enqueue p50 | 240.0 µs (230.0–250.0) | 150.0 µs (140.0–160.0) | 1.60 | <= 2x | ✔ |" in lines
     assert "| worker peak RSS | 100.2 MB | — | — | <= 150 MB | ✔ |" in lines
     assert "| producer call p100 vs PUBLISH_TIMEOUT | 260.0 ms | 250.0 ms | 1.04 | <= 1x | ✘ |" in lines

@@ -3,8 +3,6 @@ spacing, closes on an answer, and costs no Redis call for a healthy delivery."""
 
 from __future__ import annotations
 
-
-import pytest
 import redis
 
 from worker.retries.breaker import CLOSED, OPEN, Breaker

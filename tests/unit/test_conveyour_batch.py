@@ -15,8 +15,9 @@ import respx
 from worker.deadletters import DeadLetterStore
 from worker.errors import DeadLettered
 from worker.events import IdentifyEvent, Identity, SegmentEvent, TrackEvent
-from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.limits.ratelimit import RateLimiter, Reservation, Unlimited
+from worker.limits.throttle import Throttle
+from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.sandbox.conveyour import ConveYourAPI
 from worker.settings import (
@@ -24,7 +25,6 @@ from worker.settings import (
     DEFAULT_CONVEYOUR_BATCH_SIZE,
     Settings,
 )
-from worker.limits.throttle import Throttle
 from worker.vendors import VENDORS, Outcome, Verdict
 
 CY = VENDORS["conveyour"]
@@ -57,7 +57,8 @@ def track(uid: str) -> TrackEvent:
 
 def test_batch_settings_defaults_and_environment(monkeypatch):
     s = Settings(_env_file=None)
-    assert (s.conveyour_batch_size, s.conveyour_batch_max_wait) == (DEFAULT_CONVEYOUR_BATCH_SIZE, DEFAULT_CONVEYOUR_BATCH_MAX_WAIT)
+    assert (s.conveyour_batch_size, s.conveyour_batch_max_wait) == \
+        (DEFAULT_CONVEYOUR_BATCH_SIZE, DEFAULT_CONVEYOUR_BATCH_MAX_WAIT)
     assert (DEFAULT_CONVEYOUR_BATCH_SIZE, DEFAULT_CONVEYOUR_BATCH_MAX_WAIT) == (50, 0.05)
     monkeypatch.setenv("CONVEYOUR_BATCH_SIZE", "7")
     monkeypatch.setenv("CONVEYOUR_BATCH_MAX_WAIT", "0")
@@ -196,13 +197,15 @@ def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_
     with httpx.HTTPTransport() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.5), events)
     assert isinstance(bodies[0], list) and len(bodies[0]) == 10, "one bulk request for all ten"
-    assert len(bodies) == 2 and sorted(b["id"] for b in bodies[1]) == sorted(f"u{i}" for i in range(10) if i not in (3, 7))
+    assert len(bodies) == 2
+    assert sorted(b["id"] for b in bodies[1]) == sorted(f"u{i}" for i in range(10) if i not in (3, 7))
     delivered = [e.id for e, r in zip(events, results, strict=True) if isinstance(r, Delivered)]
     assert delivered == [e.id for i, e in enumerate(events) if i not in (3, 7)]
     entries = {d.event_id: d for d in store.list()}
     assert set(entries) == {"ev-u3", "ev-u7"}
     bad = entries["ev-u3"]
-    assert (bad.vendor, bad.operation, bad.reason, bad.status, bad.attempts) == ("conveyour", "identify", "rejected", 422, 1)
+    assert (bad.vendor, bad.operation, bad.reason, bad.status, bad.attempts) == \
+        ("conveyour", "identify", "rejected", 422, 1)
     assert "traits.tags must be an object" in bad.error and "bulk request of 10" in bad.error
     assert "traits.tags.add must be a list of strings" in entries["ev-u7"].error
     assert bad.request == {"method": "POST", "path": "/analytics/identify",
@@ -226,7 +229,8 @@ def test_batch_size_1_sends_each_identify_alone_as_before(store):
 def test_track_is_never_batched(store):
     route = respx.post(f"{BASE}/analytics/track").mock(return_value=httpx.Response(200, json={"success": True}))
     with httpx.HTTPTransport() as http:
-        results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3), [track(f"u{i}") for i in range(3)])
+        results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3),
+                              [track(f"u{i}") for i in range(3)])
     assert all(isinstance(r, Delivered) for r in results)
     assert [json.loads(c.request.content)["id"] for c in route.calls] and all(
         isinstance(json.loads(c.request.content), dict) for c in route.calls)
@@ -239,7 +243,8 @@ def test_a_failed_bulk_request_retries_every_item(store, answer):
     route = respx.post(f"{BASE}/analytics/identify")
     route.mock(side_effect=[answer]) if isinstance(answer, Exception) else route.mock(return_value=answer)
     with httpx.HTTPTransport() as http:
-        results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3), [identify(f"u{i}") for i in range(5)])
+        results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3),
+                              [identify(f"u{i}") for i in range(5)])
     assert route.call_count == 1
     assert all(isinstance(r, RetryLater) and r.attempt == 1 for r in results)
     assert store.list() == []

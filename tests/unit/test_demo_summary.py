@@ -51,7 +51,8 @@ def test_an_events_lines_count_only_its_own_requests_and_the_totals_are_labelled
         rec(6, "conveyour", 422, {"id": "jill", "events": [{"event": "made_sale"}]}, path="/analytics/track"),
     ]
     lines = demo.delivery_lines("ev1", "track made_sale", demo.event_report(records, VENDORS, '"made_sale"'))
-    assert lines[0] == "delivered: event ev1 (track made_sale) NOT delivered to conveyour; each vendor's requests for this event:"
+    assert lines[0] == ("delivered: event ev1 (track made_sale) NOT delivered to conveyour; "
+                        "each vendor's requests for this event:")
     assert lines[1].split() == ["convertloop", "POST", "/event_logs", "answered", "200:", "delivered", "on", "attempt",
                                 "1,", "without", "a", "retry"]
     assert "/events/send" in lines[2] and "503" not in lines[2]

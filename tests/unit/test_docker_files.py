@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml  # noqa: E402  (PyYAML: dev extra)
+import yaml  # PyYAML: dev extra
 
 from worker.settings import Settings
 
@@ -208,7 +208,8 @@ def test_flower_requires_basic_auth_from_the_environment(services: dict) -> None
     assert not any("basic-auth" in t for t in tokens), "the login must not be on the command line (ps shows it)"
     env = environment(flower)
     value = env.get("FLOWER_BASIC_AUTH")
-    assert value and PURE_INTERPOLATION_RE.match(value), f"FLOWER_BASIC_AUTH must come from the environment, got {value!r}"
+    assert value and PURE_INTERPOLATION_RE.match(value), \
+        f"FLOWER_BASIC_AUTH must come from the environment, got {value!r}"
     assert ":?" in value, "an unset FLOWER_BASIC_AUTH must stop compose, not open Flower without a login"
     assert set(env) == {"REDIS_URL", "FLOWER_BASIC_AUTH"}, "Flower must not receive vendor credentials"
 
@@ -296,7 +297,8 @@ def test_no_secrets_in_dockerfile() -> None:
 
 
 def _compose_cli() -> list[str] | None:
-    """Docker Compose v2 (``docker compose``) as the README runs it, else v1 (``docker-compose``), as make compose-check."""
+    """Docker Compose v2 (``docker compose``) as the README runs it, else v1 (``docker-compose``),
+    as make compose-check."""
     if shutil.which("docker"):
         probe = subprocess.run(
             ["docker", "compose", "version"], capture_output=True, text=True, timeout=60

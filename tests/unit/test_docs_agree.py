@@ -72,7 +72,8 @@ def _compose_check(tmp_path: Path, docker_v2: bool | None, v1: bool) -> tuple[su
     calls = tmp_path / "calls"
     record = f'echo "${{0##*/}} $* FLOWER_BASIC_AUTH=$FLOWER_BASIC_AUTH" >> {calls}\n'
     if docker_v2 is not None:
-        plugin = 'if [ "$1" = compose ]; then ' + (":; " if docker_v2 else "echo 'unknown command' >&2; exit 1; ") + "fi\n"
+        compose = ":; " if docker_v2 else "echo 'unknown command' >&2; exit 1; "
+        plugin = 'if [ "$1" = compose ]; then ' + compose + "fi\n"
         _fake(bin_dir, "docker", plugin + 'if [ "$2" = version ]; then exit 0; fi\n' + record)
     if v1:
         _fake(bin_dir, "docker-compose", record)

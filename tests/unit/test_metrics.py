@@ -106,7 +106,8 @@ def recorded(store):
                         retry_max_attempts=3)
     recorder = Recorder()
     with httpx.HTTPTransport() as http:
-        yield Pipeline(settings, http, store, {v: Unlimited() for v in VENDORS}, Throttle(), recorder=recorder), recorder
+        pipeline = Pipeline(settings, http, store, {v: Unlimited() for v in VENDORS}, Throttle(), recorder=recorder)
+        yield pipeline, recorder
 
 
 @respx.mock

@@ -11,7 +11,8 @@ from worker.settings import Settings
 
 
 def test_before_send_scrubs_every_credential_anywhere():
-    secrets = Settings(_env_file=None, loops_api_key="lk-123", convertloop_app_id="app", convertloop_api_key="ck-9").secrets()
+    settings = Settings(_env_file=None, loops_api_key="lk-123", convertloop_app_id="app", convertloop_api_key="ck-9")
+    secrets = settings.secrets()
     event = {
         "message": "auth Bearer lk-123 failed",
         "extra": {"headers": {"Authorization": "Basic app:ck-9"}, "list": ["x lk-123", 3, None]},

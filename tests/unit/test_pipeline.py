@@ -11,11 +11,11 @@ import respx
 
 from worker.deadletters import DeadLetterStore
 from worker.errors import DeadLettered
-from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.limits.ratelimit import Unlimited
+from worker.limits.throttle import Throttle
+from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.settings import Settings
-from worker.limits.throttle import Throttle
 from worker.vendors import VENDORS
 
 BASE = "https://vendor.test"
@@ -147,7 +147,8 @@ def test_the_retry_window_ends_in_retries_exhausted_with_first_and_last_failure(
     assert began is not None and abs(began - time.time()) < 60
     # Inside the window: retried, the wait never reaching past the window's end.
     late = pipeline.deliver("convertloop", track(), attempt=40, first_failure=time.time() - 3599)
-    assert isinstance(late, RetryLater) and late.countdown <= 1.0 and late.state == RetryState(40, late.state.first_failure)
+    assert isinstance(late, RetryLater) and late.countdown <= 1.0
+    assert late.state == RetryState(40, late.state.first_failure)
     # Past it: the dead letter, with attempts and both failure times.
     with pytest.raises(DeadLettered):
         pipeline.deliver("convertloop", track(), attempt=41, first_failure=time.time() - 3601)

@@ -34,7 +34,8 @@ def published(monkeypatch):
 
 def test_track_fans_out_to_every_vendor_and_round_trips(published):
     when = datetime(2026, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
-    event_id = worker.track("made_sale", email="jill@acme.co", properties={"amount": 1000, "tags": ["a"]}, occurred_at=when)
+    event_id = worker.track("made_sale", email="jill@acme.co", properties={"amount": 1000, "tags": ["a"]},
+                            occurred_at=when)
     ((payload, vendors),) = published
     assert vendors == ["convertloop", "loops", "conveyour"]
     assert payload["id"] == event_id and isinstance(event_id, str)

@@ -21,7 +21,8 @@ def test_a_plain_url_is_used_as_it_always_was():
     assert (t.is_sentinel, t.db, t.password, t.tls) == (False, 3, "pw", None)
     kwargs = t.client(socket_timeout=1).connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["socket_timeout"]) == ("127.0.0.1", 6390, 3, 1)
-    assert t.celery() == {"broker_url": "redis://:pw@127.0.0.1:6390/3", "broker_transport": "worker.transport:Transport",
+    assert t.celery() == {"broker_url": "redis://:pw@127.0.0.1:6390/3",
+                          "broker_transport": "worker.transport:Transport",
                           "transport_options": {}, "broker_use_ssl": None}
     assert "pw" not in t.describe() and "6390" in t.describe()
 

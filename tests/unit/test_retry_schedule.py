@@ -8,7 +8,6 @@ import multiprocessing
 import uuid
 from collections import Counter
 
-import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -419,7 +419,7 @@ def test_rate_limit_429_with_http_date_retry_after(
     assert limited
     header = limited[0].headers["retry-after"]
     assert header.endswith("GMT")
-    delta = (parsedate_to_datetime(header) - datetime.now(timezone.utc)).total_seconds()
+    delta = (parsedate_to_datetime(header) - datetime.now(UTC)).total_seconds()
     assert 25 <= delta <= 31
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
@@ -26,7 +26,8 @@ CREATED = "2026-01-01T00:00:00Z"
 
 
 def identify(**identity):
-    return IdentifyEvent(id="ev1", created_at=CREATED, identity=Identity(**identity), traits={"plan": "pro", "seats": 3})
+    return IdentifyEvent(id="ev1", created_at=CREATED, identity=Identity(**identity),
+                         traits={"plan": "pro", "seats": 3})
 
 
 def track(**identity):
@@ -82,7 +83,8 @@ class TestLoops:
     def test_track_sends_event_with_idempotency_key(self):
         r = build("loops", track(user_id="42"))
         assert (r.method, r.path) == ("POST", "/events/send")
-        assert r.json == {"userId": "42", "eventName": "made_sale", "eventProperties": {"amount": 1000, "customer": "John Doe"}}
+        assert r.json == {"userId": "42", "eventName": "made_sale",
+                          "eventProperties": {"amount": 1000, "customer": "John Doe"}}
         assert r.headers == {"Idempotency-Key": "ev2"}
 
     def test_segment_maps_mailing_lists(self):
@@ -117,7 +119,8 @@ class TestConveYour:
     def test_track_falls_back_to_email(self):
         r = build("conveyour", track(email="j@a.co"))
         assert (r.method, r.path) == ("POST", "/analytics/track")
-        assert r.json == {"id": "j@a.co", "events": [{"event": "made_sale", "properties": {"amount": 1000, "customer": "John Doe"}}]}
+        assert r.json == {"id": "j@a.co",
+                          "events": [{"event": "made_sale", "properties": {"amount": 1000, "customer": "John Doe"}}]}
 
     def test_segment_is_tags(self):
         r = build("conveyour", segment(user_id="42"))
@@ -145,7 +148,7 @@ def test_classification(vendor, status, verdict):
 def test_retry_after_seconds_and_http_date():
     v = VENDORS["loops"]
     assert v.classify(429, {"retry-after": "7"}, Request("POST", "/x", {})).retry_after == 7.0
-    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    when = datetime.now(UTC) + timedelta(seconds=30)
     got = v.classify(503, {"retry-after": format_datetime(when, usegmt=True)}, Request("POST", "/x", {})).retry_after
     assert 28 <= got <= 30
     assert parse_retry_after("garbage") is None

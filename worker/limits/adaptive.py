@@ -190,7 +190,8 @@ local function count_cut(st, now, ceiling, sent)
   return '429 with ' .. sent .. ' requests in the last second'
 end
 
-local FIELDS = {{'tat', 'rate', 'ceiling', 'announced', 'announced_until', 'win_start', 'n', 'n429', 'full', 'cut_at', 'seq', 'bad', 'bad_until', 'epoch'}}
+local FIELDS = {{'tat', 'rate', 'ceiling', 'announced', 'announced_until', 'win_start', 'n', 'n429', 'full',
+                'cut_at', 'seq', 'bad', 'bad_until', 'epoch'}}
 
 local function load(key, now, ceiling)
   local v = redis.call('HMGET', key, unpack(FIELDS))

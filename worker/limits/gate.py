@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from celery import bootsteps
 
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 MIN_PAUSE = 0.05
 MAX_PAUSE = 2.0
 
-_consumer = None
+#: The worker's consumer (celery.worker.consumer.Consumer, untyped) while it runs, else None.
+_consumer: Any = None
 _paused: set[str] = set()
 _held: set[str] = set()
 _lock = threading.Lock()

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 
 import redis
 
@@ -55,7 +55,7 @@ class Recorder:
         self.enabled = enabled
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._sums: Counter[str] = Counter()
+        self._sums: defaultdict[str, float] = defaultdict(float)
 
     # -- the delivery path ----------------------------------------------------
 
@@ -89,18 +89,19 @@ class Recorder:
         with self._lock:
             return {**self._counts, **self._sums}
 
-    def take(self) -> tuple[Counter[str], Counter[str]]:
+    def take(self) -> tuple[Counter[str], dict[str, float]]:
         """Hand over the counts so far (integer counts, float sums) and start again from zero."""
         with self._lock:
             counts, sums = self._counts, self._sums
-            self._counts, self._sums = Counter(), Counter()
+            self._counts, self._sums = Counter(), defaultdict(float)
         return counts, sums
 
-    def give_back(self, counts: Counter[str], sums: Counter[str]) -> None:
+    def give_back(self, counts: Counter[str], sums: Mapping[str, float]) -> None:
         """A flush failed: its counts go into the next one."""
         with self._lock:
             self._counts.update(counts)
-            self._sums.update(sums)
+            for name, x in sums.items():
+                self._sums[name] += x
 
     def flush(self, client: redis.Redis, prefix: str) -> bool:
         """Add the counts to Redis in one transaction; False (counts kept) if Redis did not take them."""

@@ -78,6 +78,9 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
 }
 
 _TYPES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+#: The families of one scrape by name, each of its FAMILIES type: a counter's, a gauge's and a histogram's
+#: ``add_metric`` take different arguments, so the values are typed Any.
+Families = dict[str, Any]
 
 
 def exposed_names() -> set[str]:
@@ -122,11 +125,11 @@ class VendorCollector(Collector):
     # -- building -------------------------------------------------------------
 
     @staticmethod
-    def _families() -> dict[str, Metric]:
+    def _families() -> Families:
         return {name: _TYPES[kind](name, doc, labels=labels) for name, (kind, doc, labels) in FAMILIES.items()}
 
     @staticmethod
-    def _counters(families: dict[str, Metric], counts: dict[str, str]) -> None:
+    def _counters(families: Families, counts: dict[str, str]) -> None:
         deliveries = {(v, o): 0.0 for v in VENDORS for o in OUTCOMES}
         dead = {(v, r): 0.0 for v in VENDORS for r in REASONS}
         limited = {v: 0.0 for v in VENDORS}
@@ -158,7 +161,7 @@ class VendorCollector(Collector):
             families["vdw_request_duration_seconds"].add_metric([vendor], cumulative, sums.get(vendor, 0.0))
 
     @staticmethod
-    def _gauges(families: dict[str, Metric], status: dict[str, Any]) -> None:
+    def _gauges(families: Families, status: dict[str, Any]) -> None:
         for vendor, v in status["vendors"].items():
             families["vdw_queue_depth"].add_metric([vendor], v["queued"])
             families["vdw_in_flight"].add_metric([vendor], v["in_flight"])
@@ -171,7 +174,7 @@ class VendorCollector(Collector):
                 families["vdw_dead_letters_stored"].add_metric([vendor, reason], v["dead_letters"].get(reason, 0))
 
     @staticmethod
-    def _spool(families: dict[str, Metric], spool: dict[str, Any]) -> None:
+    def _spool(families: Families, spool: dict[str, Any]) -> None:
         families["vdw_spool_events"].add_metric([], spool["events"])
         families["vdw_spool_bytes"].add_metric([], spool["bytes"])
 

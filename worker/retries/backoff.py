@@ -28,10 +28,10 @@ def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None
     return (rng or random).uniform(0, ceiling)
 
 
-def countdown(attempt: int, retry_after: float | None, base: float, cap: float, rng: random.Random | None = None) -> float:
+def countdown(attempt: int, retry_after: float | None, base: float, cap: float,
+              rng: random.Random | None = None) -> float:
     """Seconds until the next attempt: ``Retry-After`` (plus a little spread) when given, else full jitter."""
-    rng = rng or random
     if retry_after is not None:
-        spread = rng.uniform(0, min(RETRY_AFTER_SPREAD_MAX, RETRY_AFTER_SPREAD * retry_after))
+        spread = (rng or random).uniform(0, min(RETRY_AFTER_SPREAD_MAX, RETRY_AFTER_SPREAD * retry_after))
         return min(cap, retry_after + spread)
     return full_jitter(attempt, base, cap, rng)

@@ -158,11 +158,18 @@ class RetrySchedule:
 
     def ack(self, tag: str) -> None:
         """Forget a message claimed by :meth:`claim_one` (its delivery ended)."""
-        self.client.pipeline().hdel(UNACKED, tag).zrem(UNACKED_INDEX, tag).execute()
+        pipe = self.client.pipeline()
+        pipe.hdel(UNACKED, tag)
+        pipe.zrem(UNACKED_INDEX, tag)
+        pipe.execute()
 
     def give_back(self, queue: str, message: str, tag: str) -> None:
         """Put a claimed message back where a worker takes it next, untouched."""
-        self.client.pipeline().rpush(queue, message).hdel(UNACKED, tag).zrem(UNACKED_INDEX, tag).execute()
+        pipe = self.client.pipeline()
+        pipe.rpush(queue, message)
+        pipe.hdel(UNACKED, tag)
+        pipe.zrem(UNACKED_INDEX, tag)
+        pipe.execute()
 
     def waiting(self, vendor: str) -> Waiting:
         n, w = self._stats(keys=[self.key(vendor)])

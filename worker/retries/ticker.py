@@ -76,7 +76,7 @@ class Ticker(threading.Thread):
             for vendor in self.vendors:
                 try:
                     sleep = min(sleep, self.tick(vendor))
-                except Exception as exc:  # Redis away or restarting: the next round tries again
+                except Exception as exc:  # noqa: BLE001 - Redis away or restarting: the next round tries again
                     log.debug("retry ticker: %s: %s", vendor, exc)
             _wake.wait(max(MIN_SLEEP, sleep))
 
@@ -126,6 +126,7 @@ class TickerStep(bootsteps.StartStopStep):
         consumed = set(c.app.amqp.queues.consume_from or c.app.amqp.queues)
         vendors = [v for v in VENDORS if v in consumed]
         pipeline = Pipeline.default()
+        assert pipeline.schedule is not None and pipeline.breaker is not None, "the default pipeline has both"
         self.ticker = Ticker(vendors, pipeline.schedule, pipeline.breaker, get_settings().visibility_timeout)
         self.ticker.start()
 

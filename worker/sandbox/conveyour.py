@@ -106,7 +106,8 @@ class ConveYourAPI(VendorAPI):
             raise ValidationError("request body must be a JSON object", 400)
         require(is_nonempty_str(body.get("id")), "id is required (non-empty string)")
         events = body.get("events")
-        require(isinstance(events, list) and events, "events must be a non-empty list")
+        if not isinstance(events, list) or not events:
+            raise ValidationError("events must be a non-empty list")
         for index, event in enumerate(events):
             require(isinstance(event, dict), f"events[{index}] must be an object")
             require(is_nonempty_str(event.get("event")), f"events[{index}].event is required")

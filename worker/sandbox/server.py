@@ -118,10 +118,11 @@ class SandboxApp:
         state, name = self.state, vendor.name
         idem_key = headers.get("idempotency-key")
         record = state.begin(name, method, path, query, headers, body, vendor.check_auth(headers), idem_key)
+        extra: list[tuple[str, str]]
         status, payload, extra = 500, None, []
         try:
             status, payload, extra = self._vendor_reply(vendor, record, method, path, headers, body, idem_key)
-        except Exception as exc:  # pragma: no cover - defensive: never kill the connection thread
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive: never kill the connection thread
             status, payload = error(500, f"sandbox bug: {type(exc).__name__}: {exc}")
         finally:
             state.finish(record, status)
@@ -262,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {name.lower(): value for name, value in self.headers.items()}
         try:
             status, payload, extra = self.server.app.dispatch(self.command, path, query, headers, body)
-        except Exception as exc:  # pragma: no cover - defensive
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive
             status, payload, extra = 500, {"success": False, "message": f"sandbox bug: {exc!r}"}, []
         self._send(status, payload, extra)
 

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -86,7 +86,7 @@ def format_retry_after(value: int | float | str, fmt: str = "seconds") -> str:
     if isinstance(value, str):
         return value
     if fmt == "http-date":
-        when = datetime.now(timezone.utc) + timedelta(seconds=value)
+        when = datetime.now(UTC) + timedelta(seconds=value)
         return format_datetime(when, usegmt=True)
     return str(math.ceil(value))
 
@@ -190,7 +190,7 @@ class FixedWindow(Limit):
 
 
 class TokenBucket(Limit):
-    """Token bucket: ``capacity = max(rate, 1)`` tokens, refilled at ``rate``/s (lenient).
+    """Token bucket: ``size = max(rate, 1)`` tokens, refilled at ``rate``/s (lenient).
 
     >>> b = TokenBucket(2)
     >>> [b.take(t) for t in (0.0, 0.0, 0.0, 0.5)]
@@ -199,13 +199,14 @@ class TokenBucket(Limit):
 
     def __init__(self, rate: float) -> None:
         super().__init__(rate)
-        self.capacity = max(rate, 1.0)
-        self.tokens = self.capacity
+        # A whole number of tokens or not (the windows' ``capacity`` is a whole number of arrivals).
+        self.size = max(rate, 1.0)
+        self.tokens = self.size
         self.updated: float | None = None
 
     def _refill(self, now: float) -> None:
         if self.updated is not None:
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.tokens = min(self.size, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
 
     def take(self, now: float | None = None) -> bool:

@@ -23,14 +23,22 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
+
+from pydantic import SecretStr
 
 from ..events import IdentifyEvent, SegmentEvent, TrackEvent
 from ..settings import Settings
 
 AnyEvent = IdentifyEvent | TrackEvent | SegmentEvent
+
+
+def secret(value: SecretStr | None) -> str:
+    """A credential's value for :meth:`Vendor.auth_headers`; "" if unset (the pipeline never sends to a vendor
+    that is not enabled, i.e. whose credentials are unset)."""
+    return value.get_secret_value() if value is not None else ""
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class Request:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     REJECTED = "rejected"
@@ -69,7 +77,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
     >>> parse_retry_after("3")
     3.0
-    >>> parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=datetime(2015, 10, 21, 7, 27, 58, tzinfo=timezone.utc))
+    >>> parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=datetime(2015, 10, 21, 7, 27, 58, tzinfo=UTC))
     2.0
     """
     if not value:
@@ -84,8 +92,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class Vendor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 
 from ..settings import Settings
-from .base import AnyEvent, Request, Vendor
+from .base import AnyEvent, Request, Vendor, secret
 
 #: The key ConvertLoop's own client libraries send for an event's time (sic).
 OCCURRED_AT_KEY = "ocurred_at"
@@ -33,7 +33,7 @@ class ConvertLoop(Vendor):
         return settings.convertloop_base_url
 
     def auth_headers(self, settings: Settings) -> dict[str, str]:
-        pair = f"{settings.convertloop_app_id.get_secret_value()}:{settings.convertloop_api_key.get_secret_value()}"
+        pair = f"{secret(settings.convertloop_app_id)}:{secret(settings.convertloop_api_key)}"
         return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
     def build(self, event: AnyEvent, settings: Settings) -> Request:

@@ -29,7 +29,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from ..settings import Settings
-from .base import AnyEvent, Outcome, Request, Vendor, Verdict
+from .base import AnyEvent, Outcome, Request, Vendor, Verdict, secret
 
 #: Statuses of a bulk request that may be about some of its items; split to find out which.
 #: Any other 4xx (401, 403, 404, ...) is about the request itself and holds for every item.
@@ -52,8 +52,8 @@ class ConveYour(Vendor):
 
     def auth_headers(self, settings: Settings) -> dict[str, str]:
         return {
-            "x-conveyour-appkey": settings.conveyour_appkey.get_secret_value(),
-            "x-conveyour-token": settings.conveyour_token.get_secret_value(),
+            "x-conveyour-appkey": secret(settings.conveyour_appkey),
+            "x-conveyour-token": secret(settings.conveyour_token),
         }
 
     def refusal(self, event: AnyEvent, settings: Settings) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..settings import Settings
-from .base import AnyEvent, Outcome, Request, Vendor, Verdict
+from .base import AnyEvent, Outcome, Request, Vendor, Verdict, secret
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -38,7 +38,7 @@ class Loops(Vendor):
         return settings.loops_base_url
 
     def auth_headers(self, settings: Settings) -> dict[str, str]:
-        return {"Authorization": f"Bearer {settings.loops_api_key.get_secret_value()}"}
+        return {"Authorization": f"Bearer {secret(settings.loops_api_key)}"}
 
     def refusal(self, event: AnyEvent, settings: Settings) -> str | None:
         if not _contact(event):

@@ -1,7 +1,6 @@
 """URLs of the Django example, e.g. ``POST /signup``."""
 
 from django.urls import path
-
 from signups import views
 
 urlpatterns = [
