@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from .deadletters import DeadLetter, DeadLetterStore, one_line, other_prefixes, vendor_message
 from .errors import EnqueueError
-from .redisconf import RedisConfigError, config_problem
+from .redisconf import RedisConfigError
 from .scrub import scrub
 from .vendors import VENDORS
 

@@ -228,7 +228,7 @@ class SentinelStack:
         return self
 
     def sentinel(self, port: int | None = None) -> redis.Redis:
-        tls = {"ssl": True, "ssl_ca_certs": self.tls.ca} if self.tls else {}
+        tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.tls.ca} if self.tls else {}
         return redis.Redis(port=port or self.sentinel_ports[0], socket_timeout=2, decode_responses=True, **tls)
 
     def master_port(self, sentinel_port: int | None = None) -> int:

@@ -255,7 +255,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     the wrong moment). So the broker URL names one Sentinel and the ``sentinels`` option all of them.
     """
 
-    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + ("sentinels",)
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "sentinels")  # type: ignore[assignment]  # kombu types it by its own tuple's length
     #: ``sentinel://host:port`` of every Sentinel.
     sentinels: tuple[str, ...] = ()
 

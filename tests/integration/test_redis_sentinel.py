@@ -180,8 +180,8 @@ def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, senti
     expected = "REDIS_SENTINEL_MASTER='not-monitored' is not a master the Sentinels at 127.0.0.1:"
     producer = subprocess.run(
         [sys.executable, "-c", "import worker; from worker.publisher import Publisher\n"
-                               "try:\n    worker.track('x', email=%r)\nexcept Exception as exc:\n"
-                               "    print(type(exc).__name__, exc, Publisher.default().spool.pending())" % unique_email],
+                               f"try:\n    worker.track('x', email={unique_email!r})\nexcept Exception as exc:\n"
+                               "    print(type(exc).__name__, exc, Publisher.default().spool.pending())"],
         env=env, capture_output=True, text=True, timeout=60)
     assert producer.stdout.startswith("EnqueueError") and expected in producer.stdout, producer
     assert "(they monitor: 'vdw')" in producer.stdout and producer.stdout.strip().endswith(" 0"), producer.stdout
@@ -289,7 +289,7 @@ def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, 
     print(f"\nSENTINEL FAILOVER {old} -> {new}: promoted after {promoted - started:.1f} s, the old master "
           f"took writes until it became a replica {converted - started:.1f} s after the start. "
           f"PUBLISH_WAIT_REPLICAS=1: {summary(calls)}; all {len(expected)} events at all vendors; requests "
-          f"beyond one per event: {extra}. Without it: {summary(plain_calls)}, {len(at_risk)} of them written to the old "
-          f"master after the promotion (kept only if a worker took them before it became a replica); events "
+          f"beyond one per event: {extra}. Without it: {summary(plain_calls)}, {len(at_risk)} of them written to "
+          f"the old master after the promotion (kept only if a worker took them before it became a replica); events "
           f"lost per vendor: {lost}")
 

@@ -126,8 +126,9 @@ def test_sentinels_over_tls(tls_redis, product_env, worker_factory, sandbox_clie
         for email in emails:
             worker.track("tls_sentinel_probe", email=email, vendors=["convertloop"])
         assert Publisher.default().spool.pending() == 0, "an event was spooled: the producer could not reach Redis"
-        wait_until(lambda: emails <= {r["body"]["person"]["email"] for r in sandbox_client.requests(vendor="convertloop")
-                                      if r["status"] == 200}, timeout=45, message=f"every event (log: {w.log_path})")
+        wait_until(lambda: emails <= {r["body"]["person"]["email"]
+                                      for r in sandbox_client.requests(vendor="convertloop") if r["status"] == 200},
+                   timeout=45, message=f"every event (log: {w.log_path})")
 
         env = {**product_env, **stack.env}
         check = _run(env, "-m", "worker", "check")
