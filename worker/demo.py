@@ -208,14 +208,9 @@ def _env(redis_url: str, urls: dict[str, str]) -> dict[str, str]:
 
 
 def _wait(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoError(f"gave up after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
+    from .localstack import wait_until
+
+    return wait_until(predicate, timeout=timeout, message=what, error=DemoError)
 
 
 def run(args: argparse.Namespace) -> int:

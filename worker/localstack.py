@@ -311,10 +311,7 @@ class WorkerProcess:
         return self
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -395,10 +392,7 @@ class FlowerProcess:
             + text[-2000:]
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def up(self) -> bool:
         import httpx
@@ -500,10 +494,7 @@ class AppServer:
         return self
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -533,12 +524,22 @@ def sandbox_env(redis_url: str, base_urls: dict[str, str], **overrides: str) -> 
     return env
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition",
+               error: type[Exception] = AssertionError):
+    """Poll ``predicate`` until it returns something truthy (returned); ``error`` when ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            raise error(f"timed out after {timeout:g}s waiting for {message}")
         time.sleep(interval)
+
+
+def read_log(path: Path) -> str:
+    """A child process's log so far ('' before it exists)."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

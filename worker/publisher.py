@@ -129,6 +129,13 @@ class NotReplicated(redis.RedisError):
     """Redis took the messages but fewer replicas than PUBLISH_WAIT_REPLICAS confirmed them in time."""
 
 
+def _check_replicated(acked: int, replicas: int, wait_ms: int) -> None:
+    """Raise :class:`NotReplicated` when WAIT's answer ``acked`` is fewer than ``replicas``."""
+    if acked < replicas:
+        raise NotReplicated(f"only {acked} of {replicas} replica(s) confirmed the event within {wait_ms} ms "
+                            f"(PUBLISH_WAIT_REPLICAS={replicas})")
+
+
 def _wait(replicas: int, wait_ms: int) -> bytes:
     """``WAIT replicas wait_ms`` in Redis's wire protocol."""
     r, w = str(replicas).encode(), str(wait_ms).encode()
@@ -146,10 +153,7 @@ def _push(client: redis.Redis, messages: list[Message], replicas: int = 0, wait_
         for _ in messages:
             conn.read_response()
         if replicas:
-            acked = conn.read_response()
-            if acked < replicas:
-                raise NotReplicated(f"only {acked} of {replicas} replica(s) confirmed the event within {wait_ms} ms "
-                                    f"(PUBLISH_WAIT_REPLICAS={replicas})")
+            _check_replicated(conn.read_response(), replicas, wait_ms)
     except NotReplicated:
         raise
     except BaseException:

@@ -39,7 +39,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .publisher import QUEUED, NotReplicated, Publisher, _lpush, _wait
+from .publisher import QUEUED, NotReplicated, Publisher, _check_replicated, _lpush, _wait
 from .spool import Message
 
 #: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
@@ -74,10 +74,7 @@ async def _push(client: redis.asyncio.Redis, messages: list[Message], replicas: 
         for _ in messages:
             await conn.read_response()
         if replicas:
-            acked = await conn.read_response()
-            if acked < replicas:
-                raise NotReplicated(f"only {acked} of {replicas} replica(s) confirmed the event within {wait_ms} ms "
-                                    f"(PUBLISH_WAIT_REPLICAS={replicas})")
+            _check_replicated(await conn.read_response(), replicas, wait_ms)
     except NotReplicated:
         raise
     except BaseException:
