@@ -42,8 +42,9 @@ PROPERTY_CAP = "property_cap"  # more than EVENT_PROPERTY_CAP properties; never 
 MALFORMED = "malformed"  # the queue message was not a valid delivery
 VENDOR_DISABLED = "vendor_disabled"  # the vendor's credentials are not set on this worker
 REQUEST_ERROR = "request_error"  # the request could not be made (e.g. a bad base URL)
+CONFIGURATION = "configuration"  # this worker's settings cannot carry it (e.g. no LOOPS_MAILING_LISTS entry)
 #: Every reason, in the order operators read them (metrics label values).
-REASONS = (REJECTED, RETRIES_EXHAUSTED, PROPERTY_CAP, MALFORMED, VENDOR_DISABLED, REQUEST_ERROR)
+REASONS = (REJECTED, RETRIES_EXHAUSTED, PROPERTY_CAP, MALFORMED, VENDOR_DISABLED, REQUEST_ERROR, CONFIGURATION)
 
 
 class DeadLetter(BaseModel):

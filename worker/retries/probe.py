@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
     """Probe ``vendor`` once (the caller holds the probe lease); returns what became of the probe."""
-    from ..pipeline import Delivered, VendorDown
+    from ..ordering import HEADER
+    from ..pipeline import Delivered, Merged, Parked, RetryLater, VendorDown, Yielded
     from ..tasks import attempt
     from ..transport import quarantine
 
@@ -53,17 +54,22 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
             return "malformed"
         try:
             result = attempt(name, event, RetryState.from_headers(headers), headers.get("id") or "",
-                             tag, int(headers.get("retries") or 0), probe=True)
+                             tag, int(headers.get("retries") or 0), probe=True, person=headers.get(HEADER))
         except DeadLettered:
             schedule.ack(tag)
             outcome = "dead-lettered"
         except (Throttled, VendorDown):
             schedule.give_back(vendor, raw, tag)
         else:
-            if isinstance(result, Delivered):
+            if isinstance(result, (Delivered, Merged)):
                 schedule.ack(tag)
                 outcome = "delivered"
+            elif isinstance(result, Parked):  # parked behind the person's turn (acknowledged): nothing to judge by
+                outcome = "waiting behind an earlier call of the same person"
+            elif isinstance(result, Yielded):
+                schedule.give_back(vendor, raw, tag)
             else:  # on the retry schedule already, this message acknowledged
+                assert isinstance(result, RetryLater)
                 failed = result.status != 429
                 outcome = f"failed again ({result.error})" if failed else "rate limited"
     except Exception:
