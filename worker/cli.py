@@ -165,6 +165,7 @@ def vendor_status() -> dict:
 
     from . import clients
     from .events import utc_iso
+    from .ordering import PersonLog
     from .retries.breaker import Breaker
     from .retries.schedule import UNACKED, RetrySchedule
     from .settings import get_settings
@@ -188,6 +189,7 @@ def vendor_status() -> dict:
         waiting = schedule.waiting(name)
         b = breaker.poll(name)
         configured = vendor.rate_limit(s)
+        order = PersonLog(r, s.key_prefix, name)
         out["vendors"][name] = {
             "enabled": vendor.enabled(s),
             "queued": r.llen(name),
@@ -200,6 +202,10 @@ def vendor_status() -> dict:
             "rate_limit": configured or None,
             "effective_rate": _effective_rate(r, s, name, configured),
             "dead_letters": dict(dead.get(name, {})),
+            # Calls still in some person's order (queued, in flight, waiting to retry or parked), and people
+            # with calls parked behind an earlier call of theirs (delivering, or waiting to retry).
+            "ordered_pending": order.pending(),
+            "people_held": order.held_people(),
         }
     spool = Spool(s.spool_dir, s.spool_max_bytes)
     out["spool"] = {"dir": s.spool_dir, "enabled": s.spool_enabled, "events": spool.pending(), "bytes": spool.size()}
@@ -221,15 +227,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"{'VENDOR':11}  {'QUEUED':>7}  {'IN FLIGHT':>9}  {'RETRIES':>7}  {'NEXT DUE':>8}  {'BREAKER':22}  "
-          f"{'RATE/S':>11}  DEAD LETTERS")
+    print(f"{'VENDOR':11}  {'QUEUED':>7}  {'IN FLIGHT':>9}  {'RETRIES':>7}  {'NEXT DUE':>8}  {'HELD':>6}  "
+          f"{'BREAKER':22}  {'RATE/S':>11}  DEAD LETTERS")
     for name, v in status["vendors"].items():
         breaker = v["breaker"] + (f" since {v['breaker_since'][11:19]}" if v["breaker"] == "open" else "")
         rate = "unlimited" if v["rate_limit"] is None else f"{v['effective_rate']:g}/{v['rate_limit']:g}"
         due = "-" if v["next_retry_in"] is None else f"{v['next_retry_in']:.0f}s"
         dead = ", ".join(f"{reason} {n}" for reason, n in sorted(v["dead_letters"].items())) or "-"
         print(f"{name + ('' if v['enabled'] else '*'):11}  {v['queued']:>7}  {v['in_flight']:>9}  "
-              f"{v['retries_waiting']:>7}  {due:>8}  {breaker:22}  {rate:>11}  {dead}")
+              f"{v['retries_waiting']:>7}  {due:>8}  {v['people_held']:>6}  {breaker:22}  {rate:>11}  {dead}")
     sp = status["spool"]
     print(f"spool {sp['dir']}: {sp['events']} event(s), {sp['bytes']} bytes" + ("" if sp["enabled"] else " (off)"))
     if not all(v["enabled"] for v in status["vendors"].values()):

@@ -102,7 +102,7 @@ return out
 """
 
 # KEYS: list, events, turn, outcome, parked, unacked, unacked_index, held. ARGV: task id, lease ms, most entries,
-# message (to park), delivery tag (acknowledged when parked), person id, now.
+# message (to park), delivery tag (acknowledged when parked), person id.
 # As _CLAIM, but when another task holds the turn the message is parked under the person and its kombu record
 # removed, in one step: {'parked', holder}.
 _PARK = """
@@ -118,7 +118,8 @@ if holder and holder ~= ARGV[1] then
     redis.call('HDEL', KEYS[6], ARGV[5])
     redis.call('ZREM', KEYS[7], ARGV[5])
   end
-  redis.call('ZADD', KEYS[8], 'NX', ARGV[7], ARGV[6])
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[8], 'NX', tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[6])
   return {'parked', holder}
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
@@ -269,12 +270,12 @@ class PersonLog:
         """Take the person's turn for ``task_id`` (DONE if its call is no longer pending, BUSY if held)."""
         return _turn(self._claim(keys=self._keys(person), args=[task_id, _ms(lease), most]))
 
-    def park(self, person: str, task_id: str, lease: float, message: str, tag: str | None, now: float,
+    def park(self, person: str, task_id: str, lease: float, message: str, tag: str | None,
              most: int = MAX_ENTRIES) -> Turn:
         """As :meth:`claim`; but while another task holds the turn, park ``message`` (a whole kombu message
         that runs ``task_id`` again) under the person and acknowledge ``tag``, in the same step."""
         keys = [*self._keys(person), f"{self.base}:parked:{person}", UNACKED, UNACKED_INDEX, self.held]
-        return _turn(self._park(keys=keys, args=[task_id, _ms(lease), most, message, tag or "", person, repr(now)]))
+        return _turn(self._park(keys=keys, args=[task_id, _ms(lease), most, message, tag or "", person]))
 
     def finish(self, person: str, task_id: str, done: Iterable[str] = (), dead: dict[str, str] | None = None,
                go_on: bool = False, lease: float = 0.0, most: int = MAX_ENTRIES) -> Turn:

@@ -271,7 +271,7 @@ class Pipeline:
         lease = self.settings.visibility_timeout
         turn = order.claim(person, task_id, lease)
         if turn.state == ordering.BUSY:
-            turn = order.park(person, task_id, lease, park(), tag, time.time())
+            turn = order.park(person, task_id, lease, park(), tag)
         if turn.state == ordering.PARKED:
             log.debug("%s: %s waits behind %s", vendor.name, task_id, turn.holder)
             return Parked(vendor.name, turn.holder)
