@@ -105,6 +105,7 @@ def test_health_and_unknown_paths(control: SandboxClient, http: httpx.Client, sa
     [
         ("/people", {"email": "ada@example.com", "plan": "pro", "add_to_segments": ["Trial"]}),
         ("/people", {"pid": "cookie-1", "remove_from_segments": ["Churned"]}),
+        ("/people", {"email": "ada@example.com", "add_to_segments": "Trial, VIP", "remove_from_segments": "Churned"}),
         (
             "/event_logs",
             {
@@ -211,7 +212,9 @@ def test_credentials_can_be_overridden(http: httpx.Client, monkeypatch: pytest.M
     [
         ("/people", {"first_name": "Ada"}, "pid, user_id or email"),
         ("/people", {"email": ""}, "pid, user_id or email"),
-        ("/people", {"email": "a@b.c", "add_to_segments": "Trial"}, "add_to_segments"),
+        ("/people", {"email": "a@b.c", "add_to_segments": ["Trial", ""]}, "add_to_segments"),
+        ("/people", {"email": "a@b.c", "add_to_segments": " , "}, "add_to_segments"),
+        ("/people", {"email": "a@b.c", "remove_from_segments": 7}, "remove_from_segments"),
         ("/event_logs", {"person": {"email": "a@b.c"}}, "name"),
         ("/event_logs", {"name": "x", "person": {"plan": "pro"}}, "person"),
         ("/event_logs", {"name": "x", "metadata": [1]}, "metadata"),

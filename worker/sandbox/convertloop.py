@@ -34,7 +34,8 @@ __all__ = ["ConvertLoopAPI"]
 
 # Keys of which at least one must identify the person.
 IDENTITY_KEYS = ("pid", "user_id", "email")
-# Keys that, if present, must be lists of segment names.
+# Keys that, if present, name segments: a list of names or one string of comma-separated names
+# (the document gives their type as "string").
 SEGMENT_KEYS = ("add_to_segments", "remove_from_segments")
 # Accepted spellings of the event timestamp (the vendor's docs use several).
 OCCURRED_AT_KEYS = ("ocurred_at", "occured_at", "occurred_at")
@@ -52,6 +53,17 @@ def parse_iso8601(value: object) -> bool:
     return True
 
 
+def segment_names(value: object) -> list[str]:
+    """The segment names of an ``add_to_segments``/``remove_from_segments`` value, in order.
+
+    >>> segment_names(["Trial", "VIP"]), segment_names("Trial, VIP"), segment_names("Trial")
+    (['Trial', 'VIP'], ['Trial', 'VIP'], ['Trial'])
+    """
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return list(value) if isinstance(value, list) else []
+
+
 def validate_person(person: dict[str, Any], where: str = "") -> None:
     """Check identity and segment keys of a person object (422 on failure)."""
     require(
@@ -62,8 +74,9 @@ def validate_person(person: dict[str, Any], where: str = "") -> None:
         if key in person:
             segments = person[key]
             require(
-                isinstance(segments, list) and all(is_nonempty_str(s) for s in segments),
-                f"{where}{key} must be a list of non-empty strings",
+                (isinstance(segments, list) and all(is_nonempty_str(s) for s in segments))
+                or (isinstance(segments, str) and bool(segment_names(segments))),
+                f"{where}{key} must be a list of non-empty strings or a string of comma-separated names",
             )
 
 
