@@ -6,6 +6,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -593,6 +594,46 @@ def test_wait_for_count_predicate_and_timeout(
     assert [r["path"] for r in matched] == ["/contacts/create"]
     with pytest.raises(TimeoutError, match="1 request.*conveyour"):
         control.wait_for(1, vendor="conveyour", timeout=0.2)
+
+
+# -- final state per vendor and person -----------------------------------------------------------
+
+
+def test_state_over_http_keeps_arrival_order_through_the_client(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    ada = "ada@example.com"
+    control.configure("loops", latency_ms=1500)
+    slow: dict[str, int] = {}
+
+    def send_slowly() -> None:
+        with httpx.Client(timeout=10.0) as own:
+            body = {"email": ada, "plan": "free", "mailingLists": {"l1": True}}
+            slow["status"] = loops(own, urls, "/contacts/update", body, method="PUT").status_code
+
+    thread = threading.Thread(target=send_slowly)
+    thread.start()
+    try:
+        control.wait_for(1, vendor="loops", status=None)
+        time.sleep(0.2)  # it reads its latency just after it is recorded
+        control.configure("loops", latency_ms=0)
+        fast = loops(http, urls, "/contacts/update", {"email": ada, "plan": "pro"}, method="PUT")
+        assert fast.status_code == 200
+        assert [r["status"] for r in control.requests(vendor="loops")] == [None, 200]  # arrived first, not answered
+        assert control.state("loops", ada)["properties"] == {"plan": "pro"}  # type: ignore[index]
+    finally:
+        thread.join()
+    assert slow["status"] == 200
+    final = {"properties": {"plan": "pro"}, "mailing_lists": {"l1": True}, "events": [], "writes": 2}
+    assert control.state("loops", ada) == final
+    assert control.state("loops") == {ada: final}
+    assert control.state() == {"convertloop": {}, "loops": {ada: final}, "conveyour": {}}
+    assert control.state(person=ada) == {"convertloop": {}, "loops": {ada: final}, "conveyour": {}}
+    assert control.state("loops", "nobody@example.com") is None
+    with pytest.raises(RuntimeError, match="unknown vendor"):
+        control.state("mailchimp")
+    control.reset()
+    assert control.state() == {"convertloop": {}, "loops": {}, "conveyour": {}}
 
 
 # -- CLI -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import httpx
 
@@ -72,12 +72,33 @@ class SandboxClient:
         """``{"vendors": {name: {"received": n, "by_status": {"200": n}}}}``."""
         return self._call("GET", "/stats")
 
+    @overload
+    def state(self, vendor: None = None, person: str | None = None) -> dict[str, dict[str, Any]]: ...
+    @overload
+    def state(self, vendor: str, person: None = None) -> dict[str, Any]: ...
+    @overload
+    def state(self, vendor: str, person: str) -> dict[str, Any] | None: ...
+
+    def state(self, vendor: str | None = None, person: str | None = None) -> Any:
+        """Final state of persons, from the writes each vendor accepted, in arrival order.
+
+        No vendor: ``{vendor: {person key: state}}`` (only ``person``'s entries if given).
+        A vendor: that vendor's ``{person key: state}``.  A vendor and a person: that
+        person's state, or None if the vendor accepted no write for them.
+        """
+        filters = {"vendor": vendor, "person": person}
+        params = {key: value for key, value in filters.items() if value is not None}
+        states: dict[str, dict[str, Any]] = self._call("GET", "/state", params=params)
+        if vendor is None:
+            return states
+        return states[vendor] if person is None else states[vendor].get(person)
+
     def configure(self, vendor: str, **switches: Any) -> dict[str, Any]:
         """Set switches of ``vendor`` (or ``"*"`` for all); None clears a switch."""
         return self._call("POST", "/config", json={"vendor": vendor, **switches})
 
     def reset(self) -> None:
-        """Clear records, idempotency keys, switches and rate-limit buckets."""
+        """Clear records, stats, person state, idempotency keys, switches and rate-limit buckets."""
         self._call("POST", "/reset")
 
     def wait_for(
