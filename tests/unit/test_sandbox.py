@@ -192,6 +192,61 @@ def test_bad_or_missing_auth_is_401(
     assert record["auth_ok"] is False and record["status"] == 401
 
 
+REVOKE_CASES = [
+    ("convertloop", "/people", {"email": "a@b.c", "plan": "pro"}, {"auth": CONVERTLOOP_AUTH}),
+    ("loops", "/events/send", LOOPS_EVENT, {"headers": LOOPS_HEADERS}),
+    ("conveyour", "/analytics/identify", {"id": "u", "traits": {"plan": "pro"}}, {"headers": CONVEYOUR_HEADERS}),
+]
+
+
+@pytest.mark.parametrize(("vendor", "path", "body", "kwargs"), REVOKE_CASES)
+def test_revoke_key_answers_the_vendors_401_to_good_credentials_until_restored(
+    sandbox: Sandbox,
+    http: httpx.Client,
+    urls: dict[str, str],
+    control: SandboxClient,
+    vendor: str,
+    path: str,
+    body: Any,
+    kwargs: dict[str, Any],
+) -> None:
+    assert control.configure(vendor, revoke_key=True)["revoke_key"] is True
+    others = [name for name in urls if name != vendor]
+    assert all(control.configure(other)["revoke_key"] is False for other in others)
+    revoked = [http.post(urls[vendor] + path, json=body, **kwargs) for _ in range(2)]
+    assert [r.status_code for r in revoked] == [401, 401]
+    status, payload = sandbox.app.vendors[vendor].unauthorized()
+    assert (status, revoked[0].json()) == (401, payload)  # the vendor's own 401 answer
+    assert [r["auth_ok"] for r in control.requests(vendor=vendor)] == [False, False]
+    assert control.state(vendor) == {}  # nothing written
+    control.configure(vendor, revoke_key=False)
+    assert http.post(urls[vendor] + path, json=body, **kwargs).status_code == 200
+    control.configure(vendor, revoke_key=True)
+    assert http.post(urls[vendor] + path, json=body, **kwargs).status_code == 401
+    control.configure(vendor, revoke_key=None)  # null restores the default (not revoked)
+    assert http.post(urls[vendor] + path, json=body, **kwargs).status_code == 200
+    assert [r["auth_ok"] for r in control.requests(vendor=vendor)] == [False, False, True, False, True]
+    [person] = control.state(vendor).values()
+    assert person["writes"] == 2
+
+
+def test_revoke_key_is_a_boolean_and_reset_clears_it(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    with pytest.raises(RuntimeError, match="revoke_key must be true or false"):
+        control.configure("loops", revoke_key="yes")
+    control.configure("*", revoke_key=True)
+    assert send_event(http, urls).status_code == 401
+    assert convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code == 401
+    control.configure("loops", rate_limit=1)
+    assert [send_event(http, urls).status_code for _ in range(3)] == [401, 401, 401]
+    control.configure("loops", revoke_key=False)
+    assert send_event(http, urls).status_code == 200  # the 401s used no tokens of the 1/s limit, as bad keys do not
+    control.reset()
+    assert control.configure("loops")["revoke_key"] is False
+    assert send_event(http, urls).status_code == 200
+
+
 def test_credentials_can_be_overridden(http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPS_API_KEY", "from-env")
     with Sandbox(credentials={"CONVEYOUR_TOKEN": "explicit"}) as other:

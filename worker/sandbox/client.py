@@ -6,6 +6,7 @@ Example::
     client.configure("loops", fail_next=[503], rate_limit=10)   # sliding window: at most 10 in any 1 s
     client.configure("loops", fail_next=[{"status": 503, "match": '"upgraded"'}])  # only the request naming it
     client.configure("loops", rate_limit_mode="fixed", rate_limit_shared=3, latency_ms=100, latency_jitter_ms=50)
+    client.configure("convertloop", revoke_key=True)   # its 401 to every request, good credentials or not
     ...  # exercise code that talks to Loops
     sends = client.wait_for(2, vendor="loops")         # two 200s recorded
     client.wait_for(lambda r: r["path"] == "/events/send", vendor="loops")

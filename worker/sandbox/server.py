@@ -11,11 +11,12 @@ Example::
                    headers={"Authorization": "Bearer sandbox-loops-key"})
         SandboxClient(sandbox.url).requests(vendor="loops")
 
-Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record,
+Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record
+(with the credential check's result, false while the vendor's ``revoke_key`` is on),
 take an injected failure (fail_all, fail_next: the first entry without a
 ``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
 against the rate limit (see `state` for the modes); then the latency sleep ->
-the injected failure -> auth (401) -> rate limit (429) -> idempotency (409) ->
+the injected failure -> auth (the vendor's own 401, revoked key or not) -> rate limit (429) -> idempotency (409) ->
 route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
 ``x-ratelimit-limit`` and ``x-ratelimit-remaining`` to every answer while a
 limit is set.

@@ -4,7 +4,9 @@ Switches (per vendor, see `VendorConfig`): ``latency_ms`` and
 ``latency_jitter_ms`` (uniform in latency ± jitter), ``rate_limit`` with
 ``rate_limit_mode`` and ``rate_limit_shared``, ``retry_after``/``retry_after_format``,
 ``fail_next`` (FIFO of injected failures; an entry with ``match`` waits for a
-request whose body or Idempotency-Key contains that text) and ``fail_all`` (outage).
+request whose body or Idempotency-Key contains that text), ``fail_all`` (outage) and
+``revoke_key`` (true: the vendor's key stopped working -- every request to it fails the
+credential check, its record shows ``auth_ok: false``, whatever credentials it carries).
 
 Rate-limit modes (``rate_limit`` = N requests per second, counted when a request
 arrives; refused requests do not count):
@@ -327,6 +329,7 @@ class VendorConfig:
     fail_next: deque[int | dict[str, Any]] = field(default_factory=deque)
     fail_all: int | None = None
     fail_all_retry_after: int | float | str | None = None
+    revoke_key: bool = False
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply ``changes`` (null resets a switch); raises ValueError, applying nothing."""
@@ -356,6 +359,10 @@ class VendorConfig:
                 new.fail_next = deque(_check_fail_entry(entry) for entry in entries)
             elif key == "fail_all":
                 new.fail_all = _check_status(value, key)
+            elif key == "revoke_key":
+                if not isinstance(value, bool):
+                    raise ValueError(f"revoke_key must be true or false, got {value!r}")
+                new.revoke_key = value
         self.__dict__.update(new.__dict__)
 
     def as_dict(self) -> dict[str, Any]:
@@ -571,7 +578,11 @@ class SandboxState:
         auth_ok: bool,
         idempotency_key: str | None,
     ) -> dict[str, Any]:
-        """Record an incoming vendor request (status None until `finish`)."""
+        """Record an incoming vendor request (status None until `finish`).
+
+        ``auth_ok`` is the vendor's credential check; while the vendor's ``revoke_key`` is on,
+        it is False whatever the request carries.
+        """
         record: dict[str, Any] = {
             "seq": 0,
             "vendor": vendor,
@@ -586,6 +597,8 @@ class SandboxState:
             "idempotency_key": idempotency_key,
         }
         with self._lock:
+            if self._configs[vendor].revoke_key:
+                record["auth_ok"] = False
             self._seq += 1
             record["seq"] = self._seq
             self._records.append(record)
