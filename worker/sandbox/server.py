@@ -11,11 +11,12 @@ Example::
                    headers={"Authorization": "Bearer sandbox-loops-key"})
         SandboxClient(sandbox.url).requests(vendor="loops")
 
-Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record,
+Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record
+(with the credential check's result, false while the vendor's ``revoke_key`` is on),
 take an injected failure (fail_all, fail_next: the first entry without a
 ``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
 against the rate limit (see `state` for the modes); then the latency sleep ->
-the injected failure -> auth (401) -> rate limit (429) -> idempotency (409) ->
+the injected failure -> auth (the vendor's own 401, revoked key or not) -> rate limit (429) -> idempotency (409) ->
 route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
 ``x-ratelimit-limit`` and ``x-ratelimit-remaining`` to every answer while a
 limit is set.
@@ -34,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from .base import VendorAPI, error
+from .base import PersonWrite, VendorAPI, error
 from .convertloop import ConvertLoopAPI
 from .conveyour import ConveYourAPI
 from .loops import LoopsAPI
@@ -71,6 +72,8 @@ POLL_INTERVAL = 0.05
 
 #: (status, JSON body, extra headers)
 Reply = tuple[int, Any, list[tuple[str, str]]]
+#: A vendor's reply and the person writes it made (none unless its route answered 2xx).
+_VendorReply = tuple[int, Any, list[tuple[str, str]], list[PersonWrite]]
 
 
 def base_urls(url: str) -> dict[str, str]:
@@ -97,7 +100,7 @@ class SandboxApp:
         self.vendors: dict[str, VendorAPI] = {v.name: v for v in vendors}
         # Longest prefix first so nested prefixes would resolve correctly.
         self._mounts = sorted(self.vendors.values(), key=lambda v: len(v.prefix), reverse=True)
-        self.state = SandboxState(self.vendors)
+        self.state = SandboxState(self.vendors, apis=self.vendors)
 
     def dispatch(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> Reply:
         """Answer one HTTP request.  ``headers`` has lower-case names."""
@@ -119,13 +122,16 @@ class SandboxApp:
         idem_key = headers.get("idempotency-key")
         record = state.begin(name, method, path, query, headers, body, vendor.check_auth(headers), idem_key)
         extra: list[tuple[str, str]]
-        status, payload, extra = 500, None, []
+        writes: list[PersonWrite]
+        status, payload, extra, writes = 500, None, [], []
         try:
-            status, payload, extra = self._vendor_reply(vendor, record, method, path, headers, body, idem_key)
+            status, payload, extra, writes = self._vendor_reply(
+                vendor, record, method, path, headers, body, idem_key
+            )
         except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive: never kill the connection thread
             status, payload = error(500, f"sandbox bug: {type(exc).__name__}: {exc}")
         finally:
-            state.finish(record, status)
+            state.finish(record, status, writes)
         return status, payload, extra
 
     def _vendor_reply(
@@ -137,7 +143,7 @@ class SandboxApp:
         headers: Mapping[str, str],
         body: bytes,
         idem_key: str | None,
-    ) -> Reply:
+    ) -> _VendorReply:
         state, name = self.state, vendor.name
         # Decided at arrival (when the record was made), answered after the latency.
         failure = state.take_failure(name, body.decode("utf-8", "replace") + "\n" + (idem_key or ""))
@@ -151,23 +157,26 @@ class SandboxApp:
             payload = failure.body
             if payload is None:
                 _, payload = error(failure.status, f"Injected failure (HTTP {failure.status})")
-            return failure.status, payload, extra + limit_headers
+            return failure.status, payload, extra + limit_headers, []
         if not record["auth_ok"]:
-            return (*vendor.unauthorized(), limit_headers)
+            return (*vendor.unauthorized(), limit_headers, [])
         if retry_after is not None:
             status, payload = error(429, "Rate limit exceeded")
-            return status, payload, [("Retry-After", retry_after), *limit_headers]
+            return status, payload, [("Retry-After", retry_after), *limit_headers], []
         route = (method.upper(), path.rstrip("/") or "/")
-        if idem_key is None or route not in vendor.idempotent_routes:
-            return (*vendor.handle(method, path, headers, body), limit_headers)
-        if not state.reserve_idempotency_key(name, idem_key):
-            return (*vendor.idempotency_conflict(), limit_headers)
-        status, payload = 500, None
-        try:
+        if idem_key is not None and route in vendor.idempotent_routes:
+            if not state.reserve_idempotency_key(name, idem_key):
+                return (*vendor.idempotency_conflict(), limit_headers, [])
+            status, payload = 500, None
+            try:
+                status, payload = vendor.handle(method, path, headers, body)
+            finally:
+                state.settle_idempotency_key(name, idem_key, succeeded=status == 200)
+        else:
             status, payload = vendor.handle(method, path, headers, body)
-        finally:
-            state.settle_idempotency_key(name, idem_key, succeeded=status == 200)
-        return status, payload, limit_headers
+        # Only what the vendor's route accepted changes /_sandbox/state.
+        writes = vendor.person_writes(route[0], route[1], record["body"], idem_key) if 200 <= status < 300 else []
+        return status, payload, limit_headers, writes
 
     # -- control API ------------------------------------------------------
 
@@ -177,6 +186,7 @@ class SandboxApp:
             "/health": ("GET", lambda: (200, {"ok": True})),
             "/requests": ("GET", lambda: self._requests(query)),
             "/stats": ("GET", lambda: (200, self.state.stats())),
+            "/state": ("GET", lambda: self._person_states(query)),
             "/config": ("POST", lambda: self._configure(body)),
             "/reset": ("POST", self._reset),
         }
@@ -207,6 +217,16 @@ class SandboxApp:
         if vendor is not None and vendor not in self.vendors:
             return error(400, f"unknown vendor {vendor!r}; known: {sorted(self.vendors)}")
         return 200, {"requests": self.state.requests(vendor=vendor, **ints)}
+
+    def _person_states(self, query: str) -> tuple[int, Any]:
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        unknown = set(params) - {"vendor", "person"}
+        if unknown:
+            return error(400, f"unknown filters: {sorted(unknown)}")
+        vendor = params.get("vendor")
+        if vendor is not None and vendor not in self.vendors:
+            return error(400, f"unknown vendor {vendor!r}; known: {sorted(self.vendors)}")
+        return 200, self.state.person_states(vendor=vendor, person=params.get("person"))
 
     def _configure(self, body: bytes) -> tuple[int, Any]:
         try:
