@@ -10,6 +10,11 @@ Example::
         httpx.post(f"{base}/events/send", json={...},
                    headers={"Authorization": "Bearer sandbox-loops-key"})
         SandboxClient(sandbox.url).requests(vendor="loops")
+        SandboxClient(sandbox.url).state("loops")  # {"ada@example.com": {"properties": ..., "writes": 1}}
+
+Control API under ``/_sandbox``: ``GET /health``, ``GET /requests`` (filters vendor,
+since, status, limit), ``GET /stats``, ``GET /state`` (filters vendor, person: the
+final state per vendor and person, see `state`), ``GET``/``POST /config``, ``POST /reset``.
 
 Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record
 (with the credential check's result, false while the vendor's ``revoke_key`` is on),
@@ -17,7 +22,8 @@ take an injected failure (fail_all, fail_next: the first entry without a
 ``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
 against the rate limit (see `state` for the modes); then the latency sleep ->
 the injected failure -> auth (the vendor's own 401, revoked key or not) -> rate limit (429) -> idempotency (409) ->
-route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
+route/validate -> (2xx) the person writes it made, kept with its arrival ``seq``.
+A vendor with ``rate_limit_headers`` (Loops) adds
 ``x-ratelimit-limit`` and ``x-ratelimit-remaining`` to every answer while a
 limit is set.
 """
