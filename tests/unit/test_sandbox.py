@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -586,6 +588,42 @@ def test_latency_is_applied(http: httpx.Client, urls: dict[str, str], control: S
     started = time.perf_counter()
     assert send_event(http, urls).status_code == 200
     assert time.perf_counter() - started < 1.0  # other vendors unaffected (a leak of the latency would take 2 s)
+
+
+def test_a_hanging_vendor_holds_only_its_own_connections_and_stop_releases_them(http: httpx.Client) -> None:
+    # A sandbox of its own: the hung requests must not outlive this test in the shared one.
+    sandbox = Sandbox(port=0, credentials=dict(SANDBOX_CREDENTIALS)).start()
+    body = json.dumps({"id": "u1"}).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in CONVEYOUR_HEADERS.items())
+    raw = (
+        f"POST /conveyour/api/analytics/identify HTTP/1.1\r\nHost: sandbox\r\n{head}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    hung: list[socket.socket] = []
+    try:
+        with SandboxClient(sandbox.url) as own:
+            own.configure("conveyour", latency_ms=60000)  # a vendor that hangs for a minute
+            for _ in range(2):
+                hung.append(socket.create_connection((sandbox.host, sandbox.port), timeout=5))
+                hung[-1].sendall(raw)
+            own.wait_for(2, vendor="conveyour", status=None, timeout=5)
+            started = time.perf_counter()
+            assert send_event(http, sandbox.base_urls).status_code == 200
+            assert convertloop(http, sandbox.base_urls, "/people", {"email": "a@b.c"}).status_code == 200
+            assert own.health() and own.state("loops", "ada@example.com") is not None
+            assert time.perf_counter() - started < 2.0  # unaffected (generous under load; the hang is 60 s)
+            assert [r["status"] for r in own.requests(vendor="conveyour")] == [None, None]
+        started = time.perf_counter()
+        sandbox.stop()
+        assert time.perf_counter() - started < 5.0
+        deadline = time.monotonic() + 5
+        while any(r["status"] is None for r in sandbox.state.requests()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [r["status"] for r in sandbox.state.requests(vendor="conveyour")] == [200, 200]  # released
+    finally:
+        sandbox.stop()
+        for conn in hung:
+            conn.close()
 
 
 # -- recording / control API -------------------------------------------------------------

@@ -10,6 +10,8 @@ Example::
     ...  # exercise code that talks to Loops
     sends = client.wait_for(2, vendor="loops")         # two 200s recorded
     client.wait_for(lambda r: r["path"] == "/events/send", vendor="loops")
+    client.state("loops", "ada@example.com")  # {"properties": {}, "mailing_lists": {}, "events": [..], "writes": 2}
+    client.state("loops")                      # {person key: state}; client.state(): {vendor: {person key: state}}
     client.reset()
 """
 

@@ -10,6 +10,11 @@ Example::
         httpx.post(f"{base}/events/send", json={...},
                    headers={"Authorization": "Bearer sandbox-loops-key"})
         SandboxClient(sandbox.url).requests(vendor="loops")
+        SandboxClient(sandbox.url).state("loops")  # {"ada@example.com": {"properties": ..., "writes": 1}}
+
+Control API under ``/_sandbox``: ``GET /health``, ``GET /requests`` (filters vendor,
+since, status, limit), ``GET /stats``, ``GET /state`` (filters vendor, person: the
+final state per vendor and person, see `state`), ``GET``/``POST /config``, ``POST /reset``.
 
 Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record
 (with the credential check's result, false while the vendor's ``revoke_key`` is on),
@@ -17,7 +22,8 @@ take an injected failure (fail_all, fail_next: the first entry without a
 ``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
 against the rate limit (see `state` for the modes); then the latency sleep ->
 the injected failure -> auth (the vendor's own 401, revoked key or not) -> rate limit (429) -> idempotency (409) ->
-route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
+route/validate -> (2xx) the person writes it made, kept with its arrival ``seq``.
+A vendor with ``rate_limit_headers`` (Loops) adds
 ``x-ratelimit-limit`` and ``x-ratelimit-remaining`` to every answer while a
 limit is set.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -101,6 +108,8 @@ class SandboxApp:
         # Longest prefix first so nested prefixes would resolve correctly.
         self._mounts = sorted(self.vendors.values(), key=lambda v: len(v.prefix), reverse=True)
         self.state = SandboxState(self.vendors, apis=self.vendors)
+        # Set while the server stops: a request still waiting out its latency stops waiting.
+        self.stopping = threading.Event()
 
     def dispatch(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> Reply:
         """Answer one HTTP request.  ``headers`` has lower-case names."""
@@ -151,7 +160,7 @@ class SandboxApp:
         limit_headers = state.rate_limit_headers(name) if vendor.rate_limit_headers else []
         delay = state.latency(name)
         if delay > 0:
-            time.sleep(delay)
+            self.stopping.wait(delay)  # a long latency (a hanging vendor) holds only this connection's thread
         if failure is not None:
             extra = [("Retry-After", failure.retry_after)] if failure.retry_after is not None else []
             payload = failure.body
@@ -285,7 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload, extra = self.server.app.dispatch(self.command, path, query, headers, body)
         except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive
             status, payload, extra = 500, {"success": False, "message": f"sandbox bug: {exc!r}"}, []
-        self._send(status, payload, extra)
+        try:
+            self._send(status, payload, extra)
+        except OSError:  # the client went away (e.g. gave up on a long latency): nobody to answer
+            self.close_connection = True
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
@@ -371,6 +383,12 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             (self._connections.add if is_open else self._connections.discard)(conn)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (reset, broken pipe) is no sandbox error; print the rest."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Shut down open keep-alive connections so their threads exit."""
         with self._connections_lock:
@@ -409,6 +427,7 @@ class Sandbox:
         if self._server is not None:
             raise RuntimeError("sandbox already started")
         self._server = _Server((self.host, self.port), self.app)
+        self.app.stopping.clear()
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -420,10 +439,11 @@ class Sandbox:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, close keep-alive connections and release the port."""
+        """Stop accepting, end latency waits, close keep-alive connections and release the port."""
         server, self._server = self._server, None
         if server is None:
             return
+        self.app.stopping.set()
         server.shutdown()
         server.close_connections()
         server.server_close()

@@ -19,6 +19,15 @@ arrives; refused requests do not count):
 ``rate_limit_shared`` = S req/s: a simulated second application holding the same
 API key sends S requests a second, evenly spaced, into the same limit.
 
+Person state (``/_sandbox/state``, `person_states`): each vendor's `VendorAPI.person_writes`
+says what a request it accepted (its route answered 2xx) changed for whom; refused
+requests (injected failures, 401, 429, 409, 4xx) change nothing.  Writes are folded in
+``seq`` (arrival) order: one answered late because of its latency keeps its place (it
+waits in `PersonStore` until every earlier arrival is answered; a read applies waiting
+writes to copies).  At most `MAX_PERSONS` persons per vendor (a new one drops the least
+recently written) and `MAX_PERSON_EVENTS` events per person (the oldest go; ``writes``
+counts on).  A request that arrived before a `reset` changes nothing after it.
+
 Example::
 
     state = SandboxState(["loops"])
@@ -31,6 +40,11 @@ Example::
     state.rate_limit_headers("loops")  # -> [("x-ratelimit-limit", "10"), ("x-ratelimit-remaining", "9")]
     state.finish(record, 503)
     state.requests(status=503)       # -> [{"seq": 1, "vendor": "loops", ...}]
+    first, second = (state.begin("loops", "PUT", "/contacts/update", "", {}, b"{}", True, None) for _ in range(2))
+    state.finish(second, 200, [("ada", [("set", "plan", "pro")])])    # answered first, arrived second
+    state.finish(first, 200, [("ada", [("set", "plan", "free")])])
+    state.person_states("loops", "ada")  # -> {"loops": {"ada": {"fields": {"plan": "pro"}, ..., "writes": 2}}}
+    state.configure("loops", {"revoke_key": True})   # every later request: auth_ok False, 401
 """
 
 from __future__ import annotations
