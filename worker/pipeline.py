@@ -247,6 +247,19 @@ class Pipeline:
             raise VendorDown(vendor.name)
         return self._settle(this, *self._send_one(vendor, event, probe))
 
+    def unexpected(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
+                   first_failure: float | None, error: BaseException) -> RetryLater:
+        """An attempt raised something unexpected (a bug, Redis refusing a write): retry it like a failed request,
+        counted against RETRY_MAX_ATTEMPTS and the window, then dead-letter it (raised). Raises the parse error
+        when the event cannot be read at all (the caller leaves the message to come back)."""
+        vendor = self.vendors[vendor_name]
+        this = _Attempt(vendor, parse_event(payload), payload, attempt, task_id, first_failure)
+        request = Request("-", "-", None)
+        result = self._retry(this, request, None, None, f"unexpected {type(error).__name__}: {error}")
+        if isinstance(result, DeadLetter):
+            self._dead(result.model_copy(update={"request": None}))
+        return result
+
     # -- per-person order -------------------------------------------------------
 
     def order(self, vendor: str) -> PersonLog:

@@ -30,8 +30,9 @@ from typing import Any
 
 from celery.exceptions import Reject, Retry
 
-from . import ordering
+from . import observability, ordering, transport
 from .app import app
+from .errors import DeadLettered
 from .limits import gate
 from .limits.throttle import Throttled
 from .pipeline import Delivered, Merged, Parked, Pipeline, RetryableError, RetryLater, VendorDown, Yielded
@@ -102,14 +103,42 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
     return result
 
 
+def _unexpected(vendor: Any, event: Any, headers: dict[str, Any], request: Any, tag: str | None,
+                error: Exception) -> RetryLater:
+    """An attempt raised something unexpected: log it with its traceback, report it, and put the delivery on
+    the retry schedule (a counted attempt; dead-lettered once the budget is spent). If Redis cannot take that
+    record either, the message is left held in Redis (not acknowledged): it comes back after the visibility
+    timeout."""
+    log.error("unexpected error delivering %s to %s; retrying it", request.id, vendor, exc_info=error)
+    observability.report_unexpected(error, str(vendor))
+    pipeline = Pipeline.default()
+    state = RetryState.from_headers(headers)
+    person = headers.get(ordering.HEADER)
+    person = person if isinstance(person, str) and person else None
+    try:
+        result = pipeline.unexpected(vendor, event, state.next_attempt, request.id, state.first_failure, error)
+        message = _retry_message(vendor, event, request.id, request.retries + 1, result.state, person)
+        assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
+        pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+    except DeadLettered:
+        raise
+    except Exception:
+        transport.keep_unacked(tag)
+        log.error("could not record the retry of %s (%s): its message stays held and comes back after the "
+                  "visibility timeout", request.id, vendor, exc_info=True)
+        raise error from None
+    ticker.poke()
+    return result
+
+
 @app.task(bind=True, name=DELIVER_TASK, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **extra_kwargs: Any) -> dict[str, Any]:
     if extra_args or extra_kwargs:  # not a message we sent: the pipeline dead-letters it as malformed
         event = {"unexpected_arguments": {"args": [event, *extra_args], "kwargs": extra_kwargs}}
     request = self.request
     tag = (request.properties or {}).get("delivery_tag")
+    headers = vars(request)
     try:
-        headers = vars(request)
         result = attempt(vendor, event, RetryState.from_headers(headers), request.id, tag, request.retries,
                          person=headers.get(ordering.HEADER))
     except Throttled as throttled:
@@ -118,6 +147,10 @@ def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **ext
     except VendorDown as down:
         gate.hold(down.vendor)
         raise ThrottledReject(str(down), requeue=True) from None
+    except DeadLettered:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else: retried with a record, never acknowledged without one
+        result = _unexpected(vendor, event, headers, request, tag, exc)
     if isinstance(result, Delivered):
         return {"vendor": result.vendor, "status": result.status, "attempt": result.attempt,
                 "ms": round(result.elapsed * 1000)}
