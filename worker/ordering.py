@@ -50,6 +50,9 @@ HEADER = "vdw_order"
 #: Pending calls one claim (or one round of a turn) reads: a merged request carries at most this many.
 MAX_ENTRIES = 100
 
+#: Parked messages one step puts back on the queue (a turn's end, a sweep): Redis never blocks long on a flood.
+UNPARK_MAX = 500
+
 UNACKED = kombu_redis.Channel.unacked_key
 UNACKED_INDEX = kombu_redis.Channel.unacked_index_key
 
@@ -139,8 +142,9 @@ return out
 # person id, number of done ids n, the n done ids, then pairs (task id, outcome) of dead-lettered ones.
 # Removes the done calls from the person's order. Then, while this task still holds the turn: with go on and
 # calls left, keeps the turn and returns them ({'turn', id1, json1, ...}); else gives the turn up and puts the
-# person's parked messages back at the front of the queue ({'released', n}).
-_FINISH = """
+# person's parked messages (at most UNPARK; the rest at the next sweep) back at the front of the queue
+# ({'released', n}).
+_FINISH = "local UNPARK = %(unpark)d" + """
 local n = tonumber(ARGV[6])
 for i = 1, n do
   local id = ARGV[6 + i]
@@ -168,12 +172,16 @@ if ARGV[4] == '1' and holder then
   end
 end
 if holder then redis.call('DEL', KEYS[3]) end
-local parked = redis.call('LRANGE', KEYS[5], 0, -1)
+local parked = redis.call('LRANGE', KEYS[5], 0, UNPARK - 1)
 for j = 1, #parked do
   redis.call('RPUSH', KEYS[6], parked[j])
 end
-if #parked > 0 then redis.call('DEL', KEYS[5]) end
-redis.call('ZREM', KEYS[7], ARGV[5])
+redis.call('LTRIM', KEYS[5], #parked, -1)
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('ZADD', KEYS[7], 0, ARGV[5])   -- more parked than one step moves: the next sweep takes them
+else
+  redis.call('ZREM', KEYS[7], ARGV[5])
+end
 return {'released', #parked}
 """
 
@@ -189,7 +197,7 @@ return 0
 # KEYS: held, queue. ARGV: order key base, older than (Redis time - seconds), most to look at.
 # People with parked messages and no turn holder (the holder's lease ran out and its message is gone or far
 # back in the queue): their parked messages go back to the front of the queue. Returns how many people.
-_SWEEP = """
+_SWEEP = "local UNPARK = %(unpark)d" + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local people = redis.call('ZRANGE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'BYSCORE', 'LIMIT', 0, ARGV[3])
@@ -197,10 +205,10 @@ local swept = 0
 for _, p in ipairs(people) do
   if redis.call('EXISTS', ARGV[1] .. ':turn:' .. p) == 0 then
     local pk = ARGV[1] .. ':parked:' .. p
-    local parked = redis.call('LRANGE', pk, 0, -1)
+    local parked = redis.call('LRANGE', pk, 0, UNPARK - 1)
     for j = 1, #parked do redis.call('RPUSH', KEYS[2], parked[j]) end
-    redis.call('DEL', pk)
-    redis.call('ZREM', KEYS[1], p)
+    redis.call('LTRIM', pk, #parked, -1)
+    if redis.call('EXISTS', pk) == 0 then redis.call('ZREM', KEYS[1], p) end
     swept = swept + 1
   end
 end
@@ -259,9 +267,9 @@ class PersonLog:
         self.held = f"{self.base}:held"
         self._claim = client.register_script(_CLAIM)
         self._park = client.register_script(_PARK)
-        self._finish = client.register_script(_FINISH)
+        self._finish = client.register_script(_FINISH % {"unpark": UNPARK_MAX})
         self._extend = client.register_script(_EXTEND)
-        self._sweep = client.register_script(_SWEEP)
+        self._sweep = client.register_script(_SWEEP % {"unpark": UNPARK_MAX})
 
     def _keys(self, person: str) -> list[str]:
         return [f"{self.base}:{person}", self.events, f"{self.base}:turn:{person}", self.outcome]
