@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from worker import ordering
-from worker.events import Identity, IdentifyEvent, SegmentEvent, TrackEvent, merge
+from worker.events import IdentifyEvent, Identity, SegmentEvent, TrackEvent, merge
 from worker.ordering import CLAIMED, DONE, PARKED, PersonLog, person_id
 from worker.publisher import TaskMessages, wire
 from worker.settings import Settings
