@@ -28,31 +28,18 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from .deadletters import DeadLetter, DeadLetterStore, one_line, other_prefixes, vendor_message
+from .deadletters import DeadLetter, DeadLetterStore, error_text, other_prefixes
 from .errors import EnqueueError
 from .redisconf import RedisConfigError
-from .scrub import scrub
 from .vendors import VENDORS
 
 #: Plain text for --help (argparse prints it as is).
 DESCRIPTION = "The operator's commands: status, deadletters, retries, spool."
 #: Characters of the error (with the vendor's message) shown per row in the table listing.
-ERROR_WIDTH = 100
 
 
 def _summary(e: DeadLetter) -> dict:
     return e.model_dump(exclude={"event", "request", "raw"})
-
-
-def error_text(entry: DeadLetter, secrets: Sequence[str] = (), width: int = ERROR_WIDTH) -> str:
-    """The ERROR column: the entry's error and, unless it already says it, the vendor's message from the
-    response body; on one line, scrubbed of ``secrets``, cut to ``width`` characters (ending in "…")."""
-    text = entry.error
-    message = vendor_message(entry.response_body)
-    if message and message not in text:
-        text = f"{text}: {message}" if text else message
-    text = one_line(scrub(text, list(secrets)))
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def prefix_hint(store: DeadLetterStore) -> str | None:

@@ -21,7 +21,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -76,6 +76,21 @@ class DeadLetter(BaseModel):
 MESSAGE_KEYS = ("message", "error", "detail", "errors", "msg")
 #: The end of the index key of a dead-letter store, after its KEY_PREFIX.
 INDEX_SUFFIX = ":deadletters:index"
+
+
+#: The ERROR column's width (``deadletters list``), and how much of it Flower's FAILURE shows.
+ERROR_WIDTH = 100
+
+
+def error_text(entry: DeadLetter, secrets: Sequence[str] = (), width: int = ERROR_WIDTH) -> str:
+    """The ERROR column: the entry's error and, unless it already says it, the vendor's message from the
+    response body; on one line, scrubbed of ``secrets``, cut to ``width`` characters (ending in "…")."""
+    text = entry.error
+    message = vendor_message(entry.response_body)
+    if message and message not in text:
+        text = f"{text}: {message}" if text else message
+    text = one_line(scrub(text, list(secrets)))
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def one_line(text: str) -> str:

@@ -50,6 +50,7 @@ from .deadletters import (
     VENDOR_DISABLED,
     DeadLetter,
     DeadLetterStore,
+    error_text,
 )
 from .errors import DeadLettered
 from .events import check_encodable, merge, parse_event, utc_iso
@@ -303,7 +304,7 @@ class Pipeline:
                     stored = self._store_dead(run)
                     assert stored.task_id is not None
                     done, dead = [stored.task_id], {stored.task_id: _outcome(stored)}
-                    own = _dead_error(stored) if stored.task_id == task_id else own
+                    own = _dead_error(stored, self.store.secrets) if stored.task_id == task_id else own
                 else:
                     head = run[0]
                     event = head.event if len(run) == 1 else merge(
@@ -323,7 +324,7 @@ class Pipeline:
                                 "id": uuid.uuid4().hex, "event": a.payload, "event_id": a.event.id,
                                 "operation": a.event.operation, "task_id": a.task_id}))
                             dead[a.task_id or ""] = _outcome(stored)
-                            own = _dead_error(stored) if a.task_id == task_id else own
+                            own = _dead_error(stored, self.store.secrets) if a.task_id == task_id else own
                         done, number, first, split = ids, 1, None, max(0, split - len(run))
                     else:
                         if len(run) > 1:
@@ -534,8 +535,7 @@ class Pipeline:
         return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error, RetryState(this.number, first))
 
     def _dead(self, entry: DeadLetter) -> NoReturn:
-        stored = self._store_dead(entry)
-        raise DeadLettered(stored.vendor, stored.status, stored.reason, stored.id)
+        raise _dead_error(self._store_dead(entry), self.store.secrets)
 
     def _store_dead(self, entry: DeadLetter) -> DeadLetter:
         stored = self.store.add(entry)
@@ -552,8 +552,9 @@ def _outcome(stored: DeadLetter) -> str:
     return f"{stored.reason}|{stored.status if stored.status is not None else ''}|{stored.id}"
 
 
-def _dead_error(stored: DeadLetter) -> DeadLettered:
-    return DeadLettered(stored.vendor, stored.status, stored.reason, stored.id)
+def _dead_error(stored: DeadLetter, secrets: Sequence[str] = ()) -> DeadLettered:
+    """The exception a dead-lettered delivery's task ends with; Flower shows why (the vendor's own words)."""
+    return DeadLettered(stored.vendor, stored.status, stored.reason, stored.id, error_text(stored, secrets))
 
 
 def _failing(status: int) -> bool:
