@@ -79,6 +79,27 @@ def _kept_back(tag: str) -> bool:
             return False
 
 
+#: kombu's Redis channel internals this transport overrides or calls; missing from other kombu versions.
+KOMBU_INTERNALS = ("_brpop_start", "_brpop_read", "_brpop_sent_at", "_flush_brpop_reauth", "_in_poll",
+                   "_q_for_pri")
+#: The kombu versions whose internals these are (pyproject.toml pins the same range).
+KOMBU_VERSIONS = ((5, 7), (5, 8))
+
+
+def check_kombu() -> None:
+    """Raise RuntimeError, saying what to install, when the installed kombu is not one this transport knows."""
+    import kombu
+
+    version = tuple(int(part) for part in kombu.__version__.split(".")[:2])
+    missing = [name for name in KOMBU_INTERNALS if not hasattr(kombu_redis.Channel, name)]
+    low, high = KOMBU_VERSIONS
+    if missing or not low <= version < high:
+        raise RuntimeError(
+            f"kombu {kombu.__version__} is installed; this worker's Redis transport needs kombu "
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}" + (f" (missing: {', '.join(missing)})" if missing else "")
+            + ": pip install -c requirements.lock -e . (or 'kombu>=5.7,<5.8')")
+
+
 #: Keys every kombu message envelope has.
 ENVELOPE_KEYS = ("body", "properties", "headers")
 
