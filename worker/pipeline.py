@@ -425,7 +425,8 @@ class Pipeline:
             if batcher is None:
                 batcher = self._batchers[vendor.name] = Batcher(
                     vendor.name, self.limiters[vendor.name], functools.partial(self._exchange, vendor),
-                    size, vendor.batch_max_wait(self.settings), horizon=self.throttle.horizon)
+                    size, vendor.batch_max_wait(self.settings), horizon=self.throttle.horizon,
+                    deadline=self.settings.visibility_timeout / 2)
             return batcher
 
     def _exchange(self, vendor: Vendor, events: list[AnyEvent]) -> list[Sent]:
