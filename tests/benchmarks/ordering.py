@@ -371,4 +371,7 @@ def _merged_log_lines(log: str) -> int:
 
 
 def run(stack: BenchStack, sizes: Sizes) -> list[Row]:
-    return [*throughput_rows(stack, sizes), *backlog_rows(stack, sizes)]
+    try:
+        return [*throughput_rows(stack, sizes), *backlog_rows(stack, sizes)]
+    finally:
+        stack.clean()  # the groups after this one find no rate limit at the sandbox, no backlog's leftovers
