@@ -97,6 +97,12 @@ class Sizes:
     #: Seconds of each event-loop phase (Redis up, stopped, hung), and the clients calling meanwhile.
     web_phase: float = 5.0
     web_clients: int = 4
+    #: Ordering on vs off: track calls (one per person) published each way and drained by one worker.
+    ordering_calls: int = 3000
+    #: The merged backlog: identify/segment calls over this many people, drained at this rate (requests/s).
+    ordering_backlog_calls: int = 10_000
+    ordering_backlog_people: int = 1000
+    ordering_backlog_rate: float = 10.0
     #: How often a noisy figure (enqueue, deliveries/s, batching) is measured: the table shows the median and range.
     repeats: int = 3
     smoke: bool = False
@@ -111,7 +117,8 @@ class Sizes:
                    latency_extra_concurrency=0, diagnose_logging=False,
                    rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_small_backlog=200, memory_seconds=10.0,
                    batch_warmup=1.0, batch_window=4.0, web_requests=200, web_spool_requests=100, web_warmup=50,
-                   web_phase=1.5, repeats=1, smoke=True)
+                   web_phase=1.5, ordering_calls=500, ordering_backlog_calls=500,
+                   ordering_backlog_people=50, ordering_backlog_rate=50.0, repeats=1, smoke=True)
 
 
 # -- results --------------------------------------------------------------------
