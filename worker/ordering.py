@@ -138,20 +138,26 @@ end
 return out
 """
 
-# KEYS: list, events, turn, outcome, parked, queue, held. ARGV: task id, lease ms, most entries, go on (1/0),
-# person id, number of done ids n, the n done ids, then pairs (task id, outcome) of dead-lettered ones.
+# KEYS: list, events, turn, outcome, parked, queue, held, unacked, unacked_index. ARGV: task id, lease ms, most
+# entries, go on (1/0), person id, delivery tag to acknowledge ('' none), number of done ids n, the n done ids,
+# then pairs (task id, outcome) of dead-lettered ones. With a tag, the message is acknowledged (kombu's record
+# removed) in the same step: a delivery's end and its acknowledgement are one round trip.
 # Removes the done calls from the person's order. Then, while this task still holds the turn: with go on and
 # calls left, keeps the turn and returns them ({'turn', id1, json1, ...}); else gives the turn up and puts the
 # person's parked messages (at most UNPARK; the rest at the next sweep) back at the front of the queue
 # ({'released', n}).
 _FINISH = "local UNPARK = %(unpark)d" + """
-local n = tonumber(ARGV[6])
+if ARGV[6] ~= '' then
+  redis.call('HDEL', KEYS[8], ARGV[6])
+  redis.call('ZREM', KEYS[9], ARGV[6])
+end
+local n = tonumber(ARGV[7])
 for i = 1, n do
-  local id = ARGV[6 + i]
+  local id = ARGV[7 + i]
   redis.call('LREM', KEYS[1], 1, id)
   redis.call('HDEL', KEYS[2], id)
 end
-local i = 7 + n
+local i = 8 + n
 while ARGV[i] do
   if ARGV[i] ~= ARGV[1] then redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
   i = i + 2
@@ -286,14 +292,15 @@ class PersonLog:
         return _turn(self._park(keys=keys, args=[task_id, _ms(lease), most, message, tag or "", person]))
 
     def finish(self, person: str, task_id: str, done: Iterable[str] = (), dead: dict[str, str] | None = None,
-               go_on: bool = False, lease: float = 0.0, most: int = MAX_ENTRIES) -> Turn:
+               go_on: bool = False, lease: float = 0.0, most: int = MAX_ENTRIES, ack: str | None = None) -> Turn:
         """Remove ``done`` calls from the person's order (``dead``: task id -> how it ended, for the messages
         still to come); then, with ``go_on``, keep the turn for the calls left (CLAIMED with them), else give
-        it up and unpark the person's parked messages ("released")."""
+        it up and unpark the person's parked messages ("released"). ``ack``: also acknowledge that delivery
+        tag (remove kombu's record of the held message), in the same step."""
         done = list(done)
         pairs = [x for item in (dead or {}).items() for x in item]
-        keys = [*self._keys(person), f"{self.base}:parked:{person}", self.queue, self.held]
-        args = [task_id, _ms(lease), most, "1" if go_on else "0", person, len(done), *done, *pairs]
+        keys = [*self._keys(person), f"{self.base}:parked:{person}", self.queue, self.held, UNACKED, UNACKED_INDEX]
+        args = [task_id, _ms(lease), most, "1" if go_on else "0", person, ack or "", len(done), *done, *pairs]
         return _turn(self._finish(keys=keys, args=args))
 
     def extend(self, person: str, task_id: str, lease: float) -> bool:

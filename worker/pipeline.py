@@ -208,13 +208,15 @@ class Pipeline:
 
     def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None,
                 first_failure: float | None = None, probe: bool = False, person: str | None = None,
-                park: Callable[[], str] | None = None, tag: str | None = None) -> Outcome_:
+                park: Callable[[], str] | None = None, tag: str | None = None,
+                defer: Callable[[Callable[[str], object]], None] | None = None) -> Outcome_:
         """Deliver ``payload`` to ``vendor_name``: attempt number ``attempt`` (counted failures so far + 1).
 
         ``probe``: this delivery tests an open breaker, so it goes even though the breaker is open (alone,
         never in a batch). ``person`` (the message's :data:`~worker.ordering.HEADER`): the call is kept in that
         person's order (:meth:`_turn`); ``park`` makes the message that runs this task again if it must wait,
-        ``tag`` is its delivery tag.
+        ``tag`` is its delivery tag; ``defer(end)``, when given, has the message's acknowledgement call
+        ``end(tag)`` instead: the turn's end and the ack in one round trip.
         """
         vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
         if vendor is None:
@@ -239,7 +241,7 @@ class Pipeline:
         if person is not None and task_id is not None and park is not None:
             if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
                 raise VendorDown(vendor.name)
-            return self._turn(this, person, park, tag, probe)
+            return self._turn(this, person, park, tag, probe, defer)
 
         refused = self._cannot_carry(this)
         if refused is not None:
@@ -271,13 +273,16 @@ class Pipeline:
         return log_
 
     def _turn(self, this: _Attempt, person: str, park: Callable[[], str], tag: str | None,
-              probe: bool) -> Delivered | RetryLater | Merged | Parked | Yielded:
+              probe: bool, defer: Callable[[Callable[[str], object]], None] | None = None
+              ) -> Delivered | RetryLater | Merged | Parked | Yielded:
         """Take the person's turn and deliver their pending calls from the oldest, merging runs of updates;
         or find this call delivered already (Merged), or park it behind the task that holds the turn.
 
         The turn goes on for at most :data:`TURN_REQUESTS` requests (and a quarter of the visibility timeout),
         then it is given up and the person's other messages take it. A retry keeps it (the caller puts this
-        message on the retry schedule and extends the turn until it is due).
+        message on the retry schedule and extends the turn until it is due). Once this call is settled, with
+        ``defer``, the turn ends with this message's acknowledgement (one round trip for both); the person's
+        calls that came meanwhile are taken by their own messages.
         """
         vendor, task_id = this.vendor, this.task_id
         assert task_id is not None, "an ordered delivery has a task id"
@@ -331,6 +336,9 @@ class Pipeline:
                             self.metrics.record(vendor.name, metrics.MERGED, count=len(run) - 1)
                         own = result if task_id in ids else own
                         done, number, first, split = ids, 1, None, max(0, split - len(run))
+                if own is not None and defer is not None:
+                    defer(functools.partial(_end, order, person, task_id, done, dead))
+                    return _settled(own)
                 go_on = (not probe and requests < TURN_REQUESTS and time.monotonic() - started < lease / 4)
                 turn = order.finish(person, task_id, done, dead, go_on=go_on, lease=lease)
         except BaseException:
@@ -343,11 +351,7 @@ class Pipeline:
             raise
         if turn.state == ordering.CLAIMED:  # a claim that found nothing pending
             order.finish(person, task_id)
-        if isinstance(own, DeadLettered):
-            raise own
-        if own is not None:
-            return own
-        return Yielded(vendor.name)
+        return _settled(own) if own is not None else Yielded(vendor.name)
 
     def _already(self, vendor: str, outcome: str) -> Merged:
         """This call was settled with another's request: delivered, or dead-lettered (raised again)."""
@@ -546,6 +550,18 @@ class Pipeline:
         observability.tag_failure(stored.vendor, stored.status, stored.reason)
         self.metrics.record(stored.vendor, metrics.DEAD_LETTERED, stored.reason)
         return stored
+
+
+def _settled(own: Delivered | DeadLettered) -> Delivered:
+    """This call's end: delivered, or its dead letter raised."""
+    if isinstance(own, DeadLettered):
+        raise own
+    return own
+
+
+def _end(order: PersonLog, person: str, task_id: str, done: list[str], dead: dict[str, str], ack: str) -> None:
+    """The turn's end, recorded with the acknowledgement of delivery tag ``ack``."""
+    order.finish(person, task_id, done, dead, ack=ack)
 
 
 def _outcome(stored: DeadLetter) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Reject, Retry
@@ -90,9 +91,14 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
     """
     pipeline = Pipeline.default()
     person = person if isinstance(person, str) and person else None
+    defer = None
+    if tag and not probe:  # a Celery delivery: the turn ends with the message's acknowledgement
+        def defer(end: Callable[[str], object]) -> None:
+            transport.ack_with(tag, functools.partial(end, tag))
     result = pipeline.deliver(vendor, event, attempt=state.next_attempt, task_id=task_id,
                               first_failure=state.first_failure, probe=probe, person=person, tag=tag,
-                              park=lambda: _retry_message(vendor, event, task_id, retries, state, person))
+                              park=lambda: _retry_message(vendor, event, task_id, retries, state, person),
+                              defer=defer)
     if isinstance(result, RetryLater):
         message = _retry_message(vendor, event, task_id, retries + 1, result.state, person)
         assert pipeline.schedule is not None, "the default pipeline has a retry schedule"

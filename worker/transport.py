@@ -39,6 +39,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -68,6 +69,19 @@ def keep_unacked(tag: str | None) -> None:
     if tag:
         with _kept_lock:
             _kept.add(tag)
+
+
+# Delivery tags whose acknowledgement is a function of the task's (a delivery's end and its ack in one round
+# trip: worker/ordering.py PersonLog.finish with ``ack``).
+_acks: dict[str, Callable[[], object]] = {}
+
+
+def ack_with(tag: str, ack: Callable[[], object]) -> None:
+    """Acknowledge message ``tag`` by calling ``ack`` (which removes kombu's record of it) instead of kombu's
+    own two commands. If ``ack`` raises, the message stays held in Redis and comes back after the visibility
+    timeout (at least once: what it recorded is redone)."""
+    with _kept_lock:
+        _acks[tag] = ack
 
 
 def _kept_back(tag: str) -> bool:
@@ -166,9 +180,27 @@ class QoS(kombu_redis.QoS):
         if _kept_back(delivery_tag):
             virtual.QoS.ack(self, delivery_tag)  # forgotten here; Redis keeps it held, to be restored
             return
+        with _kept_lock:
+            ack = _acks.pop(delivery_tag, None)
+        if ack is not None:
+            self._acks_with(delivery_tag, ack)
+            return
         super().ack(delivery_tag)
 
+    def _acks_with(self, delivery_tag: str, ack: Callable[[], object]) -> None:
+        try:
+            ack()
+        except Exception:
+            log.warning("could not acknowledge %s with its delivery's end; it stays held and comes back",
+                        delivery_tag, exc_info=True)
+        virtual.QoS.ack(self, delivery_tag)
+
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        with _kept_lock:
+            ack = _acks.pop(delivery_tag, None)
+        if ack is not None:  # the delivery ended (its end is recorded with the ack): nothing to put back
+            self._acks_with(delivery_tag, ack)
+            return
         if _kept_back(delivery_tag):
             virtual.QoS.ack(self, delivery_tag)
             return
