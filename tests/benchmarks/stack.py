@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 
+from worker import ordering
 from worker.localstack import (
     VENDOR_ENV_PREFIXES,
     RedisServer,
@@ -48,6 +49,7 @@ from worker.localstack import (
     wait_until,
 )
 from worker.sandbox import SandboxClient, base_urls
+from worker.vendors import VENDORS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -495,6 +497,7 @@ class BenchStack:
         args, kwargs, embed = json.loads(base64.b64decode(template["body"]))
         ids: list[str] = []
         batch: list[str] = []
+        order: list[tuple[str, ...]] = []
         is_delivery = len(args) == 2 and isinstance(args[1], dict)
         for i in range(n):
             if is_delivery:
@@ -512,14 +515,29 @@ class BenchStack:
                                   "argsrepr": repr(tuple(call_args))}
             message["properties"] = {**template["properties"], "correlation_id": task_id,
                                      "delivery_tag": str(uuid.uuid4())}
+            if is_delivery and ordering.HEADER in template["headers"]:
+                # As the producer does: each copy in its person's order, in the same MULTI as its message.
+                key = VENDORS[args[0]].person_key(event["identity"])
+                person = ordering.person_id(key) if key else None
+                message["headers"][ordering.HEADER] = person
+                if person:
+                    order.extend(ordering.order_commands(self.env.get("KEY_PREFIX", "vdw"), args[0], person,
+                                                         task_id, json.dumps(event)))
             batch.append(json.dumps(message))
             ids.append(task_id)
             if len(batch) >= chunk:
-                self.r.lpush(queue, *batch)
-                batch = []
+                self._push(queue, batch, order)
+                batch, order = [], []
         if batch:
-            self.r.lpush(queue, *batch)
+            self._push(queue, batch, order)
         return ids
+
+    def _push(self, queue: str, messages: list[str], order: list[tuple[str, ...]]) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lpush(queue, *messages)
+        for command in order:
+            pipe.execute_command(*command)
+        pipe.execute()
 
     # measuring
 
