@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections import Counter
 
 import pytest
 
@@ -55,3 +57,73 @@ def test_status_shows_waiting_retries_breaker_and_dead_letters_and_release_makes
                                                                                       "st2.loops"}
     finally:
         r.delete("loops", "vdw:retries:loops", "vdw:breaker:loops")
+
+
+def _commands(client) -> Counter[str]:
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()})
+
+
+def test_status_and_a_scrape_cost_the_same_redis_commands_with_20000_dead_letters_as_with_one(store, product_env,
+                                                                                            unique_email, capsys):
+    """The dead-letter counts come from the counts hash, not from reading every entry: a bounded number of Redis
+    commands whatever the number of dead letters (counted with INFO commandstats; nothing else uses this Redis
+    in this module)."""
+    import redis
+    from prometheus_client import generate_latest
+
+    from worker.cli import main, vendor_status
+    from worker.metrics.export import registry
+
+    r = redis.Redis.from_url(product_env["REDIS_URL"])
+    keys = (store.hash_key, store.index_key, store.counts_key)
+    r.delete(*keys)
+    reg = registry()
+
+    def cost(action) -> Counter[str]:
+        before = _commands(r)
+        action()
+        spent = _commands(r) - before
+        spent.pop("info", None)  # our own counting
+        return spent
+
+    def status_table() -> None:
+        assert main(["status"]) == 0
+
+    try:
+        store.add(entry("loops", unique_email))
+        for action in (vendor_status, status_table, lambda: generate_latest(reg)):
+            action()  # warm up: scripts loaded, connections made
+        one = {name: cost(action) for name, action in
+               (("status", vendor_status), ("status table", status_table), ("scrape", lambda: generate_latest(reg)))}
+
+        n = 20_000
+        pipe = r.pipeline(transaction=False)
+        for i in range(n):  # through the store's own add script, pipelined: the counts are kept as workers keep them
+            e = entry("loops" if i % 4 else "conveyour", f"{i}-{unique_email}",
+                      reason="rejected" if i % 3 else "retries_exhausted")
+            store._add(keys=list(keys), args=[e.id, e.model_dump_json(), str(i)], client=pipe)
+            if i % 2000 == 1999:
+                pipe.execute()
+        pipe.execute()
+        assert r.hlen(store.hash_key) == n + 1
+
+        many = {name: cost(action) for name, action in
+                (("status", vendor_status), ("status table", status_table), ("scrape", lambda: generate_latest(reg)))}
+        status = vendor_status()
+        r.delete(store.counts_key)  # as a store from before the counts: recounted once, in one script
+        started = time.perf_counter()
+        assert store.counts() == {"loops": {"rejected": 10_001, "retries_exhausted": 5_000},
+                                  "conveyour": {"rejected": 3_333, "retries_exhausted": 1_667}}
+        recount = time.perf_counter() - started
+    finally:
+        r.delete(*keys)
+    capsys.readouterr()
+    with capsys.disabled():
+        for name in one:
+            print(f"\n{name}: {sum(one[name].values())} Redis commands with 1 dead letter, "
+                  f"{sum(many[name].values())} with {n + 1}: {dict(many[name])}")
+        print(f"recount of {n + 1} dead letters from scratch (a store older than the counts): {recount * 1000:.0f} ms")
+    assert many == one, "the cost of status or a scrape grows with the number of dead letters"
+    assert status["vendors"]["loops"]["dead_letters"] == {"rejected": 10_001, "retries_exhausted": 5_000}
+    assert status["vendors"]["conveyour"]["dead_letters"] == {"rejected": 3_333, "retries_exhausted": 1_667}
+    assert status["vendors"]["convertloop"]["dead_letters"] == {}
