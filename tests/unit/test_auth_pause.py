@@ -105,15 +105,20 @@ def test_a_run_of_401s_pauses_the_vendor_and_only_the_first_answers_are_dead_let
 def test_403s_count_too_and_an_accepted_answer_ends_the_run(client, prefix, reports):
     p = make_pipeline(client, prefix)
     route = respx.post(f"{BASE}/cl/event_logs").mock(side_effect=[
-        httpx.Response(403), httpx.Response(403), httpx.Response(200), httpx.Response(403), httpx.Response(403)])
+        httpx.Response(403), httpx.Response(403), httpx.Response(200),
+        httpx.Response(403), httpx.Response(403), httpx.Response(403)])
     for _ in range(2):
         with pytest.raises(DeadLettered):
             p.deliver("convertloop", track())
     assert isinstance(p.deliver("convertloop", track()), Delivered)
-    for _ in range(2):  # a new run: two more rejected, no pause
+    for _ in range(2):  # a new run: two more rejected, no pause yet
         with pytest.raises(DeadLettered):
             p.deliver("convertloop", track())
-    assert route.call_count == 5 and p.breaker.poll("convertloop").state == CLOSED and reports == []
+    assert p.breaker.poll("convertloop").state == CLOSED and reports == []
+    with pytest.raises(VendorAuthFailed):  # the third 403 in a row
+        p.deliver("convertloop", track())
+    assert route.call_count == 6 and p.breaker.poll("convertloop").state == AUTH_FAILED
+    assert reports == [("convertloop", 403, VENDORS["convertloop"].credential_env)]
 
 
 @respx.mock
