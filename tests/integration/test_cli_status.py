@@ -135,3 +135,19 @@ def test_status_and_a_scrape_cost_the_same_redis_work_with_20000_dead_letters_as
     assert status["vendors"]["loops"]["dead_letters"] == {"rejected": 10_001, "retries_exhausted": 5_000}
     assert status["vendors"]["conveyour"]["dead_letters"] == {"rejected": 3_333, "retries_exhausted": 1_667}
     assert status["vendors"]["convertloop"]["dead_letters"] == {}
+
+
+def test_deadletters_recount_counts_a_store_from_before_the_counts(store, product_env, unique_email):
+    import redis
+
+    r = redis.Redis.from_url(product_env["REDIS_URL"])
+    for vendor in ("loops", "loops", "conveyour"):
+        e = entry(vendor, f"{vendor}-{len(store.list())}-{unique_email}")
+        r.hset(store.hash_key, e.id, e.model_dump_json())  # as the store wrote them before the counts
+        r.zadd(store.index_key, {e.id: 1.0})
+    r.delete(store.counts_key)
+    out = subprocess.run([sys.executable, "-m", "worker", "deadletters", "recount"], env=product_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3 dead letter(s) counted (conveyour: rejected 1; loops: rejected 2)"
+    assert store.counts() == {"loops": {"rejected": 2}, "conveyour": {"rejected": 1}}
