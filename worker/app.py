@@ -49,6 +49,18 @@ def _flush_metrics(**_: object) -> None:
 
 
 @signals.celeryd_init.connect
+def _check_kombu(**_: object) -> None:
+    """A worker on a kombu whose internals the transport does not know stops at once, saying what to install."""
+    from .transport import check_kombu
+
+    try:
+        check_kombu()
+    except RuntimeError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+@signals.celeryd_init.connect
 def _check_redis(**_: object) -> None:
     """A worker whose Redis configuration cannot work (unknown Sentinel master, TLS certificate refused, wrong
     password) stops at once with that reason; one whose Redis is merely away starts and keeps trying."""

@@ -115,6 +115,7 @@ class Batcher(Generic[T]):
         max_wait: float,
         horizon: float = DEFAULT_HORIZON,
         sleep: Callable[[float], None] = time.sleep,
+        deadline: float = float("inf"),
     ) -> None:
         if size < 1 or max_wait < 0 or horizon < 0:
             raise ValueError("size must be >= 1, max_wait and horizon >= 0")
@@ -125,6 +126,9 @@ class Batcher(Generic[T]):
         self.max_wait = max_wait
         self.horizon = horizon
         self.sleep = sleep
+        #: Seconds a batch may spend sending (its splits included): past it, what is left goes back to the queue
+        #: (Throttled), so no message is held past the visibility timeout.
+        self.deadline = deadline
         self._lock = threading.Lock()
         self._more = threading.Condition(self._lock)
         self._pending: deque[_Slot[T]] = deque()
@@ -211,8 +215,15 @@ class Batcher(Generic[T]):
         """Send ``slots`` (a token is already held for the first request) until each has its outcome."""
         groups: deque[list[_Slot[T]]] = deque([slots])
         have_token = True
+        started = time.monotonic()
         while groups:
             group = groups.popleft()
+            if not have_token and time.monotonic() - started > self.deadline:
+                log.warning("%s: a refused bulk request's split ran past %.0fs: %s item(s) go back to the queue",
+                            self.vendor, self.deadline, sum(len(g) for g in (group, *groups)))
+                for slot in chain(group, *groups):
+                    slot.fail(Throttled(self.vendor, 0.0))
+                return
             if not have_token:
                 reservation = self.limiter.acquire(max_wait=self.horizon)
                 if not reservation.granted:

@@ -29,31 +29,18 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from .deadletters import DeadLetter, DeadLetterStore, one_line, other_prefixes, vendor_message
+from .deadletters import DeadLetter, DeadLetterStore, error_text, other_prefixes
 from .errors import EnqueueError
 from .redisconf import RedisConfigError
-from .scrub import scrub
 from .vendors import VENDORS
 
 #: Plain text for --help (argparse prints it as is).
 DESCRIPTION = "The operator's commands: status, deadletters, retries, spool."
 #: Characters of the error (with the vendor's message) shown per row in the table listing.
-ERROR_WIDTH = 100
 
 
 def _summary(e: DeadLetter) -> dict:
     return e.model_dump(exclude={"event", "request", "raw"})
-
-
-def error_text(entry: DeadLetter, secrets: Sequence[str] = (), width: int = ERROR_WIDTH) -> str:
-    """The ERROR column: the entry's error and, unless it already says it, the vendor's message from the
-    response body; on one line, scrubbed of ``secrets``, cut to ``width`` characters (ending in "…")."""
-    text = entry.error
-    message = vendor_message(entry.response_body)
-    if message and message not in text:
-        text = f"{text}: {message}" if text else message
-    text = one_line(scrub(text, list(secrets)))
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def prefix_hint(store: DeadLetterStore) -> str | None:
@@ -176,6 +163,7 @@ def vendor_status() -> dict:
 
     from . import clients
     from .events import utc_iso
+    from .ordering import PersonLog
     from .retries.breaker import Breaker
     from .retries.schedule import UNACKED, RetrySchedule
     from .settings import get_settings
@@ -198,6 +186,7 @@ def vendor_status() -> dict:
         waiting = schedule.waiting(name)
         b = breaker.poll(name)
         configured = vendor.rate_limit(s)
+        order = PersonLog(r, s.key_prefix, name)
         out["vendors"][name] = {
             "enabled": vendor.enabled(s),
             "queued": r.llen(name),
@@ -213,6 +202,10 @@ def vendor_status() -> dict:
             "rate_limit": configured or None,
             "effective_rate": _effective_rate(r, s, name, configured),
             "dead_letters": dict(sorted(dead.get(name, {}).items())),
+            # Calls still in some person's order (queued, in flight, waiting to retry or parked), and people
+            # with calls parked behind an earlier call of theirs (delivering, or waiting to retry).
+            "ordered_pending": order.pending(),
+            "people_held": order.held_people(),
         }
     spool = Spool(s.spool_dir, s.spool_max_bytes)
     out["spool"] = {"dir": s.spool_dir, "enabled": s.spool_enabled, "events": spool.pending(), "bytes": spool.size()}
@@ -234,8 +227,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"{'VENDOR':11}  {'QUEUED':>7}  {'IN FLIGHT':>9}  {'RETRIES':>7}  {'NEXT DUE':>8}  {'BREAKER':26}  "
-          f"{'RATE/S':>11}  DEAD LETTERS")
+    print(f"{'VENDOR':11}  {'QUEUED':>7}  {'IN FLIGHT':>9}  {'RETRIES':>7}  {'NEXT DUE':>8}  {'HELD':>6}  "
+          f"{'BREAKER':26}  {'RATE/S':>11}  DEAD LETTERS")
     for name, v in status["vendors"].items():
         held = v["breaker"] in ("open", "auth_failed") and v["breaker_since"]
         breaker = v["breaker"] + (f" since {v['breaker_since'][11:19]}" if held else "")
@@ -243,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         due = "-" if v["next_retry_in"] is None else f"{v['next_retry_in']:.0f}s"
         dead = ", ".join(f"{reason} {n}" for reason, n in sorted(v["dead_letters"].items())) or "-"
         print(f"{name + ('' if v['enabled'] else '*'):11}  {v['queued']:>7}  {v['in_flight']:>9}  "
-              f"{v['retries_waiting']:>7}  {due:>8}  {breaker:26}  {rate:>11}  {dead}")
+              f"{v['retries_waiting']:>7}  {due:>8}  {v['people_held']:>6}  {breaker:26}  {rate:>11}  {dead}")
     for name, v in status["vendors"].items():
         if v["auth_failed"]:
             print(f"{name}: paused since {v['breaker_since']}: the vendor refuses the credentials (answered 401/403 "

@@ -68,6 +68,21 @@ class PerThreadTransport(httpx.BaseTransport):
                 self._all.append(transport)
         return transport.handle_request(request)
 
+    def close_thread(self) -> None:
+        """Close the calling thread's connections (a thread that ends, e.g. a breaker probe's)."""
+        transport = getattr(self._local, "transport", None)
+        if transport is None:
+            return
+        self._local.transport = None
+        with self._lock:
+            self._all = [t for t in self._all if t is not transport]
+        transport.close()
+
+    def open_transports(self) -> int:
+        """Threads' connection pools open now."""
+        with self._lock:
+            return len(self._all)
+
     def close(self) -> None:
         with self._lock:
             transports, self._all = self._all, []

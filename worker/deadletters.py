@@ -32,7 +32,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -53,8 +53,9 @@ PROPERTY_CAP = "property_cap"  # more than EVENT_PROPERTY_CAP properties; never 
 MALFORMED = "malformed"  # the queue message was not a valid delivery
 VENDOR_DISABLED = "vendor_disabled"  # the vendor's credentials are not set on this worker
 REQUEST_ERROR = "request_error"  # the request could not be made (e.g. a bad base URL)
+CONFIGURATION = "configuration"  # this worker's settings cannot carry it (e.g. no LOOPS_MAILING_LISTS entry)
 #: Every reason, in the order operators read them (metrics label values).
-REASONS = (REJECTED, RETRIES_EXHAUSTED, PROPERTY_CAP, MALFORMED, VENDOR_DISABLED, REQUEST_ERROR)
+REASONS = (REJECTED, RETRIES_EXHAUSTED, PROPERTY_CAP, MALFORMED, VENDOR_DISABLED, REQUEST_ERROR, CONFIGURATION)
 
 
 class DeadLetter(BaseModel):
@@ -154,6 +155,21 @@ for f, c in pairs(counts) do redis.call('HSET', KEYS[2], f, c) end
 redis.call('HSET', KEYS[2], 'ready', 1)
 return n
 """
+
+
+#: The ERROR column's width (``deadletters list``), and how much of it Flower's FAILURE shows.
+ERROR_WIDTH = 100
+
+
+def error_text(entry: DeadLetter, secrets: Sequence[str] = (), width: int = ERROR_WIDTH) -> str:
+    """The ERROR column: the entry's error and, unless it already says it, the vendor's message from the
+    response body; on one line, scrubbed of ``secrets``, cut to ``width`` characters (ending in "…")."""
+    text = entry.error
+    message = vendor_message(entry.response_body)
+    if message and message not in text:
+        text = f"{text}: {message}" if text else message
+    text = one_line(scrub(text, list(secrets)))
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def one_line(text: str) -> str:

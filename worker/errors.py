@@ -32,15 +32,17 @@ class DeadLettered(Exception):
     FAILURE and Sentry reports it once.
     """
 
-    def __init__(self, vendor: str, status: int | None, reason: str, entry_id: str) -> None:
+    def __init__(self, vendor: str, status: int | None, reason: str, entry_id: str, detail: str = "") -> None:
         self.vendor = vendor
         self.status = status
         self.reason = reason
         self.entry_id = entry_id
+        #: Why, on one line (the vendor's own message, credentials filtered, cut short), as Flower shows it.
+        self.detail = detail
         super().__init__(
             f"{vendor}: status={status if status is not None else '-'} "
-            f"reason={reason} dead_letter={entry_id}"
+            f"reason={reason} dead_letter={entry_id}" + (f": {detail}" if detail else "")
         )
 
-    def __reduce__(self):  # keep it picklable with its four arguments
-        return (type(self), (self.vendor, self.status, self.reason, self.entry_id))
+    def __reduce__(self):  # keep it picklable with its arguments
+        return (type(self), (self.vendor, self.status, self.reason, self.entry_id, self.detail))

@@ -122,6 +122,51 @@ class SegmentEvent(_Event):
         return self
 
 
+class UpdateEvent(_Event):
+    """Identify and segment calls about one person, merged into one update (:func:`merge`); never on a queue.
+
+    ``merged`` names the calls' task ids, oldest first; ``id`` is the newest call's event id.
+    """
+
+    operation: Literal["update"] = "update"
+    traits: JsonObject = Field(default_factory=dict)
+    add: list[Name] = Field(default_factory=list)
+    remove: list[Name] = Field(default_factory=list)
+    merged: tuple[str, ...] = ()
+
+
+def merge(events: list[IdentifyEvent | SegmentEvent], merged: tuple[str, ...] = ()) -> UpdateEvent:
+    """One update whose effect equals applying ``events`` in order.
+
+    Traits: the last value of each key wins, and a key only an older call set is kept. Segments: the
+    last add or remove of each name wins. Identity: the last value of each key (pid, user_id, email).
+
+    >>> a = IdentifyEvent(id="1", created_at="t", identity=Identity(email="j@a.co"), traits={"plan": "old", "co": "A"})
+    >>> b = SegmentEvent(id="2", created_at="t", identity=Identity(email="j@a.co"), add=["vip"])
+    >>> c = IdentifyEvent(id="3", created_at="t", identity=Identity(email="j@a.co"), traits={"plan": "new"})
+    >>> d = SegmentEvent(id="4", created_at="t", identity=Identity(email="j@a.co"), remove=["vip"], add=["paid"])
+    >>> u = merge([a, b, c, d])
+    >>> u.traits, u.add, u.remove, u.id
+    ({'plan': 'new', 'co': 'A'}, ['paid'], ['vip'], '4')
+    """
+    traits: dict[str, Any] = {}
+    membership: dict[str, bool] = {}
+    identity: dict[str, str] = {}
+    for event in events:
+        identity.update(event.identity.as_dict())
+        if isinstance(event, IdentifyEvent):
+            traits.update(event.traits)
+        else:
+            membership.update({name: True for name in event.add})
+            membership.update({name: False for name in event.remove})
+    last = events[-1]
+    # Every part was validated when it was made: construct without validating again.
+    return UpdateEvent.model_construct(
+        id=last.id, created_at=last.created_at, identity=Identity.model_validate(identity), traits=traits,
+        add=[n for n, on in membership.items() if on], remove=[n for n, on in membership.items() if not on],
+        merged=merged, operation="update")
+
+
 Event = Annotated[IdentifyEvent | TrackEvent | SegmentEvent, Field(discriminator="operation")]
 _EVENT = TypeAdapter(Event)
 

@@ -59,6 +59,14 @@ def tag_failure(vendor: str, status: int | None, reason: str) -> None:
     sentry_sdk.set_tag("reason", reason)
 
 
+def report_unexpected(exc: BaseException, vendor: str) -> None:
+    """Report an unexpected error of a delivery (it is retried, so the task's own failure never reports it)."""
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("vendor", vendor)
+        scope.set_tag("reason", "unexpected")
+        sentry_sdk.capture_exception(exc)
+
+
 #: The ``reason`` tag of the event :func:`report_auth_pause` sends.
 AUTH_FAILED = "auth_failed"
 

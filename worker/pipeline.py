@@ -30,16 +30,20 @@ import json
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import httpx
 import pydantic
 
-from . import clients, metrics, observability
+from . import clients, metrics, observability, ordering
 from .batching import Batcher, Sent
 from .deadletters import (
+    CONFIGURATION,
     MALFORMED,
+    MAX_RAW_CHARS,
     PROPERTY_CAP,
     REJECTED,
     REQUEST_ERROR,
@@ -47,11 +51,13 @@ from .deadletters import (
     VENDOR_DISABLED,
     DeadLetter,
     DeadLetterStore,
+    error_text,
 )
 from .errors import DeadLettered
-from .events import check_encodable, parse_event, utc_iso
+from .events import check_encodable, merge, parse_event, utc_iso
 from .limits.ratelimit import RateLimiter, limiter_for
 from .limits.throttle import Throttle
+from .ordering import Entry, PersonLog
 from .retries import backoff
 from .retries.attempts import RetryState
 from .retries.breaker import Breaker
@@ -89,6 +95,35 @@ class RetryLater:
     error: str
     #: What the next attempt carries: counted failures so far and when failing began.
     state: RetryState = RetryState()
+
+
+@dataclass(frozen=True)
+class Merged:
+    """This call was delivered already, with another call's request (a person's updates merged)."""
+
+    vendor: str
+
+
+@dataclass(frozen=True)
+class Parked:
+    """This call waits behind the person's call that holds the turn; its message is parked under the person."""
+
+    vendor: str
+    holder: str
+
+
+@dataclass(frozen=True)
+class Yielded:
+    """The turn ended (its request budget spent) before it reached this call: the message goes back to its queue."""
+
+    vendor: str
+
+
+#: What a delivery can come to without raising.
+Outcome_ = Delivered | RetryLater | Merged | Parked | Yielded
+
+#: Requests one turn sends at most before the person's other messages take it (a flood cannot hold a thread).
+TURN_REQUESTS = 10
 
 
 class VendorDown(Exception):
@@ -160,6 +195,7 @@ class Pipeline:
         self.metrics = recorder if recorder is not None else metrics.RECORDER
         self._batchers: dict[str, Batcher[AnyEvent]] = {}
         self._batchers_lock = threading.Lock()
+        self._orders: dict[str, PersonLog] = {}
 
     _default: Pipeline | None = None
     _default_lock = threading.Lock()
@@ -189,11 +225,14 @@ class Pipeline:
     # -- the flow -------------------------------------------------------------
 
     def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None,
-                first_failure: float | None = None, probe: bool = False) -> Delivered | RetryLater:
+                first_failure: float | None = None, probe: bool = False, person: str | None = None,
+                park: Callable[[], str] | None = None, tag: str | None = None) -> Outcome_:
         """Deliver ``payload`` to ``vendor_name``: attempt number ``attempt`` (counted failures so far + 1).
 
         ``probe``: this delivery tests an open breaker, so it goes even though the breaker is open (alone,
-        never in a batch).
+        never in a batch). ``person`` (the message's :data:`~worker.ordering.HEADER`): the call is kept in that
+        person's order (:meth:`_turn`); ``park`` makes the message that runs this task again if it must wait,
+        ``tag`` is its delivery tag.
         """
         vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
         if vendor is None:
@@ -215,25 +254,182 @@ class Pipeline:
             self._dead(DeadLetter(vendor=vendor.name, operation=event.operation, reason=MALFORMED, attempts=attempt,
                                   event_id=event.id, error=str(exc), raw=_raw(payload), task_id=task_id))
         this = _Attempt(vendor, event, payload, attempt, task_id, first_failure)
+        if person is not None and task_id is not None and park is not None:
+            if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
+                raise VendorDown(vendor.name)
+            return self._turn(this, person, park, tag, probe)
 
-        if not vendor.enabled(self.settings):
-            self._dead(this.dead_letter(VENDOR_DISABLED, f"{vendor.name} is not configured on this worker "
-                                                         f"(set {vendor.credential_env})"))
-        cap = self.settings.event_property_cap
-        if event.operation == "track" and len(event.properties) > cap:
-            self._dead(this.dead_letter(PROPERTY_CAP,
-                                        f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}"))
-
+        refused = self._cannot_carry(this)
+        if refused is not None:
+            self._dead(refused)
         if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
             raise VendorDown(vendor.name)
+        return self._settle(this, *self._send_one(vendor, event, probe))
+
+    def unexpected(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
+                   first_failure: float | None, error: BaseException) -> RetryLater:
+        """An attempt raised something unexpected (a bug, Redis refusing a write): retry it like a failed request,
+        counted against RETRY_MAX_ATTEMPTS and the window, then dead-letter it (raised). Raises the parse error
+        when the event cannot be read at all (the caller leaves the message to come back)."""
+        vendor = self.vendors[vendor_name]
+        this = _Attempt(vendor, parse_event(payload), payload, attempt, task_id, first_failure)
+        request = Request("-", "-", None)
+        result = self._retry(this, request, None, None, f"unexpected {type(error).__name__}: {error}")
+        if isinstance(result, DeadLetter):
+            self._dead(result.model_copy(update={"request": None}))
+        return result
+
+    # -- per-person order -------------------------------------------------------
+
+    def order(self, vendor: str) -> PersonLog:
+        """The vendor's per-person order in Redis (worker/ordering.py)."""
+        log_ = self._orders.get(vendor)
+        if log_ is None:
+            log_ = self._orders[vendor] = PersonLog(self.store.client, self.settings.key_prefix, vendor)
+        return log_
+
+    def _turn(self, this: _Attempt, person: str, park: Callable[[], str], tag: str | None,
+              probe: bool) -> Delivered | RetryLater | Merged | Parked | Yielded:
+        """Take the person's turn and deliver their pending calls from the oldest, merging runs of updates;
+        or find this call delivered already (Merged), or park it behind the task that holds the turn.
+
+        The turn goes on for at most :data:`TURN_REQUESTS` requests (and a quarter of the visibility timeout),
+        then it is given up and the person's other messages take it. A retry keeps it (the caller puts this
+        message on the retry schedule and extends the turn until it is due).
+        """
+        vendor, task_id = this.vendor, this.task_id
+        assert task_id is not None, "an ordered delivery has a task id"
+        order = self.order(vendor.name)
+        lease = self.settings.visibility_timeout
+        turn = order.claim(person, task_id, lease)
+        if turn.state == ordering.BUSY:
+            turn = order.park(person, task_id, lease, park(), tag)
+        if turn.state == ordering.PARKED:
+            log.debug("%s: %s waits behind %s", vendor.name, task_id, turn.holder)
+            return Parked(vendor.name, turn.holder)
+        if turn.state == ordering.DONE:
+            return self._already(vendor.name, turn.outcome)
+        own: Delivered | DeadLettered | None = None
+        number, first = this.number, this.first_failure
+        split = 0  # calls to send one at a time: a merged request the vendor rejected, to find which call it was
+        started, requests = time.monotonic(), 0
+        try:
+            while turn.state == ordering.CLAIMED and turn.entries:
+                done: list[str] = []
+                dead: dict[str, str] = {}
+                run = self._run(vendor, turn.entries, number, first, single=split > 0 or probe)
+                if isinstance(run, DeadLetter):  # the oldest call cannot be sent at all: its dead letter
+                    stored = self._store_dead(run)
+                    assert stored.task_id is not None
+                    done, dead = [stored.task_id], {stored.task_id: _outcome(stored)}
+                    own = _dead_error(stored, self.store.secrets) if stored.task_id == task_id else own
+                else:
+                    head = run[0]
+                    event = head.event if len(run) == 1 else merge(
+                        [a.event for a in run], tuple(a.task_id or "" for a in run))  # type: ignore[misc]
+                    result = self._classify(replace(head, event=event), *self._send_one(vendor, event, probe))
+                    requests += 1
+                    ids = [a.task_id or "" for a in run]
+                    if isinstance(result, RetryLater):
+                        return result  # the turn stays this task's: its message goes on the retry schedule
+                    if isinstance(result, DeadLetter) and len(run) > 1 and result.reason == REJECTED:
+                        log.warning("%s refused %s merged calls (%s); sending them one at a time",
+                                    vendor.name, len(run), result.error)
+                        split = len(run)
+                    elif isinstance(result, DeadLetter):
+                        for a in run:
+                            stored = self._store_dead(result.model_copy(update={
+                                "id": uuid.uuid4().hex, "event": a.payload, "event_id": a.event.id,
+                                "operation": a.event.operation, "task_id": a.task_id}))
+                            dead[a.task_id or ""] = _outcome(stored)
+                            own = _dead_error(stored, self.store.secrets) if a.task_id == task_id else own
+                        done, number, first, split = ids, 1, None, max(0, split - len(run))
+                    else:
+                        if len(run) > 1:
+                            self.metrics.record(vendor.name, metrics.MERGED, count=len(run) - 1)
+                        own = result if task_id in ids else own
+                        done, number, first, split = ids, 1, None, max(0, split - len(run))
+                go_on = (not probe and requests < TURN_REQUESTS and time.monotonic() - started < lease / 4)
+                turn = order.finish(person, task_id, done, dead, go_on=go_on, lease=lease)
+        except BaseException:
+            # Throttled, or anything unexpected: the turn is given up (nothing is lost: the calls stay pending
+            # in the person's order, and their messages come back); what was done so far is recorded already.
+            try:
+                order.finish(person, task_id)
+            except Exception:
+                log.warning("%s: could not give up the turn of %s", vendor.name, task_id, exc_info=True)
+            raise
+        if turn.state == ordering.CLAIMED:  # a claim that found nothing pending
+            order.finish(person, task_id)
+        if isinstance(own, DeadLettered):
+            raise own
+        if own is not None:
+            return own
+        return Yielded(vendor.name)
+
+    def _already(self, vendor: str, outcome: str) -> Merged:
+        """This call was settled with another's request: delivered, or dead-lettered (raised again)."""
+        if outcome:
+            reason, status, entry = outcome.split("|", 2)
+            raise DeadLettered(vendor, int(status) if status else None, reason, entry)
+        return Merged(vendor)
+
+    def _run(self, vendor: Vendor, entries: Sequence[Entry], number: int, first: float | None,
+             single: bool) -> list[_Attempt] | DeadLetter:
+        """The oldest pending call, and the updates after it that go in the same request; or the oldest call's
+        dead letter (not stored yet) when it cannot be sent."""
+        head = self._entry(vendor, entries[0], number, first)
+        if isinstance(head, DeadLetter):
+            return head
+        refused = self._cannot_carry(head)
+        if refused is not None:
+            return refused
+        run = [head]
+        if single or not vendor.mergeable(head.event):
+            return run
+        for entry in entries[1:]:
+            nxt = self._entry(vendor, entry, number, first)
+            if isinstance(nxt, DeadLetter) or not vendor.mergeable(nxt.event) or self._cannot_carry(nxt):
+                break
+            run.append(nxt)
+        return run
+
+    @staticmethod
+    def _entry(vendor: Vendor, entry: Entry, number: int, first: float | None) -> _Attempt | DeadLetter:
+        """A pending call as an attempt; a call that does not parse as its (malformed) dead letter."""
+        try:
+            payload = json.loads(entry.event_json)
+            event = parse_event(payload)
+        except ValueError as exc:  # json's and pydantic's errors
+            return DeadLetter(vendor=vendor.name, operation=None, reason=MALFORMED, attempts=number, event_id=None,
+                              error=f"not an event: {type(exc).__name__}", raw=entry.event_json[:MAX_RAW_CHARS],
+                              task_id=entry.task_id)
+        return _Attempt(vendor, event, payload, number, entry.task_id, first)
+
+    def _cannot_carry(self, this: _Attempt) -> DeadLetter | None:
+        """Why this worker cannot send the event (its dead letter, not stored yet), or None."""
+        vendor, event = this.vendor, this.event
+        if not vendor.enabled(self.settings):
+            return this.dead_letter(VENDOR_DISABLED, f"{vendor.name} is not configured on this worker "
+                                                     f"(set {vendor.credential_env})")
+        cap = self.settings.event_property_cap
+        if event.operation == "track" and len(event.properties) > cap:
+            return this.dead_letter(PROPERTY_CAP, f"{len(event.properties)} properties; EVENT_PROPERTY_CAP is {cap}")
+        refusal = vendor.refusal(event, self.settings)
+        if refusal is not None:  # the producer's settings allowed it, this worker's do not (e.g. a rolling deploy)
+            return this.dead_letter(CONFIGURATION, f"{refusal} on this worker; replay it once the workers' "
+                                                   "settings can carry it")
+        return None
+
+    def _send_one(self, vendor: Vendor, event: AnyEvent, probe: bool) -> tuple[Request, Sent]:
+        """Build and send one event's request (through the vendor's batcher when it takes it)."""
         request = vendor.build(event, self.settings)
         batcher = self._batcher(vendor) if vendor.batchable(event) and not probe else None
         if batcher is not None:
-            sent = batcher.submit(event)
-        else:
-            self.throttle.wait(vendor.name, self.limiters[vendor.name])
-            (sent,) = self._exchange(vendor, [event])
-        return self._settle(this, request, sent)
+            return request, batcher.submit(event)
+        self.throttle.wait(vendor.name, self.limiters[vendor.name])
+        (sent,) = self._exchange(vendor, [event])
+        return request, sent
 
     # -- steps ----------------------------------------------------------------
 
@@ -247,7 +443,8 @@ class Pipeline:
             if batcher is None:
                 batcher = self._batchers[vendor.name] = Batcher(
                     vendor.name, self.limiters[vendor.name], functools.partial(self._exchange, vendor),
-                    size, vendor.batch_max_wait(self.settings), horizon=self.throttle.horizon)
+                    size, vendor.batch_max_wait(self.settings), horizon=self.throttle.horizon,
+                    deadline=self.settings.visibility_timeout / 2)
             return batcher
 
     def _exchange(self, vendor: Vendor, events: list[AnyEvent]) -> list[Sent]:
@@ -280,14 +477,21 @@ class Pipeline:
         return [Sent(o, response.text, None, n, i, elapsed, paused) for i, o in enumerate(outcomes)]
 
     def _settle(self, this: _Attempt, request: Request, sent: Sent) -> Delivered | RetryLater:
-        """Delivered, retry or dead letter, from what became of this event's request."""
+        """Delivered, retry or dead letter (raised), from what became of this event's request."""
+        result = self._classify(this, request, sent)
+        if isinstance(result, DeadLetter):
+            self._dead(result)
+        return result
+
+    def _classify(self, this: _Attempt, request: Request, sent: Sent) -> Delivered | RetryLater | DeadLetter:
+        """Delivered, retry, or the dead letter to store, from what became of this event's request."""
         vendor, outcome = this.vendor, sent.outcome
         if sent.paused:
             raise VendorAuthFailed(vendor.name, outcome.status, vendor.credential_env)
         if sent.error is not None:
             if outcome.verdict is Verdict.RETRY:
                 return self._retry(this, request, None, None, sent.error)
-            self._dead(this.dead_letter(REQUEST_ERROR, sent.error, request=_request_dict(request)))
+            return this.dead_letter(REQUEST_ERROR, sent.error, request=_request_dict(request))
         bulk = f" (item {sent.index} of a bulk request of {sent.batch})" if sent.batch > 1 else ""
         if outcome.verdict is Verdict.DELIVERED:
             assert outcome.status is not None, "a delivered verdict comes from a vendor's answer"
@@ -299,8 +503,8 @@ class Pipeline:
             return Delivered(vendor.name, outcome.status, this.number, sent.elapsed)
         error = f"{vendor.name} answered {outcome.status}{bulk}" + (f": {outcome.message}" if outcome.message else "")
         if outcome.verdict is Verdict.REJECTED:
-            self._dead(this.dead_letter(REJECTED, error, status=outcome.status, response_body=sent.body,
-                                        request=_request_dict(request)))
+            return this.dead_letter(REJECTED, error, status=outcome.status, response_body=sent.body,
+                                    request=_request_dict(request))
         return self._retry(this, request, outcome.status, outcome.retry_after, error, sent.body)
 
     def _health(self, vendor: Vendor, status: int | None) -> bool:
@@ -343,7 +547,7 @@ class Pipeline:
         return response
 
     def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
-               error: str, body: str | None = None) -> RetryLater:
+               error: str, body: str | None = None) -> RetryLater | DeadLetter:
         """Schedule the next attempt, or dead-letter when the window (or RETRY_MAX_ATTEMPTS) is used up.
 
         A 429 counts for nothing: not an attempt, and it never ends the window; the delivery waits out the
@@ -364,8 +568,8 @@ class Pipeline:
         if out_of_attempts or window_left <= 0:
             why = (f"; {this.number} attempts (RETRY_MAX_ATTEMPTS)" if out_of_attempts
                    else f"; retried for {now - first:.0f}s (RETRY_WINDOW {s.retry_window:.0f}s)")
-            self._dead(replace(this, first_failure=first).dead_letter(
-                RETRIES_EXHAUSTED, error + why, status=status, response_body=body, request=_request_dict(request)))
+            return replace(this, first_failure=first).dead_letter(
+                RETRIES_EXHAUSTED, error + why, status=status, response_body=body, request=_request_dict(request))
         wait = min(wait, window_left)  # the last attempt comes as the window ends, not after it
         log.warning("retrying %s event=%s status=%s attempt=%s in %.2fs (window left %.0fs): %s",
                     this.vendor.name, this.event.id, status, this.number, wait, window_left, error)
@@ -373,13 +577,26 @@ class Pipeline:
         return RetryLater(this.vendor.name, status, this.number, round(wait, 3), error, RetryState(this.number, first))
 
     def _dead(self, entry: DeadLetter) -> NoReturn:
+        raise _dead_error(self._store_dead(entry), self.store.secrets)
+
+    def _store_dead(self, entry: DeadLetter) -> DeadLetter:
         stored = self.store.add(entry)
         log.error("dead-lettered %s %s event=%s reason=%s status=%s attempts=%s id=%s: %s",
                   stored.vendor, stored.operation, stored.event_id, stored.reason, stored.status,
                   stored.attempts, stored.id, stored.error)
         observability.tag_failure(stored.vendor, stored.status, stored.reason)
         self.metrics.record(stored.vendor, metrics.DEAD_LETTERED, stored.reason)
-        raise DeadLettered(stored.vendor, stored.status, stored.reason, stored.id)
+        return stored
+
+
+def _outcome(stored: DeadLetter) -> str:
+    """How a dead-lettered call ended, for its own message to report when a worker takes it."""
+    return f"{stored.reason}|{stored.status if stored.status is not None else ''}|{stored.id}"
+
+
+def _dead_error(stored: DeadLetter, secrets: Sequence[str] = ()) -> DeadLettered:
+    """The exception a dead-lettered delivery's task ends with; Flower shows why (the vendor's own words)."""
+    return DeadLettered(stored.vendor, stored.status, stored.reason, stored.id, error_text(stored, secrets))
 
 
 def _failing(status: int) -> bool:

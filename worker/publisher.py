@@ -39,10 +39,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
+from . import ordering
 from .errors import EnqueueError
 from .redisconf import config_problem
 from .settings import Settings, get_settings
 from .spool import Message, Spool, SpoolFull
+from .vendors import VENDORS
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +61,23 @@ SPOOLED = "spooled"
 
 # Markers in the message template, replaced per message.
 _TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR = "@@task_id@@", "@@queue@@", "@@tag@@", "@@body@@", "@@argsrepr@@"
+_ORDER = "@@order@@"
+
+
+def _template(envelope: dict[str, Any]) -> str:
+    """The envelope's JSON with its markers as %-format fields."""
+    template = json.dumps(envelope).replace("%", "%%")
+    for marker in (_TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR, _ORDER):
+        template = template.replace(marker, f"%({marker.strip('@')})s")
+    return template
 
 
 class TaskMessages:
     """Serialized ``worker.deliver`` messages, as Celery and kombu's Redis transport would write them.
 
     The headers come from Celery (``app.amqp.as_task_v2``) once per process;
-    each message only fills in its task id, queue, delivery tag and body.
+    each message only fills in its task id, queue, delivery tag and body (and, for a call kept in its
+    person's order, the person: :mod:`worker.ordering`).
     """
 
     def __init__(self, app: Any) -> None:
@@ -84,30 +96,48 @@ class TaskMessages:
                 "delivery_tag": _TAG,
             },
         }
-        template = json.dumps(envelope).replace("%", "%%")
-        for marker in (_TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR):
-            template = template.replace(marker, f"%({marker.strip('@')})s")
-        self._template = template
+        self._template = _template(envelope)
+        self._ordered = _template({**envelope, "headers": {**m.headers, ordering.HEADER: _ORDER}})
         self._embed = json.dumps(m.body[2])
 
     def build(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
-              event_json: str | None = None) -> list[Message]:
-        """One (queue, message) per vendor; the task arguments are ``(vendor, payload)``."""
+              event_json: str | None = None, persons: dict[str, str] | None = None) -> list[Message]:
+        """One (queue, message) per vendor; the task arguments are ``(vendor, payload)``. ``persons``: vendor ->
+        person id, for the vendors whose message is kept in its person's order (the header says whose)."""
         event_json = event_json or json.dumps(payload)
         event_id, operation = payload["id"], payload["operation"]
-        out = []
+        persons = persons or {}
+        out: list[Message] = []
         for vendor in vendors:
             body = f'[[{json.dumps(vendor)}, {event_json}], {{}}, {self._embed}]'
             task_id = f"{event_id}.{vendor}{task_id_suffix}"
-            out.append((vendor, self._template % {
+            person = persons.get(vendor)
+            out.append((vendor, (self._template if person is None else self._ordered) % {
                 "task_id": task_id,
                 "queue": vendor,
                 "tag": os.urandom(16).hex(),
                 "body": base64.b64encode(body.encode()).decode(),
                 "argsrepr": f"('{vendor}', <{operation} {event_id}>)",
+                "order": person,
             }))
         return out
 
+    def ordered(self, payload: dict[str, Any], vendors: list[str], prefix: str, task_id_suffix: str = "",
+                event_json: str | None = None) -> list[Message]:
+        """As :meth:`build`, each message kept in its person's order: the messages, then the writes that put
+        each call in its person's order (``("", command, ...)``; :func:`_push` sends them all in one MULTI)."""
+        event_json = event_json or json.dumps(payload)
+        persons = {}
+        for vendor in vendors:
+            key = VENDORS[vendor].person_key(payload["identity"]) if vendor in VENDORS else None
+            if key is not None:
+                persons[vendor] = ordering.person_id(key)
+        out = self.build(payload, vendors, task_id_suffix, event_json, persons)
+        for vendor, person in persons.items():
+            task_id = f"{payload['id']}.{vendor}{task_id_suffix}"
+            out.extend(("", *command) for command in ordering.order_commands(prefix, vendor, person, task_id,
+                                                                              event_json))
+        return out
 
     def retry(self, vendor: str, payload: dict[str, Any], task_id: str, retries: int,
               headers: dict[str, Any]) -> str:
@@ -123,6 +153,30 @@ def _lpush(queue: str, message: str) -> bytes:
     """One LPUSH in Redis's wire protocol (redis-py's general packer costs ~40 µs a call here)."""
     q, m = queue.encode(), message.encode()
     return b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(q), q, len(m), m)
+
+
+def _pack(*args: str) -> bytes:
+    """Any command in Redis's wire protocol."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+_MULTI, _EXEC = _pack("MULTI"), _pack("EXEC")
+
+
+def wire(messages: list[Message], replicas: int = 0, wait_ms: int = 0) -> tuple[bytes, int]:
+    """The one write that queues ``messages`` (each ``(queue, message)`` an LPUSH, each ``("", command, ...)``
+    that command), and how many replies it gets before WAIT's. With any command besides LPUSHes it is one
+    MULTI/EXEC: a call is in its person's order exactly when its messages are queued."""
+    plain = all(m[0] for m in messages)
+    body = [_lpush(m[0], m[1]) if m[0] else _pack(*m[1:]) for m in messages]
+    wait = [_wait(replicas, wait_ms)] if replicas else []
+    if plain:
+        return b"".join([*body, *wait]), len(messages)
+    return b"".join([_MULTI, *body, _EXEC, *wait]), len(messages) + 2
 
 
 class NotReplicated(redis.RedisError):
@@ -143,14 +197,14 @@ def _wait(replicas: int, wait_ms: int) -> bytes:
 
 
 def _push(client: redis.Redis, messages: list[Message], replicas: int = 0, wait_ms: int = 0) -> None:
-    """LPUSH every message in one pipelined write on one connection (no MULTI, no retries); with ``replicas``,
+    """Queue ``messages`` in one pipelined write on one connection (:func:`wire`, no retries); with ``replicas``,
     a ``WAIT replicas wait_ms`` in the same write, and :class:`NotReplicated` if fewer confirm."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        wait = [_wait(replicas, wait_ms)] if replicas else []
-        conn.send_packed_command([b"".join([*(_lpush(q, m) for q, m in messages), *wait])], check_health=False)
-        for _ in messages:
+        data, replies = wire(messages, replicas, wait_ms)
+        conn.send_packed_command([data], check_health=False)
+        for _ in range(replies):
             conn.read_response()
         if replicas:
             _check_replicated(conn.read_response(), replicas, wait_ms)
@@ -217,7 +271,7 @@ class Publisher:
     def publish(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
                 spool: bool = True, event_json: str | None = None) -> str:
         """Queue one message per vendor, or spool them (unless ``spool=False``); returns QUEUED or SPOOLED."""
-        messages = self.messages.build(payload, vendors, task_id_suffix, event_json)
+        messages = self.prepare(payload, vendors, task_id_suffix, event_json)
         error = None
         if self.worth_trying(spool):
             started = time.monotonic()
@@ -233,6 +287,13 @@ class Publisher:
                 return QUEUED
             self._raise_if_misconfigured(payload, error, started)
         return self.fail_over(payload, messages, error, spool)
+
+    def prepare(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
+                event_json: str | None = None) -> list[Message]:
+        """The messages (and, with ORDERING on, the writes that keep each call in its person's order)."""
+        if self.settings.ordering:
+            return self.messages.ordered(payload, vendors, self.settings.key_prefix, task_id_suffix, event_json)
+        return self.messages.build(payload, vendors, task_id_suffix, event_json)
 
     @property
     def attempt_timeout(self) -> float:

@@ -39,7 +39,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .publisher import QUEUED, NotReplicated, Publisher, _check_replicated, _lpush, _wait
+from .publisher import QUEUED, NotReplicated, Publisher, _check_replicated, wire
 from .spool import Message
 
 #: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
@@ -68,10 +68,9 @@ async def _push(client: redis.asyncio.Redis, messages: list[Message], replicas: 
     pool = client.connection_pool
     conn = await pool.get_connection()
     try:
-        wait = [_wait(replicas, wait_ms)] if replicas else []
-        await conn.send_packed_command([b"".join([*(_lpush(q, m) for q, m in messages), *wait])],
-                                       check_health=False)
-        for _ in messages:
+        data, replies = wire(messages, replicas, wait_ms)
+        await conn.send_packed_command([data], check_health=False)
+        for _ in range(replies):
             await conn.read_response()
         if replicas:
             _check_replicated(await conn.read_response(), replicas, wait_ms)
@@ -126,7 +125,7 @@ class AsyncPublisher:
                       spool: bool = True, event_json: str | None = None) -> str:
         """Queue one message per vendor, or spool them (unless ``spool=False``); returns QUEUED or SPOOLED."""
         sync = self.sync
-        messages = sync.messages.build(payload, vendors, task_id_suffix, event_json)
+        messages = sync.prepare(payload, vendors, task_id_suffix, event_json)
         error = None
         if sync.worth_trying(spool):
             started = time.monotonic()

@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     #: Seconds before an unacknowledged message is handed to another worker;
     #: default: the longest one delivery can take, plus a margin (see :attr:`visibility_timeout`).
     broker_visibility_timeout: float | None = Field(None, gt=0)
+    #: Keep each person's calls in order at each vendor, merging waiting updates (worker/ordering.py). Off is
+    #: for measuring what ordering costs (make bench): producers then queue calls without their order.
+    ordering: bool = True
     #: Count deliveries, 429s and request durations for ``python -m worker metrics`` (worker/metrics/).
     metrics_enabled: bool = True
     metrics_flush_interval: float = Field(DEFAULT_METRICS_FLUSH_INTERVAL, gt=0)

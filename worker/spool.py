@@ -32,8 +32,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: (queue name, serialized broker message) — what a spool entry holds, one per vendor.
-Message = tuple[str, str]
+#: (queue name, serialized broker message) — what a spool entry holds, one per vendor; or ("", command, ...):
+#: a write that goes with them (worker.publisher.wire: a call's place in its person's order).
+Message = tuple[str, ...]
 
 #: File suffix of a complete entry waiting to be published.
 READY = ".json"
@@ -110,7 +111,7 @@ class Spool:
                 continue
             try:
                 entry = json.loads(claimed.read_bytes())
-                messages = [(str(q), str(m)) for q, m in entry["messages"]]
+                messages = [tuple(str(part) for part in item) for item in entry["messages"]]
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("spool entry %s is unreadable, set aside as %s.bad: %s", path.name, path.name, exc)
                 os.replace(claimed, path.with_name(path.name + ".bad"))

@@ -30,10 +30,12 @@ from typing import Any
 
 from celery.exceptions import Reject, Retry
 
+from . import observability, ordering, transport
 from .app import app
+from .errors import DeadLettered
 from .limits import gate
 from .limits.throttle import Throttled
-from .pipeline import Delivered, Pipeline, RetryableError, RetryLater, VendorDown
+from .pipeline import Delivered, Merged, Parked, Pipeline, RetryableError, RetryLater, VendorDown, Yielded
 from .publisher import TaskMessages
 from .retries import ticker
 from .retries.attempts import RetryState
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 class ThrottledReject(Reject):
     """The message goes back on its queue: the vendor's tokens are all spoken for, or it is down."""
+
+
+class Waiting(Exception):
+    """What a parked delivery shows while an earlier call of the same person goes first (Flower: RETRY)."""
 
 
 class _QuietThrottledRejects(logging.Filter):
@@ -66,24 +72,62 @@ def _templates() -> TaskMessages:
     return TaskMessages(app)
 
 
-def _retry_message(vendor: str, event: dict[str, Any], task_id: str, retries: int, state: RetryState) -> str:
-    return _templates().retry(vendor, event, task_id, retries, state.header())
+def _retry_message(vendor: str, event: dict[str, Any], task_id: str, retries: int, state: RetryState,
+                   person: str | None = None) -> str:
+    headers = {**state.header(), **({ordering.HEADER: person} if person else {})}
+    return _templates().retry(vendor, event, task_id, retries, headers)
 
 
 def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str | None, retries: int,
-            probe: bool = False) -> Delivered | RetryLater:
+            probe: bool = False, person: Any = None) -> Delivered | RetryLater | Merged | Parked | Yielded:
     """One attempt; a retry is on the schedule (and message ``tag`` acknowledged) when this returns.
+
+    ``person``: the message's :data:`worker.ordering.HEADER` — the call is kept in that person's order; a call
+    that must wait is parked (its message acknowledged in the same step), and a retry keeps the person's turn
+    until it is due.
 
     Raises what :meth:`Pipeline.deliver` raises: DeadLettered, Throttled, VendorDown.
     """
     pipeline = Pipeline.default()
+    person = person if isinstance(person, str) and person else None
     result = pipeline.deliver(vendor, event, attempt=state.next_attempt, task_id=task_id,
-                              first_failure=state.first_failure, probe=probe)
+                              first_failure=state.first_failure, probe=probe, person=person, tag=tag,
+                              park=lambda: _retry_message(vendor, event, task_id, retries, state, person))
     if isinstance(result, RetryLater):
-        message = _retry_message(vendor, event, task_id, retries + 1, result.state)
+        message = _retry_message(vendor, event, task_id, retries + 1, result.state, person)
         assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
         pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+        if person is not None:  # the person's later calls wait for this retry: the turn lasts until it is due
+            pipeline.order(vendor).extend(person, task_id, result.countdown + pipeline.settings.visibility_timeout)
         ticker.poke()
+    return result
+
+
+def _unexpected(vendor: Any, event: Any, headers: dict[str, Any], request: Any, tag: str | None,
+                error: Exception) -> RetryLater:
+    """An attempt raised something unexpected: log it with its traceback, report it, and put the delivery on
+    the retry schedule (a counted attempt; dead-lettered once the budget is spent). If Redis cannot take that
+    record either, the message is left held in Redis (not acknowledged): it comes back after the visibility
+    timeout."""
+    log.error("unexpected error delivering %s to %s; retrying it", request.id, vendor, exc_info=error)
+    observability.report_unexpected(error, str(vendor))
+    pipeline = Pipeline.default()
+    state = RetryState.from_headers(headers)
+    person = headers.get(ordering.HEADER)
+    person = person if isinstance(person, str) and person else None
+    try:
+        result = pipeline.unexpected(vendor, event, state.next_attempt, request.id, state.first_failure, error)
+        message = _retry_message(vendor, event, request.id, request.retries + 1, result.state, person)
+        assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
+        pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+    except DeadLettered:
+        raise
+    except Exception:
+        transport.keep_unacked(tag)
+        log.error("could not record the retry of %s (%s): its message stays held and comes back after the "
+                  "visibility timeout", request.id, vendor, exc_info=True)
+        raise error from None
+    ticker.poke()
     return result
 
 
@@ -93,16 +137,28 @@ def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **ext
         event = {"unexpected_arguments": {"args": [event, *extra_args], "kwargs": extra_kwargs}}
     request = self.request
     tag = (request.properties or {}).get("delivery_tag")
+    headers = vars(request)
     try:
-        result = attempt(vendor, event, RetryState.from_headers(vars(request)), request.id, tag, request.retries)
+        result = attempt(vendor, event, RetryState.from_headers(headers), request.id, tag, request.retries,
+                         person=headers.get(ordering.HEADER))
     except Throttled as throttled:
         gate.pause(throttled.vendor, throttled.retry_after)
         raise ThrottledReject(str(throttled), requeue=True) from None
     except VendorDown as down:
         gate.hold(down.vendor)
         raise ThrottledReject(str(down), requeue=True) from None
+    except DeadLettered:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else: retried with a record, never acknowledged without one
+        result = _unexpected(vendor, event, headers, request, tag, exc)
     if isinstance(result, Delivered):
         return {"vendor": result.vendor, "status": result.status, "attempt": result.attempt,
                 "ms": round(result.elapsed * 1000)}
+    if isinstance(result, Merged):
+        return {"vendor": result.vendor, "merged": True}
+    if isinstance(result, Parked):  # parked under the person (this message acknowledged): back when it is its turn
+        raise Retry(f"waiting behind {result.holder}", exc=Waiting(f"{result.vendor}: waiting behind {result.holder}"))
+    if isinstance(result, Yielded):
+        raise ThrottledReject(f"{result.vendor}: the person's turn went on without this call", requeue=True)
     # Already on the retry schedule, and this message acknowledged: tell Celery (and Flower) it is a retry.
     raise Retry(result.error, exc=RetryableError(result.error), when=result.countdown)

@@ -57,6 +57,49 @@ LOST_REDIS = (redis.ConnectionError, redis.TimeoutError, OSError)
 _orphans: list[tuple[str, Any]] = []
 _orphans_lock = threading.Lock()
 
+# Delivery tags whose message stays in Redis' unacked record when its task ends: the task could not write a
+# record of what became of it (Redis full or away), so kombu's restore hands it on after the visibility timeout.
+_kept: set[str] = set()
+_kept_lock = threading.Lock()
+
+
+def keep_unacked(tag: str | None) -> None:
+    """When the task of message ``tag`` ends, do not acknowledge (nor reject) it in Redis: it comes back."""
+    if tag:
+        with _kept_lock:
+            _kept.add(tag)
+
+
+def _kept_back(tag: str) -> bool:
+    with _kept_lock:
+        try:
+            _kept.remove(tag)
+            return True
+        except KeyError:
+            return False
+
+
+#: kombu's Redis channel internals this transport overrides or calls; missing from other kombu versions.
+KOMBU_INTERNALS = ("_brpop_start", "_brpop_read", "_brpop_sent_at", "_flush_brpop_reauth", "_in_poll",
+                   "_q_for_pri")
+#: The kombu versions whose internals these are (pyproject.toml pins the same range).
+KOMBU_VERSIONS = ((5, 7), (5, 8))
+
+
+def check_kombu() -> None:
+    """Raise RuntimeError, saying what to install, when the installed kombu is not one this transport knows."""
+    import kombu
+
+    version = tuple(int(part) for part in kombu.__version__.split(".")[:2])
+    missing = [name for name in KOMBU_INTERNALS if not hasattr(kombu_redis.Channel, name)]
+    low, high = KOMBU_VERSIONS
+    if missing or not low <= version < high:
+        raise RuntimeError(
+            f"kombu {kombu.__version__} is installed; this worker's Redis transport needs kombu "
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}" + (f" (missing: {', '.join(missing)})" if missing else "")
+            + ": pip install -c requirements.lock -e . (or 'kombu>=5.7,<5.8')")
+
+
 #: Keys every kombu message envelope has.
 ENVELOPE_KEYS = ("body", "properties", "headers")
 
@@ -119,6 +162,18 @@ return false
 
 
 class QoS(kombu_redis.QoS):
+    def ack(self, delivery_tag: str) -> None:
+        if _kept_back(delivery_tag):
+            virtual.QoS.ack(self, delivery_tag)  # forgotten here; Redis keeps it held, to be restored
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if _kept_back(delivery_tag):
+            virtual.QoS.ack(self, delivery_tag)
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.taken_and_recorded(delivery_tag):
             virtual.QoS.append(self, message, delivery_tag)  # Redis has the record already: local state only

@@ -144,3 +144,32 @@ def test_short_retry_window_dead_letters_with_attempts_and_times_then_replay_del
         wait_until(lambda: mine(sandbox_client, "convertloop", unique_email, 200), timeout=30, message="the replay")
     finally:
         w.stop()
+
+
+def test_probes_close_their_connections(worker_factory, product_env, sandbox_client, unique_email):
+    """Each probe of an open breaker runs in a thread of its own; its HTTP connections close with it, so a long
+    outage (thousands of probes) leaves no socket behind. Counted in the worker's /proc/<pid>/fd."""
+    import os
+
+    sandbox_client.configure("loops", fail_all=503)
+    w = worker_factory("probe-fds", ("-Q", "loops"), BREAKER_THRESHOLD=1, BREAKER_PROBE_MAX=0.05,
+                       RETRY_MAX_ATTEMPTS=0)
+    worker.track("outage", email=unique_email, vendors=["loops"])
+
+    def requests() -> int:
+        return len(sandbox_client.requests(vendor="loops", status=503))
+
+    def sockets() -> int:
+        fds = f"/proc/{w.proc.pid}/fd"
+        return sum(1 for fd in os.listdir(fds) if os.readlink(f"{fds}/{fd}").startswith("socket:"))
+
+    wait_until(lambda: requests() >= 20, timeout=60, interval=0.1, message="20 probes")
+    before, probes_before = sockets(), requests()
+    wait_until(lambda: requests() >= probes_before + 40, timeout=90, interval=0.1, message="40 more probes")
+    after = sockets()
+    sandbox_client.configure("loops", fail_all=None)
+    wait_until(lambda: len(sandbox_client.requests(vendor="loops", status=200)) >= 1, timeout=60,
+               message="the event delivered after the outage")
+    w.stop()
+    print(f"\nworker sockets after {probes_before} probes: {before}; after {requests()}: {after}")
+    assert after < before + 10, f"sockets grew from {before} to {after} over 40 probes"

@@ -363,7 +363,8 @@ def flower_task(url: str, task_id: str) -> dict | None:
 
 def test_flower_shows_dead_letter_as_failure_and_the_retry(flower, product_env, sandbox_client, unique_email):
     assert httpx.get(f"{flower}/api/tasks", timeout=5).status_code == 401, "Flower must ask for a login"
-    sandbox_client.configure("convertloop", fail_next=[{"status": 422}])
+    refusal = {"status": 422, "body": {"message": "field seats is not a number"}}
+    sandbox_client.configure("convertloop", fail_next=[refusal])
     dead = worker.identify(email=unique_email, vendors=["convertloop"])
     # Loops answers 503 with Retry-After: 5, so the retry waits about 5 s: long enough to watch Flower show it.
     sandbox_client.configure("loops", fail_next=[{"status": 503, "retry_after": "5"}])
@@ -402,3 +403,4 @@ def test_flower_shows_dead_letter_as_failure_and_the_retry(flower, product_env, 
     assert "DeadLettered" in failed["exception"]
     exception = failed["exception"]
     assert "convertloop" in exception and "status=422" in exception and "reason=rejected" in exception
+    assert "field seats is not a number" in exception, "Flower does not say why"

@@ -282,3 +282,14 @@ def test_batches_go_out_concurrently_while_the_next_one_gathers():
 def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         Batcher("v", Unlimited(), Recorder(), **kwargs)
+
+
+def test_a_split_past_its_deadline_sends_nothing_more_and_puts_the_items_back():
+    """A refused bulk request is split only while the batch is within its deadline (set inside the visibility
+    timeout): the items not yet judged go back to the queue (Throttled), never held past it."""
+    send, limiter = Recorder(silent_rejection), CountingLimiter()
+    b = Batcher("v", limiter, send, size=4, max_wait=60, deadline=-1)  # full at once; any split is past it
+    items = [f"ok{i}" for i in range(3)] + ["bad"]
+    results = submit_all(b, items)
+    assert len(send.requests) == 1 and sorted(send.requests[0]) == sorted(items)
+    assert all(isinstance(r, Throttled) for r in results)

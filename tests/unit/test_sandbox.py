@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -105,6 +108,7 @@ def test_health_and_unknown_paths(control: SandboxClient, http: httpx.Client, sa
     [
         ("/people", {"email": "ada@example.com", "plan": "pro", "add_to_segments": ["Trial"]}),
         ("/people", {"pid": "cookie-1", "remove_from_segments": ["Churned"]}),
+        ("/people", {"email": "ada@example.com", "add_to_segments": "Trial, VIP", "remove_from_segments": "Churned"}),
         (
             "/event_logs",
             {
@@ -190,6 +194,61 @@ def test_bad_or_missing_auth_is_401(
     assert record["auth_ok"] is False and record["status"] == 401
 
 
+REVOKE_CASES = [
+    ("convertloop", "/people", {"email": "a@b.c", "plan": "pro"}, {"auth": CONVERTLOOP_AUTH}),
+    ("loops", "/events/send", LOOPS_EVENT, {"headers": LOOPS_HEADERS}),
+    ("conveyour", "/analytics/identify", {"id": "u", "traits": {"plan": "pro"}}, {"headers": CONVEYOUR_HEADERS}),
+]
+
+
+@pytest.mark.parametrize(("vendor", "path", "body", "kwargs"), REVOKE_CASES)
+def test_revoke_key_answers_the_vendors_401_to_good_credentials_until_restored(
+    sandbox: Sandbox,
+    http: httpx.Client,
+    urls: dict[str, str],
+    control: SandboxClient,
+    vendor: str,
+    path: str,
+    body: Any,
+    kwargs: dict[str, Any],
+) -> None:
+    assert control.configure(vendor, revoke_key=True)["revoke_key"] is True
+    others = [name for name in urls if name != vendor]
+    assert all(control.configure(other)["revoke_key"] is False for other in others)
+    revoked = [http.post(urls[vendor] + path, json=body, **kwargs) for _ in range(2)]
+    assert [r.status_code for r in revoked] == [401, 401]
+    status, payload = sandbox.app.vendors[vendor].unauthorized()
+    assert (status, revoked[0].json()) == (401, payload)  # the vendor's own 401 answer
+    assert [r["auth_ok"] for r in control.requests(vendor=vendor)] == [False, False]
+    assert control.state(vendor) == {}  # nothing written
+    control.configure(vendor, revoke_key=False)
+    assert http.post(urls[vendor] + path, json=body, **kwargs).status_code == 200
+    control.configure(vendor, revoke_key=True)
+    assert http.post(urls[vendor] + path, json=body, **kwargs).status_code == 401
+    control.configure(vendor, revoke_key=None)  # null restores the default (not revoked)
+    assert http.post(urls[vendor] + path, json=body, **kwargs).status_code == 200
+    assert [r["auth_ok"] for r in control.requests(vendor=vendor)] == [False, False, True, False, True]
+    [person] = control.state(vendor).values()
+    assert person["writes"] == 2
+
+
+def test_revoke_key_is_a_boolean_and_reset_clears_it(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    with pytest.raises(RuntimeError, match="revoke_key must be true or false"):
+        control.configure("loops", revoke_key="yes")
+    control.configure("*", revoke_key=True)
+    assert send_event(http, urls).status_code == 401
+    assert convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code == 401
+    control.configure("loops", rate_limit=1)
+    assert [send_event(http, urls).status_code for _ in range(3)] == [401, 401, 401]
+    control.configure("loops", revoke_key=False)
+    assert send_event(http, urls).status_code == 200  # the 401s used no tokens of the 1/s limit, as bad keys do not
+    control.reset()
+    assert control.configure("loops")["revoke_key"] is False
+    assert send_event(http, urls).status_code == 200
+
+
 def test_credentials_can_be_overridden(http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPS_API_KEY", "from-env")
     with Sandbox(credentials={"CONVEYOUR_TOKEN": "explicit"}) as other:
@@ -211,7 +270,9 @@ def test_credentials_can_be_overridden(http: httpx.Client, monkeypatch: pytest.M
     [
         ("/people", {"first_name": "Ada"}, "pid, user_id or email"),
         ("/people", {"email": ""}, "pid, user_id or email"),
-        ("/people", {"email": "a@b.c", "add_to_segments": "Trial"}, "add_to_segments"),
+        ("/people", {"email": "a@b.c", "add_to_segments": ["Trial", ""]}, "add_to_segments"),
+        ("/people", {"email": "a@b.c", "add_to_segments": " , "}, "add_to_segments"),
+        ("/people", {"email": "a@b.c", "remove_from_segments": 7}, "remove_from_segments"),
         ("/event_logs", {"person": {"email": "a@b.c"}}, "name"),
         ("/event_logs", {"name": "x", "person": {"plan": "pro"}}, "person"),
         ("/event_logs", {"name": "x", "metadata": [1]}, "metadata"),
@@ -529,6 +590,42 @@ def test_latency_is_applied(http: httpx.Client, urls: dict[str, str], control: S
     assert time.perf_counter() - started < 1.0  # other vendors unaffected (a leak of the latency would take 2 s)
 
 
+def test_a_hanging_vendor_holds_only_its_own_connections_and_stop_releases_them(http: httpx.Client) -> None:
+    # A sandbox of its own: the hung requests must not outlive this test in the shared one.
+    sandbox = Sandbox(port=0, credentials=dict(SANDBOX_CREDENTIALS)).start()
+    body = json.dumps({"id": "u1"}).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in CONVEYOUR_HEADERS.items())
+    raw = (
+        f"POST /conveyour/api/analytics/identify HTTP/1.1\r\nHost: sandbox\r\n{head}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    hung: list[socket.socket] = []
+    try:
+        with SandboxClient(sandbox.url) as own:
+            own.configure("conveyour", latency_ms=60000)  # a vendor that hangs for a minute
+            for _ in range(2):
+                hung.append(socket.create_connection((sandbox.host, sandbox.port), timeout=5))
+                hung[-1].sendall(raw)
+            own.wait_for(2, vendor="conveyour", status=None, timeout=5)
+            started = time.perf_counter()
+            assert send_event(http, sandbox.base_urls).status_code == 200
+            assert convertloop(http, sandbox.base_urls, "/people", {"email": "a@b.c"}).status_code == 200
+            assert own.health() and own.state("loops", "ada@example.com") is not None
+            assert time.perf_counter() - started < 2.0  # unaffected (generous under load; the hang is 60 s)
+            assert [r["status"] for r in own.requests(vendor="conveyour")] == [None, None]
+        started = time.perf_counter()
+        sandbox.stop()
+        assert time.perf_counter() - started < 5.0
+        deadline = time.monotonic() + 5
+        while any(r["status"] is None for r in sandbox.state.requests()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [r["status"] for r in sandbox.state.requests(vendor="conveyour")] == [200, 200]  # released
+    finally:
+        sandbox.stop()
+        for conn in hung:
+            conn.close()
+
+
 # -- recording / control API -------------------------------------------------------------
 
 
@@ -590,6 +687,46 @@ def test_wait_for_count_predicate_and_timeout(
     assert [r["path"] for r in matched] == ["/contacts/create"]
     with pytest.raises(TimeoutError, match="1 request.*conveyour"):
         control.wait_for(1, vendor="conveyour", timeout=0.2)
+
+
+# -- final state per vendor and person -----------------------------------------------------------
+
+
+def test_state_over_http_keeps_arrival_order_through_the_client(
+    http: httpx.Client, urls: dict[str, str], control: SandboxClient
+) -> None:
+    ada = "ada@example.com"
+    control.configure("loops", latency_ms=1500)
+    slow: dict[str, int] = {}
+
+    def send_slowly() -> None:
+        with httpx.Client(timeout=10.0) as own:
+            body = {"email": ada, "plan": "free", "mailingLists": {"l1": True}}
+            slow["status"] = loops(own, urls, "/contacts/update", body, method="PUT").status_code
+
+    thread = threading.Thread(target=send_slowly)
+    thread.start()
+    try:
+        control.wait_for(1, vendor="loops", status=None)
+        time.sleep(0.2)  # it reads its latency just after it is recorded
+        control.configure("loops", latency_ms=0)
+        fast = loops(http, urls, "/contacts/update", {"email": ada, "plan": "pro"}, method="PUT")
+        assert fast.status_code == 200
+        assert [r["status"] for r in control.requests(vendor="loops")] == [None, 200]  # arrived first, not answered
+        assert control.state("loops", ada)["properties"] == {"plan": "pro"}  # type: ignore[index]
+    finally:
+        thread.join()
+    assert slow["status"] == 200
+    final = {"properties": {"plan": "pro"}, "mailing_lists": {"l1": True}, "events": [], "writes": 2}
+    assert control.state("loops", ada) == final
+    assert control.state("loops") == {ada: final}
+    assert control.state() == {"convertloop": {}, "loops": {ada: final}, "conveyour": {}}
+    assert control.state(person=ada) == {"convertloop": {}, "loops": {ada: final}, "conveyour": {}}
+    assert control.state("loops", "nobody@example.com") is None
+    with pytest.raises(RuntimeError, match="unknown vendor"):
+        control.state("mailchimp")
+    control.reset()
+    assert control.state() == {"convertloop": {}, "loops": {}, "conveyour": {}}
 
 
 # -- CLI -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from kombu import Connection
 
 
@@ -51,3 +52,19 @@ def test_a_message_popped_as_redis_goes_away_goes_back_on_its_queue(redis_server
     transport._requeue_orphans(client)  # once only
     assert client.llen("orphans-q") == 1
     client.delete("orphans-q")
+
+
+def test_the_installed_kombu_is_one_the_transport_knows(monkeypatch):
+    import kombu
+    from kombu.transport import redis as kombu_redis
+
+    from worker.transport import check_kombu
+
+    check_kombu()
+    monkeypatch.setattr(kombu, "__version__", "5.6.2")
+    with pytest.raises(RuntimeError, match=r"kombu 5.6.2 is installed.*>=5.7,<5.8"):
+        check_kombu()
+    monkeypatch.setattr(kombu, "__version__", "5.7.1")
+    monkeypatch.delattr(kombu_redis.Channel, "_flush_brpop_reauth")
+    with pytest.raises(RuntimeError, match="missing: _flush_brpop_reauth"):
+        check_kombu()

@@ -59,9 +59,9 @@ class TestConvertLoop:
             "ocurred_at": "2026-02-03T04:05:06Z",
         }
 
-    def test_track_without_time_has_no_ocurred_at(self):
+    def test_track_without_time_carries_when_the_call_was_made(self):
         e = TrackEvent(id="e", created_at=CREATED, identity=Identity(pid="p1"), event="x")
-        assert "ocurred_at" not in build("convertloop", e).json
+        assert build("convertloop", e).json["ocurred_at"] == CREATED
 
     def test_segment_posts_people_with_segment_lists(self):
         r = build("convertloop", segment(pid="p1"))

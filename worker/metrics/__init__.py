@@ -23,9 +23,9 @@ import os
 import threading
 
 from .collect import Flusher, Recorder
-from .schema import DEAD_LETTERED, DELIVERED, RETRIED
+from .schema import DEAD_LETTERED, DELIVERED, MERGED, RETRIED
 
-__all__ = ["DEAD_LETTERED", "DELIVERED", "RECORDER", "RETRIED", "record", "request", "start", "stop"]
+__all__ = ["DEAD_LETTERED", "DELIVERED", "MERGED", "RECORDER", "RETRIED", "record", "request", "start", "stop"]
 
 #: This process's counts since its last flush.
 RECORDER = Recorder()

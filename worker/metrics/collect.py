@@ -59,17 +59,18 @@ class Recorder:
 
     # -- the delivery path ----------------------------------------------------
 
-    def record(self, vendor: str, outcome: str, reason: str | None = None) -> None:
-        """One delivery attempt ended: ``outcome`` is delivered, retried or dead_lettered (with its ``reason``)."""
+    def record(self, vendor: str, outcome: str, reason: str | None = None, count: int = 1) -> None:
+        """``count`` delivery attempts ended: ``outcome`` is delivered, retried, merged or dead_lettered (with its
+        ``reason``)."""
         if not self.enabled:
             return
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}; one of {OUTCOMES}")
         v = vendor_label(vendor)
         with self._lock:
-            self._counts[field(DELIVERIES, v, outcome)] += 1
+            self._counts[field(DELIVERIES, v, outcome)] += count
             if outcome == DEAD_LETTERED:
-                self._counts[field(DEAD_LETTERS, v, reason_label(reason))] += 1
+                self._counts[field(DEAD_LETTERS, v, reason_label(reason))] += count
 
     def request(self, vendor: str, seconds: float, status: int | None) -> None:
         """One HTTP exchange with a vendor took ``seconds``; ``status`` None: no answer (timeout, network)."""

@@ -59,7 +59,7 @@ V, VR, VO = ["vendor"], ["vendor", "reason"], ["vendor", "outcome"]
 #: name (as in the exposition; a counter's without ``_total``) -> (type, help, labels).
 FAMILIES: dict[str, tuple[str, str, list[str]]] = {
     "vdw_deliveries": ("counter", "Delivery attempts ended, by outcome: delivered, retried (a 429 included), "
-                                  "dead_lettered.", VO),
+                                  "dead_lettered, merged (delivered inside another call's request).", VO),
     "vdw_dead_letters": ("counter", "Deliveries dead-lettered, by reason.", VR),
     "vdw_rate_limited": ("counter", "Requests the vendor answered 429 (Too Many Requests).", V),
     "vdw_request_duration_seconds": ("histogram", "Seconds one HTTP exchange with the vendor took "
@@ -67,6 +67,8 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
     "vdw_queue_depth": ("gauge", "Deliveries waiting in the vendor's queue (the Redis list).", V),
     "vdw_in_flight": ("gauge", "Deliveries a worker holds now (taken from the queue, not yet acknowledged).", V),
     "vdw_retries_waiting": ("gauge", "Deliveries waiting in Redis for their next attempt.", V),
+    "vdw_people_held": ("gauge", "People whose later calls wait behind an earlier call of theirs (delivering or "
+                                 "waiting to retry) at the vendor.", V),
     "vdw_breaker_open": ("gauge", "1 while the vendor's circuit breaker is open, else 0.", V),
     "vdw_vendor_auth_failed": ("gauge", "1 while the vendor is paused because it refuses the credentials "
                                         "(401/403 in a row; its deliveries wait in the queue), else 0.", V),
@@ -169,6 +171,7 @@ class VendorCollector(Collector):
             families["vdw_queue_depth"].add_metric([vendor], v["queued"])
             families["vdw_in_flight"].add_metric([vendor], v["in_flight"])
             families["vdw_retries_waiting"].add_metric([vendor], v["retries_waiting"])
+            families["vdw_people_held"].add_metric([vendor], v["people_held"])
             families["vdw_breaker_open"].add_metric([vendor], 1 if v["breaker"] == "open" else 0)
             families["vdw_vendor_auth_failed"].add_metric([vendor], 1 if v["auth_failed"] else 0)
             if v["rate_limit"] is not None:  # None: unlimited

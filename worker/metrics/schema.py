@@ -40,7 +40,10 @@ NAMESPACE: Final = "vdw"
 DELIVERED: Final = "delivered"
 RETRIED: Final = "retried"
 DEAD_LETTERED: Final = "dead_lettered"
-OUTCOMES: Final = (DELIVERED, RETRIED, DEAD_LETTERED)
+#: Delivered inside another call's request (a person's waiting updates merged: worker/ordering.py); a merged
+#: request of k calls counts 1 delivered and k - 1 merged.
+MERGED: Final = "merged"
+OUTCOMES: Final = (DELIVERED, RETRIED, DEAD_LETTERED, MERGED)
 
 #: The label value of a vendor or reason this version does not know.
 UNKNOWN: Final = "unknown"

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
     """Probe ``vendor`` once (the caller holds the probe lease); returns what became of the probe."""
-    from ..pipeline import Delivered, VendorAuthFailed, VendorDown
+    from ..ordering import HEADER
+    from ..pipeline import Delivered, Merged, Parked, RetryLater, VendorAuthFailed, VendorDown, Yielded
     from ..tasks import attempt
     from ..transport import quarantine
 
@@ -54,7 +55,7 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
             return "malformed"
         try:
             result = attempt(name, event, RetryState.from_headers(headers), headers.get("id") or "",
-                             tag, int(headers.get("retries") or 0), probe=True)
+                             tag, int(headers.get("retries") or 0), probe=True, person=headers.get(HEADER))
         except DeadLettered:
             schedule.ack(tag)
             outcome = "dead-lettered"
@@ -65,10 +66,15 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
         except (Throttled, VendorDown):
             schedule.give_back(vendor, raw, tag)
         else:
-            if isinstance(result, Delivered):
+            if isinstance(result, (Delivered, Merged)):
                 schedule.ack(tag)
                 outcome = "delivered"
+            elif isinstance(result, Parked):  # parked behind the person's turn (acknowledged): nothing to judge by
+                outcome = "waiting behind an earlier call of the same person"
+            elif isinstance(result, Yielded):
+                schedule.give_back(vendor, raw, tag)
             else:  # on the retry schedule already, this message acknowledged
+                assert isinstance(result, RetryLater)
                 failed = result.status != 429
                 outcome = f"failed again ({result.error})" if failed else "rate limited"
     except Exception:
@@ -79,5 +85,17 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
             log.exception("%s: could not give the probe's message back", vendor)
     finally:
         breaker.probe_done(vendor, failed)
+        _close_connections()
     log.warning("%s: circuit breaker probe: %s", vendor, outcome)
     return outcome
+
+
+def _close_connections() -> None:
+    """A probe runs in a thread of its own, which ends now: close its HTTP connections (a day-long outage
+    starts thousands of probes)."""
+    from ..pipeline import Pipeline
+
+    http = Pipeline.default().http
+    close = getattr(http, "close_thread", None)
+    if callable(close):
+        close()

@@ -9,7 +9,10 @@ starts it for the vendor queues that worker consumes). Each round, per vendor:
    paused because it refuses the credentials), stop taking the
    queue's messages (:func:`~worker.limits.gate.hold`) and, when a probe is
    due and this process wins the lease, start one probe
-   (:func:`~worker.retries.probe.run_probe`); once it is closed, take them again.
+   (:func:`~worker.retries.probe.run_probe`); once it is closed, take them again;
+3. every :data:`SWEEP_EVERY` seconds, put back on the queue the messages parked
+   behind a person's turn that nobody holds any more (its holder's lease ran out:
+   :meth:`~worker.ordering.PersonLog.sweep`).
 
 It sleeps until the next retry is due, at most ``interval`` seconds.
 
@@ -25,10 +28,12 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from celery import bootsteps
 
+from ..ordering import PersonLog
 from .breaker import Breaker
 from .probe import run_probe
 from .schedule import RetrySchedule
@@ -38,6 +43,9 @@ log = logging.getLogger(__name__)
 #: Longest and shortest sleep between rounds, in seconds.
 INTERVAL = 0.5
 MIN_SLEEP = 0.02
+
+#: Seconds between sweeps of parked messages whose person's turn nobody holds.
+SWEEP_EVERY = 5.0
 
 #: Set when this process puts a retry on the schedule: the ticker looks again at once (see :func:`poke`).
 _wake = threading.Event()
@@ -51,7 +59,8 @@ def poke() -> None:
 class Ticker(threading.Thread):
     def __init__(self, vendors: Iterable[str], schedule: RetrySchedule, breaker: Breaker, lease: float = 60.0,
                  hold: Callable[[str], None] | None = None, release: Callable[[str], None] | None = None,
-                 interval: float = INTERVAL) -> None:
+                 interval: float = INTERVAL, orders: dict[str, PersonLog] | None = None,
+                 sweep_after: float = 60.0) -> None:
         super().__init__(name="retry-ticker", daemon=True)
         from ..limits import gate
 
@@ -62,6 +71,9 @@ class Ticker(threading.Thread):
         self.hold = hold or gate.hold
         self.release = release or gate.release
         self.interval = interval
+        self.orders = orders or {}
+        self.sweep_after = sweep_after
+        self._swept = 0.0
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._probing: dict[str, threading.Thread] = {}
@@ -74,12 +86,27 @@ class Ticker(threading.Thread):
         while not self._stop.is_set():
             _wake.clear()
             sleep = self.interval
+            if time.monotonic() - self._swept >= SWEEP_EVERY:
+                self._swept = time.monotonic()
+                self.sweep()
             for vendor in self.vendors:
                 try:
                     sleep = min(sleep, self.tick(vendor))
                 except Exception as exc:  # noqa: BLE001 - Redis away or restarting: the next round tries again
                     log.debug("retry ticker: %s: %s", vendor, exc)
             _wake.wait(max(MIN_SLEEP, sleep))
+
+    def sweep(self) -> None:
+        """Unpark people whose turn nobody holds (parked longer than ``sweep_after``)."""
+        for vendor, order in self.orders.items():
+            try:
+                swept = order.sweep(self.sweep_after)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the next sweep tries again
+                log.debug("parked-message sweep: %s: %s", vendor, exc)
+                continue
+            if swept:
+                log.warning("%s: %s people's parked calls back on the queue (their turn's holder went away)",
+                            vendor, swept)
 
     def tick(self, vendor: str) -> float:
         """One round for ``vendor``; returns the seconds until its next retry is due (or the interval)."""
@@ -128,7 +155,9 @@ class TickerStep(bootsteps.StartStopStep):
         vendors = [v for v in VENDORS if v in consumed]
         pipeline = Pipeline.default()
         assert pipeline.schedule is not None and pipeline.breaker is not None, "the default pipeline has both"
-        self.ticker = Ticker(vendors, pipeline.schedule, pipeline.breaker, get_settings().visibility_timeout)
+        vt = get_settings().visibility_timeout
+        self.ticker = Ticker(vendors, pipeline.schedule, pipeline.breaker, vt,
+                             orders={v: pipeline.order(v) for v in vendors}, sweep_after=vt)
         self.ticker.start()
 
     def shutdown(self, c) -> None:

@@ -3,8 +3,10 @@
 A vendor is a `VendorAPI` subclass that declares where it is mounted, which
 credentials it checks and a table of routes.  The server takes care of
 recording, latency, injected failures and rate limiting; a vendor only
-answers "is this request authenticated?" and "what is the response to this
-(already authenticated) request?".
+answers "is this request authenticated?", "what is the response to this
+(already authenticated) request?" and, for a request it accepted (2xx),
+"what did it change, for whom?" (`VendorAPI.person_writes`: a list of
+`PersonWrite`, folded into ``/_sandbox/state`` by `state.SandboxState`).
 
 Example::
 
@@ -23,6 +25,11 @@ Example::
             thing = expect_object(body)
             require(is_nonempty_str(thing.get("name")), "name is required")
             return ok(id="thing_1")
+
+        def person_writes(self, method, path, body, idempotency_key):
+            # /_sandbox/state -> {"echo": {NAME: {"fields": {"made": 1}, "members": [],
+            #                                     "events": [{"created": NAME}], "writes": 1}}}
+            return [(body["name"], [op_inc("made", 1), op_event({"created": body["name"]})])]
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from typing import Any, ClassVar
 
 __all__ = [
     "Headers",
+    "Op",
+    "PersonWrite",
     "Response",
     "RouteHandler",
     "ValidationError",
@@ -46,6 +55,10 @@ __all__ = [
     "expect_object",
     "is_nonempty_str",
     "ok",
+    "op_event",
+    "op_inc",
+    "op_member",
+    "op_set",
     "require",
     "secret_equals",
 ]
@@ -56,6 +69,31 @@ Headers = Mapping[str, str]
 Response = tuple[int, Any]
 #: A route handler receives the parsed JSON body and returns a response.
 RouteHandler = Callable[[Any], Response]
+#: One change to one person's state, ``(kind, key, value)``; build them with `op_set`, `op_inc`,
+#: `op_member` and `op_event`.
+Op = tuple[str, Any, Any]
+#: One accepted write to one person: (person key, its ops in the order they apply).
+PersonWrite = tuple[str, list[Op]]
+
+
+def op_set(key: str, value: Any) -> Op:
+    """Set a field (attribute, property, trait): the last write wins."""
+    return ("set", key, value)
+
+
+def op_inc(key: str, amount: int | float) -> Op:
+    """Add ``amount`` to a numeric field (a missing or non-numeric field counts as 0)."""
+    return ("inc", key, amount)
+
+
+def op_member(name: str, member: bool) -> Op:
+    """Put the person in (True) or out of (False) ``name``: a segment, mailing list or tag."""
+    return ("member", name, member)
+
+
+def op_event(event: Any) -> Op:
+    """Append ``event`` to the person's events."""
+    return ("event", event, None)
 
 # Status used for bodies that are not JSON or have the wrong top-level type.
 BAD_REQUEST = 400
@@ -157,6 +195,10 @@ class VendorAPI:
     idempotent_routes: ClassVar[frozenset[tuple[str, str]]] = frozenset()
     #: Answer ``x-ratelimit-limit`` / ``x-ratelimit-remaining`` while a rate limit is set (Loops does).
     rate_limit_headers: ClassVar[bool] = False
+    #: Names of a person's three parts in ``/_sandbox/state``: its fields, its memberships, its events.
+    state_parts: ClassVar[tuple[str, str, str]] = ("fields", "members", "events")
+    #: Memberships shown as ``{name: true|false}`` (True) or as the sorted names the person is in (False).
+    members_as_map: ClassVar[bool] = False
 
     def __init__(self, credentials: Mapping[str, str] | None = None) -> None:
         given = credentials or {}
@@ -176,6 +218,14 @@ class VendorAPI:
     def routes(self) -> Mapping[tuple[str, str], RouteHandler]:
         """``{(method, path relative to prefix): handler}``."""
         raise NotImplementedError
+
+    def person_writes(self, method: str, path: str, body: Any, idempotency_key: str | None) -> list[PersonWrite]:
+        """What a request this vendor accepted (answered 2xx) changed, in the order it applies.
+
+        ``path`` is relative to `prefix`, without a trailing slash; ``body`` is the parsed JSON
+        (valid: the route accepted it).  Default: nothing (a vendor without person state).
+        """
+        return []
 
     # -- provided ---------------------------------------------------------
 

@@ -6,9 +6,12 @@ Example::
     client.configure("loops", fail_next=[503], rate_limit=10)   # sliding window: at most 10 in any 1 s
     client.configure("loops", fail_next=[{"status": 503, "match": '"upgraded"'}])  # only the request naming it
     client.configure("loops", rate_limit_mode="fixed", rate_limit_shared=3, latency_ms=100, latency_jitter_ms=50)
+    client.configure("convertloop", revoke_key=True)   # its 401 to every request, good credentials or not
     ...  # exercise code that talks to Loops
     sends = client.wait_for(2, vendor="loops")         # two 200s recorded
     client.wait_for(lambda r: r["path"] == "/events/send", vendor="loops")
+    client.state("loops", "ada@example.com")  # {"properties": {}, "mailing_lists": {}, "events": [..], "writes": 2}
+    client.state("loops")                      # {person key: state}; client.state(): {vendor: {person key: state}}
     client.reset()
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import httpx
 
@@ -72,12 +75,33 @@ class SandboxClient:
         """``{"vendors": {name: {"received": n, "by_status": {"200": n}}}}``."""
         return self._call("GET", "/stats")
 
+    @overload
+    def state(self, vendor: None = None, person: str | None = None) -> dict[str, dict[str, Any]]: ...
+    @overload
+    def state(self, vendor: str, person: None = None) -> dict[str, Any]: ...
+    @overload
+    def state(self, vendor: str, person: str) -> dict[str, Any] | None: ...
+
+    def state(self, vendor: str | None = None, person: str | None = None) -> Any:
+        """Final state of persons, from the writes each vendor accepted, in arrival order.
+
+        No vendor: ``{vendor: {person key: state}}`` (only ``person``'s entries if given).
+        A vendor: that vendor's ``{person key: state}``.  A vendor and a person: that
+        person's state, or None if the vendor accepted no write for them.
+        """
+        filters = {"vendor": vendor, "person": person}
+        params = {key: value for key, value in filters.items() if value is not None}
+        states: dict[str, dict[str, Any]] = self._call("GET", "/state", params=params)
+        if vendor is None:
+            return states
+        return states[vendor] if person is None else states[vendor].get(person)
+
     def configure(self, vendor: str, **switches: Any) -> dict[str, Any]:
         """Set switches of ``vendor`` (or ``"*"`` for all); None clears a switch."""
         return self._call("POST", "/config", json={"vendor": vendor, **switches})
 
     def reset(self) -> None:
-        """Clear records, idempotency keys, switches and rate-limit buckets."""
+        """Clear records, stats, person state, idempotency keys, switches and rate-limit buckets."""
         self._call("POST", "/reset")
 
     def wait_for(

@@ -12,8 +12,19 @@ Example::
     httpx.post(f"{base}/analytics/identify",
                headers={"x-conveyour-appkey": "sandbox-appkey",
                         "x-conveyour-token": "sandbox-conveyour-token"},
-               json=[{"id": "u1", "traits": {"tags": {"add": ["vip"]}}}])
+               json=[{"id": "u1", "traits": {"plan": "pro", "logins": {"$inc": 1}, "tags": {"add": ["vip"]}}}])
     # -> 200 {"success": true, "count": 1}
+    # GET /_sandbox/state?vendor=conveyour -> {"conveyour": {"u1": {"traits": {"plan": "pro", "logins": 1},
+    #     "tags": ["vip"], "events": [], "writes": 1}}}
+
+State (``/_sandbox/state``), per contact keyed by ``id``:
+
+- ``traits``: the last value per trait, but ``{"$inc": n}`` (a number) adds n to the
+  trait (from 0 if it is missing or not a number) and ``tags`` changes ``tags``;
+- ``tags``: ``traits.tags.add`` applied, then ``traits.tags.remove``;
+- ``events``: ``{"event", "properties"}`` per item of a track call's ``events``.
+
+A bulk identify applies its items in array order, each a write of its contact.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from typing import Any
 
 from .base import (
     Headers,
+    Op,
+    PersonWrite,
     Response,
     RouteHandler,
     ValidationError,
@@ -29,6 +42,10 @@ from .base import (
     error,
     is_nonempty_str,
     ok,
+    op_event,
+    op_inc,
+    op_member,
+    op_set,
     require,
     secret_equals,
 )
@@ -64,6 +81,30 @@ def validate_identify(item: object) -> None:
                 require(_is_str_list(tags[op]), f"traits.tags.{op} must be a list of strings")
 
 
+def increment(value: object) -> int | float | None:
+    """n of a ``{"$inc": n}`` trait value (n a number), else None."""
+    if isinstance(value, dict) and len(value) == 1 and "$inc" in value:
+        amount = value["$inc"]
+        if isinstance(amount, (int, float)) and not isinstance(amount, bool):
+            return amount
+    return None
+
+
+def trait_ops(traits: dict[str, Any]) -> list[Op]:
+    """Per trait in order: tags added then removed, an increment, or the value set."""
+    ops: list[Op] = []
+    for key, value in traits.items():
+        amount = increment(value)
+        if key == "tags" and isinstance(value, dict):
+            ops += [op_member(tag, True) for tag in value.get("add", [])]
+            ops += [op_member(tag, False) for tag in value.get("remove", [])]
+        elif amount is not None:
+            ops.append(op_inc(key, amount))
+        else:
+            ops.append(op_set(key, value))
+    return ops
+
+
 class ConveYourAPI(VendorAPI):
     """ConveYour: appkey/token headers, 422 on validation failures, bulk identify."""
 
@@ -73,6 +114,7 @@ class ConveYourAPI(VendorAPI):
         "CONVEYOUR_APPKEY": "sandbox-appkey",
         "CONVEYOUR_TOKEN": "sandbox-conveyour-token",
     }
+    state_parts = ("traits", "tags", "events")
 
     def check_auth(self, headers: Headers) -> bool:
         appkey_ok = secret_equals(headers.get("x-conveyour-appkey"), self.credentials["CONVEYOUR_APPKEY"])
@@ -116,3 +158,10 @@ class ConveYourAPI(VendorAPI):
                 require(isinstance(props, dict), f"events[{index}].properties must be an object")
                 require(len(props) <= MAX_EVENT_PROPERTIES, TOO_MANY_PROPERTIES)
         return ok()
+
+    def person_writes(self, method: str, path: str, body: Any, idempotency_key: str | None) -> list[PersonWrite]:
+        if path == "/analytics/identify":
+            items = body if isinstance(body, list) else [body]
+            return [(item["id"], trait_ops(item.get("traits", {}))) for item in items]
+        events = [op_event({"event": e["event"], "properties": e.get("properties", {})}) for e in body["events"]]
+        return [(body["id"], events)]

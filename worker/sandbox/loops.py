@@ -14,8 +14,22 @@ per second) and ``x-ratelimit-remaining`` (requests left in the current window).
 Example::
 
     httpx.post(f"{base}/events/send", headers={"Authorization": "Bearer sandbox-loops-key"},
-               json={"email": "ada@example.com", "eventName": "signup"})
+               json={"email": "ada@example.com", "eventName": "signup", "plan": "pro"})
     # -> 200 {"success": true}
+    # GET /_sandbox/state?vendor=loops -> {"loops": {"ada@example.com": {"properties": {"plan": "pro"},
+    #     "mailing_lists": {}, "events": [{"eventName": "signup", "eventProperties": {},
+    #     "idempotency_key": null}], "writes": 1}}}
+
+State (``/_sandbox/state``), per contact keyed by ``email``, else ``userId:<userId>``:
+
+- ``properties``: the keys of ``/contacts/update`` and ``/contacts/create`` bodies but
+  ``email``, ``userId`` and ``mailingLists``, and the top-level keys of an event but those
+  and ``eventName``/``eventProperties`` (the document: event payload properties update
+  the contact), the last write winning per key;
+- ``mailing_lists``: ``{list id: true|false}``, the last ``mailingLists`` value per list
+  (from the contact routes and from events);
+- ``events``: ``{"eventName", "eventProperties", "idempotency_key"}`` per event sent.
+  A 409 for a reused key is not a write.
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ from typing import Any
 
 from .base import (
     Headers,
+    Op,
+    PersonWrite,
     Response,
     RouteHandler,
     VendorAPI,
@@ -32,6 +48,9 @@ from .base import (
     expect_object,
     is_nonempty_str,
     ok,
+    op_event,
+    op_member,
+    op_set,
     require,
     secret_equals,
 )
@@ -40,6 +59,10 @@ __all__ = ["LoopsAPI"]
 
 # Namespace for deterministic contact ids (same email -> same id).
 CONTACT_ID_NAMESPACE = uuid.UUID("6f1c1a52-6b7e-4d0e-9f55-4c0f5a7d0b01")
+# Keys of a contact body that are not contact properties.
+CONTACT_KEYS = frozenset({"email", "userId", "mailingLists"})
+# Keys of an event body that are not contact properties.
+EVENT_KEYS = CONTACT_KEYS | {"eventName", "eventProperties"}
 
 
 def contact_id(contact: dict[str, Any]) -> str:
@@ -64,6 +87,18 @@ def validate_mailing_lists(contact: dict[str, Any]) -> None:
         )
 
 
+def person_key(contact: dict[str, Any]) -> str:
+    """The state's key of a contact: its email, else ``userId:<userId>``."""
+    email = contact.get("email")
+    return str(email) if is_nonempty_str(email) else f"userId:{contact.get('userId')}"
+
+
+def contact_ops(contact: dict[str, Any], not_properties: frozenset[str]) -> list[Op]:
+    ops = [op_set(key, value) for key, value in contact.items() if key not in not_properties]
+    ops += [op_member(list_id, flag) for list_id, flag in (contact.get("mailingLists") or {}).items()]
+    return ops
+
+
 class LoopsAPI(VendorAPI):
     """Loops: Bearer auth, 400 on validation failures, idempotent events."""
 
@@ -73,6 +108,8 @@ class LoopsAPI(VendorAPI):
     validation_status = 400
     idempotent_routes = frozenset({("POST", "/events/send")})
     rate_limit_headers = True
+    state_parts = ("properties", "mailing_lists", "events")
+    members_as_map = True
 
     def check_auth(self, headers: Headers) -> bool:
         return secret_equals(bearer_token(headers), self.credentials["LOOPS_API_KEY"])
@@ -107,3 +144,13 @@ class LoopsAPI(VendorAPI):
             require(isinstance(event["eventProperties"], dict), "eventProperties must be an object")
         validate_mailing_lists(event)
         return ok()
+
+    def person_writes(self, method: str, path: str, body: Any, idempotency_key: str | None) -> list[PersonWrite]:
+        if path != "/events/send":
+            return [(person_key(body), contact_ops(body, CONTACT_KEYS))]
+        event = {
+            "eventName": body["eventName"],
+            "eventProperties": body.get("eventProperties", {}),
+            "idempotency_key": idempotency_key,
+        }
+        return [(person_key(body), [*contact_ops(body, EVENT_KEYS), op_event(event)])]

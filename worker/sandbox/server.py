@@ -10,13 +10,20 @@ Example::
         httpx.post(f"{base}/events/send", json={...},
                    headers={"Authorization": "Bearer sandbox-loops-key"})
         SandboxClient(sandbox.url).requests(vendor="loops")
+        SandboxClient(sandbox.url).state("loops")  # {"ada@example.com": {"properties": ..., "writes": 1}}
 
-Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record,
+Control API under ``/_sandbox``: ``GET /health``, ``GET /requests`` (filters vendor,
+since, status, limit), ``GET /stats``, ``GET /state`` (filters vendor, person: the
+final state per vendor and person, see `state`), ``GET``/``POST /config``, ``POST /reset``.
+
+Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record
+(with the credential check's result, false while the vendor's ``revoke_key`` is on),
 take an injected failure (fail_all, fail_next: the first entry without a
 ``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
 against the rate limit (see `state` for the modes); then the latency sleep ->
-the injected failure -> auth (401) -> rate limit (429) -> idempotency (409) ->
-route/validate. A vendor with ``rate_limit_headers`` (Loops) adds
+the injected failure -> auth (the vendor's own 401, revoked key or not) -> rate limit (429) -> idempotency (409) ->
+route/validate -> (2xx) the person writes it made, kept with its arrival ``seq``.
+A vendor with ``rate_limit_headers`` (Loops) adds
 ``x-ratelimit-limit`` and ``x-ratelimit-remaining`` to every answer while a
 limit is set.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -34,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from .base import VendorAPI, error
+from .base import PersonWrite, VendorAPI, error
 from .convertloop import ConvertLoopAPI
 from .conveyour import ConveYourAPI
 from .loops import LoopsAPI
@@ -71,6 +79,8 @@ POLL_INTERVAL = 0.05
 
 #: (status, JSON body, extra headers)
 Reply = tuple[int, Any, list[tuple[str, str]]]
+#: A vendor's reply and the person writes it made (none unless its route answered 2xx).
+_VendorReply = tuple[int, Any, list[tuple[str, str]], list[PersonWrite]]
 
 
 def base_urls(url: str) -> dict[str, str]:
@@ -97,7 +107,9 @@ class SandboxApp:
         self.vendors: dict[str, VendorAPI] = {v.name: v for v in vendors}
         # Longest prefix first so nested prefixes would resolve correctly.
         self._mounts = sorted(self.vendors.values(), key=lambda v: len(v.prefix), reverse=True)
-        self.state = SandboxState(self.vendors)
+        self.state = SandboxState(self.vendors, apis=self.vendors)
+        # Set while the server stops: a request still waiting out its latency stops waiting.
+        self.stopping = threading.Event()
 
     def dispatch(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> Reply:
         """Answer one HTTP request.  ``headers`` has lower-case names."""
@@ -119,13 +131,16 @@ class SandboxApp:
         idem_key = headers.get("idempotency-key")
         record = state.begin(name, method, path, query, headers, body, vendor.check_auth(headers), idem_key)
         extra: list[tuple[str, str]]
-        status, payload, extra = 500, None, []
+        writes: list[PersonWrite]
+        status, payload, extra, writes = 500, None, [], []
         try:
-            status, payload, extra = self._vendor_reply(vendor, record, method, path, headers, body, idem_key)
+            status, payload, extra, writes = self._vendor_reply(
+                vendor, record, method, path, headers, body, idem_key
+            )
         except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive: never kill the connection thread
             status, payload = error(500, f"sandbox bug: {type(exc).__name__}: {exc}")
         finally:
-            state.finish(record, status)
+            state.finish(record, status, writes)
         return status, payload, extra
 
     def _vendor_reply(
@@ -137,7 +152,7 @@ class SandboxApp:
         headers: Mapping[str, str],
         body: bytes,
         idem_key: str | None,
-    ) -> Reply:
+    ) -> _VendorReply:
         state, name = self.state, vendor.name
         # Decided at arrival (when the record was made), answered after the latency.
         failure = state.take_failure(name, body.decode("utf-8", "replace") + "\n" + (idem_key or ""))
@@ -145,29 +160,32 @@ class SandboxApp:
         limit_headers = state.rate_limit_headers(name) if vendor.rate_limit_headers else []
         delay = state.latency(name)
         if delay > 0:
-            time.sleep(delay)
+            self.stopping.wait(delay)  # a long latency (a hanging vendor) holds only this connection's thread
         if failure is not None:
             extra = [("Retry-After", failure.retry_after)] if failure.retry_after is not None else []
             payload = failure.body
             if payload is None:
                 _, payload = error(failure.status, f"Injected failure (HTTP {failure.status})")
-            return failure.status, payload, extra + limit_headers
+            return failure.status, payload, extra + limit_headers, []
         if not record["auth_ok"]:
-            return (*vendor.unauthorized(), limit_headers)
+            return (*vendor.unauthorized(), limit_headers, [])
         if retry_after is not None:
             status, payload = error(429, "Rate limit exceeded")
-            return status, payload, [("Retry-After", retry_after), *limit_headers]
+            return status, payload, [("Retry-After", retry_after), *limit_headers], []
         route = (method.upper(), path.rstrip("/") or "/")
-        if idem_key is None or route not in vendor.idempotent_routes:
-            return (*vendor.handle(method, path, headers, body), limit_headers)
-        if not state.reserve_idempotency_key(name, idem_key):
-            return (*vendor.idempotency_conflict(), limit_headers)
-        status, payload = 500, None
-        try:
+        if idem_key is not None and route in vendor.idempotent_routes:
+            if not state.reserve_idempotency_key(name, idem_key):
+                return (*vendor.idempotency_conflict(), limit_headers, [])
+            status, payload = 500, None
+            try:
+                status, payload = vendor.handle(method, path, headers, body)
+            finally:
+                state.settle_idempotency_key(name, idem_key, succeeded=status == 200)
+        else:
             status, payload = vendor.handle(method, path, headers, body)
-        finally:
-            state.settle_idempotency_key(name, idem_key, succeeded=status == 200)
-        return status, payload, limit_headers
+        # Only what the vendor's route accepted changes /_sandbox/state.
+        writes = vendor.person_writes(route[0], route[1], record["body"], idem_key) if 200 <= status < 300 else []
+        return status, payload, limit_headers, writes
 
     # -- control API ------------------------------------------------------
 
@@ -177,6 +195,7 @@ class SandboxApp:
             "/health": ("GET", lambda: (200, {"ok": True})),
             "/requests": ("GET", lambda: self._requests(query)),
             "/stats": ("GET", lambda: (200, self.state.stats())),
+            "/state": ("GET", lambda: self._person_states(query)),
             "/config": ("POST", lambda: self._configure(body)),
             "/reset": ("POST", self._reset),
         }
@@ -207,6 +226,16 @@ class SandboxApp:
         if vendor is not None and vendor not in self.vendors:
             return error(400, f"unknown vendor {vendor!r}; known: {sorted(self.vendors)}")
         return 200, {"requests": self.state.requests(vendor=vendor, **ints)}
+
+    def _person_states(self, query: str) -> tuple[int, Any]:
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        unknown = set(params) - {"vendor", "person"}
+        if unknown:
+            return error(400, f"unknown filters: {sorted(unknown)}")
+        vendor = params.get("vendor")
+        if vendor is not None and vendor not in self.vendors:
+            return error(400, f"unknown vendor {vendor!r}; known: {sorted(self.vendors)}")
+        return 200, self.state.person_states(vendor=vendor, person=params.get("person"))
 
     def _configure(self, body: bytes) -> tuple[int, Any]:
         try:
@@ -265,7 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload, extra = self.server.app.dispatch(self.command, path, query, headers, body)
         except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive
             status, payload, extra = 500, {"success": False, "message": f"sandbox bug: {exc!r}"}, []
-        self._send(status, payload, extra)
+        try:
+            self._send(status, payload, extra)
+        except OSError:  # the client went away (e.g. gave up on a long latency): nobody to answer
+            self.close_connection = True
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
@@ -351,6 +383,12 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             (self._connections.add if is_open else self._connections.discard)(conn)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (reset, broken pipe) is no sandbox error; print the rest."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Shut down open keep-alive connections so their threads exit."""
         with self._connections_lock:
@@ -389,6 +427,7 @@ class Sandbox:
         if self._server is not None:
             raise RuntimeError("sandbox already started")
         self._server = _Server((self.host, self.port), self.app)
+        self.app.stopping.clear()
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -400,10 +439,11 @@ class Sandbox:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, close keep-alive connections and release the port."""
+        """Stop accepting, end latency waits, close keep-alive connections and release the port."""
         server, self._server = self._server, None
         if server is None:
             return
+        self.app.stopping.set()
         server.shutdown()
         server.close_connections()
         server.server_close()

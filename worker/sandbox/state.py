@@ -4,7 +4,9 @@ Switches (per vendor, see `VendorConfig`): ``latency_ms`` and
 ``latency_jitter_ms`` (uniform in latency ± jitter), ``rate_limit`` with
 ``rate_limit_mode`` and ``rate_limit_shared``, ``retry_after``/``retry_after_format``,
 ``fail_next`` (FIFO of injected failures; an entry with ``match`` waits for a
-request whose body or Idempotency-Key contains that text) and ``fail_all`` (outage).
+request whose body or Idempotency-Key contains that text), ``fail_all`` (outage) and
+``revoke_key`` (true: the vendor's key stopped working -- every request to it fails the
+credential check, its record shows ``auth_ok: false``, whatever credentials it carries).
 
 Rate-limit modes (``rate_limit`` = N requests per second, counted when a request
 arrives; refused requests do not count):
@@ -16,6 +18,15 @@ arrives; refused requests do not count):
 
 ``rate_limit_shared`` = S req/s: a simulated second application holding the same
 API key sends S requests a second, evenly spaced, into the same limit.
+
+Person state (``/_sandbox/state``, `person_states`): each vendor's `VendorAPI.person_writes`
+says what a request it accepted (its route answered 2xx) changed for whom; refused
+requests (injected failures, 401, 429, 409, 4xx) change nothing.  Writes are folded in
+``seq`` (arrival) order: one answered late because of its latency keeps its place (it
+waits in `PersonStore` until every earlier arrival is answered; a read applies waiting
+writes to copies).  At most `MAX_PERSONS` persons per vendor (a new one drops the least
+recently written) and `MAX_PERSON_EVENTS` events per person (the oldest go; ``writes``
+counts on).  A request that arrived before a `reset` changes nothing after it.
 
 Example::
 
@@ -29,30 +40,42 @@ Example::
     state.rate_limit_headers("loops")  # -> [("x-ratelimit-limit", "10"), ("x-ratelimit-remaining", "9")]
     state.finish(record, 503)
     state.requests(status=503)       # -> [{"seq": 1, "vendor": "loops", ...}]
+    first, second = (state.begin("loops", "PUT", "/contacts/update", "", {}, b"{}", True, None) for _ in range(2))
+    state.finish(second, 200, [("ada", [("set", "plan", "pro")])])    # answered first, arrived second
+    state.finish(first, 200, [("ada", [("set", "plan", "free")])])
+    state.person_states("loops", "ada")  # -> {"loops": {"ada": {"fields": {"plan": "pro"}, ..., "writes": 2}}}
+    state.configure("loops", {"revoke_key": True})   # every later request: auth_ok False, 401
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+from .base import Op, PersonWrite, VendorAPI
+
 __all__ = [
     "DEFAULT_RETRY_AFTER",
+    "MAX_PERSONS",
+    "MAX_PERSON_EVENTS",
     "MAX_RECORDS",
     "REDACTED_HEADERS",
     "RATE_LIMIT_MODES",
     "Failure",
     "FixedWindow",
     "Limit",
+    "PersonState",
+    "PersonStore",
     "SandboxState",
     "SlidingWindow",
     "TokenBucket",
@@ -62,6 +85,10 @@ __all__ = [
 
 # Oldest recorded requests are dropped beyond this many.
 MAX_RECORDS = 200_000
+# Persons kept per vendor in /_sandbox/state; beyond it the least recently written one is dropped.
+MAX_PERSONS = 10_000
+# Events kept per person in /_sandbox/state; beyond it the oldest are dropped (``writes`` still counts them).
+MAX_PERSON_EVENTS = 1_000
 # Retry-After (seconds) sent with 429s when the vendor config does not say.
 DEFAULT_RETRY_AFTER = 1
 # Header names whose values are replaced by REDACTED in records.
@@ -316,6 +343,7 @@ class VendorConfig:
     fail_next: deque[int | dict[str, Any]] = field(default_factory=deque)
     fail_all: int | None = None
     fail_all_retry_after: int | float | str | None = None
+    revoke_key: bool = False
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply ``changes`` (null resets a switch); raises ValueError, applying nothing."""
@@ -345,17 +373,172 @@ class VendorConfig:
                 new.fail_next = deque(_check_fail_entry(entry) for entry in entries)
             elif key == "fail_all":
                 new.fail_all = _check_status(value, key)
+            elif key == "revoke_key":
+                if not isinstance(value, bool):
+                    raise ValueError(f"revoke_key must be true or false, got {value!r}")
+                new.revoke_key = value
         self.__dict__.update(new.__dict__)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "fail_next": list(self.fail_next)}
 
 
+class PersonState:
+    """What a vendor's accepted writes made of one person: fields, memberships, events.
+
+    >>> p = PersonState()
+    >>> p.apply([("set", "plan", "pro"), ("inc", "logins", 2), ("member", "vip", True), ("event", {"e": 1}, None)])
+    >>> p.render(("traits", "tags", "events"), members_as_map=False)
+    {'traits': {'plan': 'pro', 'logins': 2}, 'tags': ['vip'], 'events': [{'e': 1}], 'writes': 1}
+    """
+
+    __slots__ = ("events", "fields", "members", "writes")
+
+    def __init__(self, max_events: int = MAX_PERSON_EVENTS) -> None:
+        self.fields: dict[str, Any] = {}
+        self.members: dict[str, bool] = {}
+        self.events: deque[Any] = deque(maxlen=max_events)
+        self.writes = 0
+
+    def copy(self) -> PersonState:
+        other = PersonState.__new__(PersonState)
+        other.fields, other.members, other.events = dict(self.fields), dict(self.members), self.events.copy()
+        other.writes = self.writes
+        return other
+
+    def apply(self, ops: Iterable[Op]) -> None:
+        """Apply one write's ops, in order (see `base.op_set` and the others)."""
+        self.writes += 1
+        for kind, key, value in ops:
+            if kind == "set":
+                self.fields[key] = value
+            elif kind == "inc":
+                current = self.fields.get(key)
+                self.fields[key] = (current if _is_number(current) else 0) + value
+            elif kind == "member":
+                self.members[key] = value
+            elif kind == "event":
+                self.events.append(key)
+            else:
+                raise ValueError(f"unknown person op {kind!r}")
+
+    def render(self, parts: Sequence[str], members_as_map: bool) -> dict[str, Any]:
+        """``{fields: {...}, members: [sorted names in] or {name: bool}, events: [...], "writes": n}``,
+        each part under the name ``parts`` gives it."""
+        fields_name, members_name, events_name = parts
+        members: Any = (
+            dict(self.members) if members_as_map else sorted(name for name, isin in self.members.items() if isin)
+        )
+        return {fields_name: dict(self.fields), members_name: members, events_name: list(self.events),
+                "writes": self.writes}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class PersonStore:
+    """One vendor's persons, their accepted writes folded in arrival (``seq``) order.
+
+    A write is folded once every request that arrived before it has been answered;
+    until then it waits in ``pending`` (a request with latency is answered late but
+    keeps its place), and a read applies the waiting writes to copies.  At most
+    ``max_persons`` persons are kept: a new one drops the least recently written.
+    Not thread-safe by itself; `SandboxState` calls it under its lock.
+
+    >>> store = PersonStore()
+    >>> first, second = object(), object()
+    >>> store.arrive(1, first); store.arrive(2, second)
+    >>> store.depart(2, second, [("ada", [("set", "plan", "pro")])])   # answered first, arrived second
+    True
+    >>> store.depart(1, first, [("ada", [("set", "plan", "free")])])
+    True
+    >>> store.persons["ada"].fields
+    {'plan': 'pro'}
+    """
+
+    def __init__(self, max_persons: int = MAX_PERSONS, max_events: int = MAX_PERSON_EVENTS) -> None:
+        self.max_persons = max_persons
+        self.max_events = max_events
+        self.persons: OrderedDict[str, PersonState] = OrderedDict()
+        # Requests not answered yet: seq -> their record (to tell a request from before a reset).
+        self._in_flight: dict[int, object] = {}
+        # Heap of in-flight seqs; answered ones are dropped lazily from the top.
+        self._in_flight_seqs: list[int] = []
+        # Heap of (seq, writes) accepted but waiting for an earlier arrival to be answered.
+        self._pending: list[tuple[int, list[PersonWrite]]] = []
+
+    def arrive(self, seq: int, record: object) -> None:
+        self._in_flight[seq] = record
+        heapq.heappush(self._in_flight_seqs, seq)
+
+    def depart(self, seq: int, record: object, writes: Sequence[PersonWrite]) -> bool:
+        """The request ``seq`` was answered, having made ``writes``; False if it is not in flight here."""
+        if self._in_flight.get(seq) is not record:
+            return False
+        del self._in_flight[seq]
+        if writes:
+            heapq.heappush(self._pending, (seq, list(writes)))
+        oldest = self._oldest_in_flight()
+        while self._pending and (oldest is None or self._pending[0][0] < oldest):
+            _, folded = heapq.heappop(self._pending)
+            for key, ops in folded:
+                self._person(key).apply(ops)
+        return True
+
+    def _oldest_in_flight(self) -> int | None:
+        heap = self._in_flight_seqs
+        while heap and heap[0] not in self._in_flight:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _person(self, key: str) -> PersonState:
+        person = self.persons.get(key)
+        if person is None:
+            person = self.persons[key] = PersonState(self.max_events)
+            if len(self.persons) > self.max_persons:
+                self.persons.popitem(last=False)
+        else:
+            self.persons.move_to_end(key)
+        return person
+
+    def view(self, person: str | None = None) -> dict[str, PersonState]:
+        """Person key -> state (all, or only ``person``), waiting writes applied to copies."""
+        if person is None:
+            chosen = dict(self.persons)
+        else:
+            chosen = {person: self.persons[person]} if person in self.persons else {}
+        patched: dict[str, PersonState] = {}
+        for _, writes in sorted(self._pending, key=lambda entry: entry[0]):
+            for key, ops in writes:
+                if person is not None and key != person:
+                    continue
+                state = patched.get(key)
+                if state is None:
+                    base = chosen.get(key)
+                    state = patched[key] = base.copy() if base is not None else PersonState(self.max_events)
+                state.apply(ops)
+        chosen.update(patched)
+        return chosen
+
+
 class SandboxState:
     """All mutable sandbox state, guarded by a single lock."""
 
-    def __init__(self, vendors: Iterable[str], max_records: int = MAX_RECORDS) -> None:
+    def __init__(
+        self,
+        vendors: Iterable[str],
+        max_records: int = MAX_RECORDS,
+        apis: Mapping[str, VendorAPI] | None = None,
+        max_persons: int = MAX_PERSONS,
+        max_person_events: int = MAX_PERSON_EVENTS,
+    ) -> None:
         self.vendors = tuple(vendors)
+        # Each vendor's API names its person state's parts (a vendor without one: the defaults).
+        self._apis: dict[str, VendorAPI] = dict(apis or {})
+        self._max_persons = max_persons
+        self._max_person_events = max_person_events
+        self._people: dict[str, PersonStore] = {}
         self._lock = threading.Lock()
         self._records: deque[dict[str, Any]] = deque(maxlen=max_records)
         self._seq = 0
@@ -367,8 +550,12 @@ class SandboxState:
         self.reset()
 
     def reset(self) -> None:
-        """Forget records, stats, idempotency keys, switches and rate-limit buckets."""
+        """Forget records, stats, person state, idempotency keys, switches and rate-limit buckets.
+
+        A request that arrived before the reset and is answered after it changes neither stats nor state.
+        """
         with self._lock:
+            self._people = {v: PersonStore(self._max_persons, self._max_person_events) for v in self.vendors}
             self._records.clear()
             self._seq = 0
             self._configs = {v: VendorConfig() for v in self.vendors}
@@ -405,7 +592,11 @@ class SandboxState:
         auth_ok: bool,
         idempotency_key: str | None,
     ) -> dict[str, Any]:
-        """Record an incoming vendor request (status None until `finish`)."""
+        """Record an incoming vendor request (status None until `finish`).
+
+        ``auth_ok`` is the vendor's credential check; while the vendor's ``revoke_key`` is on,
+        it is False whatever the request carries.
+        """
         record: dict[str, Any] = {
             "seq": 0,
             "vendor": vendor,
@@ -420,10 +611,13 @@ class SandboxState:
             "idempotency_key": idempotency_key,
         }
         with self._lock:
+            if self._configs[vendor].revoke_key:
+                record["auth_ok"] = False
             self._seq += 1
             record["seq"] = self._seq
             self._records.append(record)
             self._received[vendor] += 1
+            self._people[vendor].arrive(self._seq, record)
         return record
 
     def take_failure(self, vendor: str, text: str = "") -> Failure | None:
@@ -504,10 +698,17 @@ class SandboxState:
             else:
                 keys.pop(key, None)
 
-    def finish(self, record: dict[str, Any], status: int) -> None:
-        """Store the status the sandbox answered for ``record``."""
+    def finish(self, record: dict[str, Any], status: int, writes: Sequence[PersonWrite] = ()) -> None:
+        """Store the status the sandbox answered for ``record`` and, if 2xx, the ``writes`` it made.
+
+        ``writes`` come from `VendorAPI.person_writes` when the vendor's route accepted the
+        request; they are folded into the person state in ``seq`` (arrival) order.
+        """
+        accepted = writes if 200 <= status < 300 else ()
         with self._lock:
             record["status"] = status
+            if not self._people[record["vendor"]].depart(record["seq"], record, accepted):
+                return  # arrived before a reset
             counts = self._by_status[record["vendor"]]
             counts[str(status)] = counts.get(str(status), 0) + 1
 
@@ -533,6 +734,22 @@ class SandboxState:
                 out.append(dict(record))
                 if limit is not None and len(out) >= limit:
                     break
+        return out
+
+    def person_states(self, vendor: str | None = None, person: str | None = None) -> dict[str, dict[str, Any]]:
+        """``{vendor: {person key: state}}`` of every vendor (or ``vendor``), every person (or ``person``).
+
+        A state is the vendor's three parts (e.g. ConvertLoop's ``attributes``, ``segments``,
+        ``events``) and ``writes``, the accepted writes applied; persons sorted by key.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for name in self.vendors if vendor is None else (vendor,):
+                api = self._apis.get(name)
+                parts = api.state_parts if api is not None else VendorAPI.state_parts
+                as_map = api.members_as_map if api is not None else VendorAPI.members_as_map
+                view = self._people[name].view(person)
+                out[name] = {key: view[key].render(parts, as_map) for key in sorted(view)}
         return out
 
     def stats(self) -> dict[str, Any]:

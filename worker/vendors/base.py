@@ -29,10 +29,11 @@ from typing import Any, ClassVar
 
 from pydantic import SecretStr
 
-from ..events import IdentifyEvent, SegmentEvent, TrackEvent
+from ..events import IdentifyEvent, SegmentEvent, TrackEvent, UpdateEvent
 from ..settings import Settings
 
-AnyEvent = IdentifyEvent | TrackEvent | SegmentEvent
+#: An event a vendor builds a request for: a call, or several identify/segment calls merged into an update.
+AnyEvent = IdentifyEvent | TrackEvent | SegmentEvent | UpdateEvent
 
 
 def secret(value: SecretStr | None) -> str:
@@ -120,6 +121,31 @@ class Vendor:
     def refusal(self, event: AnyEvent, settings: Settings) -> str | None:
         """Why this vendor cannot carry ``event``, or None when it can."""
         return None
+
+    # -- per-person order -------------------------------------------------------
+
+    #: Trait keys that would clash with what a merged update adds (identity, segment keys): an identify
+    #: setting one of them is sent on its own, never merged.
+    reserved_traits: ClassVar[frozenset[str]] = frozenset()
+
+    def person_key(self, identity: Mapping[str, Any]) -> str | None:
+        """Who a call is about, as this vendor identifies people (the key its calls are ordered by), from the
+        event's identity keys; None when the vendor cannot carry the call. The default: email, else user_id,
+        else pid.
+
+        >>> Vendor().person_key({"email": "j@a.co", "user_id": "42"})
+        'email:j@a.co'
+        """
+        for key in ("email", "user_id", "pid"):
+            if identity.get(key):
+                return f"{key}:{identity[key]}"
+        return None
+
+    def mergeable(self, event: AnyEvent) -> bool:
+        """May ``event`` be merged with the identify/segment calls next to it into one update request?"""
+        if event.operation == "segment":
+            return True
+        return event.operation == "identify" and not (self.reserved_traits & event.traits.keys())
 
     def build(self, event: AnyEvent, settings: Settings) -> Request:
         raise NotImplementedError

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import base64
+from typing import ClassVar
 
 from ..settings import Settings
 from .base import AnyEvent, Request, Vendor, secret
@@ -25,6 +26,8 @@ OCCURRED_AT_KEY = "ocurred_at"
 class ConvertLoop(Vendor):
     name = "convertloop"
     credential_env = "CONVERTLOOP_APP_ID and CONVERTLOOP_API_KEY"
+    reserved_traits: ClassVar[frozenset[str]] = frozenset(
+        {"pid", "user_id", "email", "add_to_segments", "remove_from_segments"})
 
     def enabled(self, settings: Settings) -> bool:
         return bool(settings.convertloop_app_id and settings.convertloop_api_key)
@@ -41,10 +44,13 @@ class ConvertLoop(Vendor):
         if event.operation == "identify":
             return Request("POST", "/people", {**event.traits, **identity})
         if event.operation == "track":
-            body = {"name": event.event, "person": identity, "metadata": dict(event.properties)}
-            if event.occurred_at:
-                body[OCCURRED_AT_KEY] = event.occurred_at
+            # The event's own time, else when the producer made the call: a retried event lands at its time.
+            body = {"name": event.event, "person": identity, "metadata": dict(event.properties),
+                    OCCURRED_AT_KEY: event.occurred_at or event.created_at}
             return Request("POST", "/event_logs", body)
+        if event.operation == "update":
+            segments = {"add_to_segments": list(event.add), "remove_from_segments": list(event.remove)}
+            return Request("POST", "/people", {**event.traits, **identity, **{k: v for k, v in segments.items() if v}})
         return Request(
             "POST",
             "/people",

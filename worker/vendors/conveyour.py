@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from ..settings import Settings
 from .base import AnyEvent, Outcome, Request, Vendor, Verdict, secret
@@ -43,6 +44,20 @@ def contact_id(event: AnyEvent) -> str | None:
 class ConveYour(Vendor):
     name = "conveyour"
     credential_env = "CONVEYOUR_APPKEY, CONVEYOUR_TOKEN and CONVEYOUR_BASE_URL"
+    reserved_traits: ClassVar[frozenset[str]] = frozenset({"tags"})
+
+    def person_key(self, identity: Mapping[str, Any]) -> str | None:
+        """The contact id: the user_id, else the email."""
+        cid = identity.get("user_id") or identity.get("email")
+        return f"id:{cid}" if cid else None
+
+    def mergeable(self, event: AnyEvent) -> bool:
+        """As the base class; and an identify with an operator value (``{"$inc": 1}``) goes alone: two
+        increments are not one."""
+        if event.operation == "identify" and any(
+                isinstance(v, dict) and any(str(k).startswith("$") for k in v) for v in event.traits.values()):
+            return False
+        return super().mergeable(event)
 
     def enabled(self, settings: Settings) -> bool:
         return bool(settings.conveyour_appkey and settings.conveyour_token and settings.conveyour_base_url)
@@ -69,6 +84,9 @@ class ConveYour(Vendor):
             events = [{"event": event.event, "properties": dict(event.properties)}]
             return Request("POST", "/analytics/track", {"id": cid, "events": events})
         tags = {"add": list(event.add), "remove": list(event.remove)}
+        if event.operation == "update":
+            traits = {**event.traits, **({"tags": tags} if event.add or event.remove else {})}
+            return Request("POST", "/analytics/identify", {"id": cid, "traits": traits})
         return Request("POST", "/analytics/identify", {"id": cid, "traits": {"tags": tags}})
 
     # -- bulk identify ----------------------------------------------------------
@@ -80,7 +98,7 @@ class ConveYour(Vendor):
         return settings.conveyour_batch_max_wait
 
     def batchable(self, event: AnyEvent) -> bool:
-        return event.operation in ("identify", "segment")
+        return event.operation in ("identify", "segment", "update")
 
     def build_batch(self, events: Sequence[AnyEvent], settings: Settings) -> Request:
         if len(events) == 1:

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from ..settings import Settings
 from .base import AnyEvent, Outcome, Request, Vendor, Verdict, secret
@@ -30,6 +31,13 @@ def _contact(event: AnyEvent) -> dict[str, str]:
 class Loops(Vendor):
     name = "loops"
     credential_env = "LOOPS_API_KEY"
+    reserved_traits: ClassVar[frozenset[str]] = frozenset({"email", "userId", "mailingLists"})
+
+    def person_key(self, identity: Mapping[str, Any]) -> str | None:
+        """Loops keys contacts by email, else userId."""
+        if identity.get("email"):
+            return f"email:{identity['email']}"
+        return f"userId:{identity['user_id']}" if identity.get("user_id") else None
 
     def enabled(self, settings: Settings) -> bool:
         return bool(settings.loops_api_key)
@@ -43,7 +51,7 @@ class Loops(Vendor):
     def refusal(self, event: AnyEvent, settings: Settings) -> str | None:
         if not _contact(event):
             return "Loops needs an email or a user_id (a pid alone is not enough)"
-        if event.operation == "segment":
+        if event.operation in ("segment", "update"):
             unmapped = [s for s in (*event.add, *event.remove) if s not in settings.loops_mailing_lists]
             if unmapped:
                 return f"no LOOPS_MAILING_LISTS entry for segment(s) {', '.join(map(repr, unmapped))}"
@@ -58,6 +66,11 @@ class Loops(Vendor):
             return Request("POST", "/events/send", body, {IDEMPOTENCY_HEADER: event.id})
         lists = settings.loops_mailing_lists
         mailing = {lists[s]: True for s in event.add} | {lists[s]: False for s in event.remove}
+        if event.operation == "update":
+            update: dict[str, Any] = {**event.traits, **contact}
+            if mailing:
+                update["mailingLists"] = mailing
+            return Request("PUT", "/contacts/update", update)
         return Request("PUT", "/contacts/update", {**contact, "mailingLists": mailing})
 
     def classify(self, status: int, headers: Mapping[str, str], request: Request) -> Outcome:
