@@ -1,8 +1,8 @@
 """A vendor key that stops working pauses the vendor instead of dead-lettering every event.
 
 Real workers (two processes), the private Redis, the sandbox over HTTP, Sentry stubbed. Under steady Loops traffic
-the sandbox refuses the Loops key (``fail_all: 401``, the stand-in for a key revoked at the vendor) until the test has
-seen the pause and three refused probes, then accepts it again (the key restored). No bound on time or rate is
+the Loops key is revoked at the sandbox (``revoke_key``: Loops' own 401 to every request) until the test has seen
+the pause and three refused probes, then restored. No bound on time or rate is
 asserted: the figures are printed.
 """
 
@@ -65,7 +65,7 @@ def test_a_refused_key_pauses_the_vendor_and_a_restored_key_delivers_the_rest(
     try:
         producer.start()
         wait_until(lambda: len(answers(200)) >= 8, timeout=60, interval=0.2, message="steady deliveries first")
-        sandbox_client.configure("loops", fail_all=401)  # the key is refused from now on
+        sandbox_client.configure("loops", revoke_key=True)  # the key is refused from now on
         refused_at = time.time()
 
         paused = wait_until(lambda: (s := vendor_status()["vendors"]["loops"])["auth_failed"] and s, timeout=60,
@@ -83,7 +83,7 @@ def test_a_refused_key_pauses_the_vendor_and_a_restored_key_delivers_the_rest(
         wait_until(lambda: len(answers(401)) >= refused_at_pause + 3, timeout=60, interval=0.2,
                    message="three refused probes while paused")
         during = vendor_status()["vendors"]["loops"]
-        sandbox_client.configure("loops", fail_all=None)  # the key works again
+        sandbox_client.configure("loops", revoke_key=False)  # the key works again
         restored_at = time.time()
 
         producer.join(timeout=EVENTS * SPACING + 60)
@@ -100,7 +100,7 @@ def test_a_refused_key_pauses_the_vendor_and_a_restored_key_delivers_the_rest(
         after = vendor_status()["vendors"]["loops"]
     finally:
         stop.set()
-        sandbox_client.configure("loops", fail_all=None)
+        sandbox_client.configure("loops", revoke_key=False)
         for w in workers:
             w.stop()
         sentry.server.shutdown()
