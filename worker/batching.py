@@ -65,6 +65,8 @@ class Sent:
     index: int = 0
     #: Seconds the exchange took.
     elapsed: float = 0.0
+    #: The vendor refused the credentials (401/403) and is paused for it: the item goes back to its queue.
+    paused: bool = False
 
 
 #: Sends items as one request (after a token was taken) and returns one :class:`Sent` per item, in order.

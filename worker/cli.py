@@ -12,6 +12,7 @@ Example::
     $ python -m worker deadletters list --vendor loops
     $ python -m worker deadletters show 3f9c0d...   # a dead-letter id, or an event id: all of its dead letters
     $ python -m worker deadletters replay --all --vendor loops
+    $ python -m worker deadletters recount   # the counts status and metrics read, afresh from every dead letter
     $ python -m worker retries release --vendor loops   # waiting retries due now
     $ python -m worker spool flush      # publish what a producer left in SPOOL_DIR
     $ python -m worker metrics --port 9808   # serve /metrics to Prometheus (worker/metrics/export.py)
@@ -146,6 +147,16 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recount(args: argparse.Namespace) -> int:
+    store = DeadLetterStore.default()
+    n = store.recount()
+    counts = store.counts()
+    found = "; ".join(f"{vendor}: " + ", ".join(f"{reason} {c}" for reason, c in sorted(per.items()))
+                      for vendor, per in sorted(counts.items()))
+    print(f"{n} dead letter(s) counted" + (f" ({found})" if found else ""))
+    return 0
+
+
 def vendor_status() -> dict:
     """Everything ``status`` shows, as one JSON-able dict."""
     from collections import Counter
@@ -161,16 +172,15 @@ def vendor_status() -> dict:
     s = get_settings()
     r = clients.redis_client()
     schedule = RetrySchedule(r, s.key_prefix)
-    breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max)
+    breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max,
+                      auth_threshold=s.auth_failure_threshold, auth_interval=s.auth_probe_interval)
     held: Counter[str] = Counter()
     for raw in r.hvals(UNACKED):
         try:
             held[json.loads(raw)[2]] += 1
         except (ValueError, IndexError, TypeError):
             held["?"] += 1
-    dead: dict[str, Counter[str]] = {v: Counter() for v in VENDORS}
-    for entry in DeadLetterStore.default().list():
-        dead.setdefault(entry.vendor, Counter())[entry.reason] += 1
+    dead = DeadLetterStore.default().counts()  # kept by vendor and reason: one round trip, however many
     out: dict = {"vendors": {}}
     for name, vendor in VENDORS.items():
         waiting = schedule.waiting(name)
@@ -186,9 +196,12 @@ def vendor_status() -> dict:
             "breaker": b.state if breaker.enabled else "off",
             "breaker_since": None if b.since is None else utc_iso(b.since),
             "failures_in_a_row": b.failures,
+            "auth_failed": b.auth_failed,
+            "auth_failures_in_a_row": b.auth_failures,
+            "credential_env": vendor.credential_env,
             "rate_limit": configured or None,
             "effective_rate": _effective_rate(r, s, name, configured),
-            "dead_letters": dict(dead.get(name, {})),
+            "dead_letters": dict(sorted(dead.get(name, {}).items())),
             # Calls still in some person's order (queued, in flight, waiting to retry or parked), and people
             # with calls parked behind an earlier call of theirs (delivering, or waiting to retry).
             "ordered_pending": order.pending(),
@@ -215,14 +228,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"{'VENDOR':11}  {'QUEUED':>7}  {'IN FLIGHT':>9}  {'RETRIES':>7}  {'NEXT DUE':>8}  {'HELD':>6}  "
-          f"{'BREAKER':22}  {'RATE/S':>11}  DEAD LETTERS")
+          f"{'BREAKER':26}  {'RATE/S':>11}  DEAD LETTERS")
     for name, v in status["vendors"].items():
-        breaker = v["breaker"] + (f" since {v['breaker_since'][11:19]}" if v["breaker"] == "open" else "")
+        held = v["breaker"] in ("open", "auth_failed") and v["breaker_since"]
+        breaker = v["breaker"] + (f" since {v['breaker_since'][11:19]}" if held else "")
         rate = "unlimited" if v["rate_limit"] is None else f"{v['effective_rate']:g}/{v['rate_limit']:g}"
         due = "-" if v["next_retry_in"] is None else f"{v['next_retry_in']:.0f}s"
         dead = ", ".join(f"{reason} {n}" for reason, n in sorted(v["dead_letters"].items())) or "-"
         print(f"{name + ('' if v['enabled'] else '*'):11}  {v['queued']:>7}  {v['in_flight']:>9}  "
-              f"{v['retries_waiting']:>7}  {due:>8}  {v['people_held']:>6}  {breaker:22}  {rate:>11}  {dead}")
+              f"{v['retries_waiting']:>7}  {due:>8}  {v['people_held']:>6}  {breaker:26}  {rate:>11}  {dead}")
+    for name, v in status["vendors"].items():
+        if v["auth_failed"]:
+            print(f"{name}: paused since {v['breaker_since']}: the vendor refuses the credentials (answered 401/403 "
+                  f"{v['auth_failures_in_a_row']} times in a row); its deliveries wait in the queue. Fix "
+                  f"{v['credential_env']}: a probe resumes them once the vendor accepts a request")
     sp = status["spool"]
     print(f"spool {sp['dir']}: {sp['events']} event(s), {sp['bytes']} bytes" + ("" if sp["enabled"] else " (off)"))
     if not all(v["enabled"] for v in status["vendors"].values()):
@@ -317,6 +336,10 @@ def parser() -> argparse.ArgumentParser:
     pg = dsub.add_parser("purge", help="delete dead letters for good")
     pg.add_argument("--vendor", **vendor)
     pg.set_defaults(func=cmd_purge)
+
+    rc = dsub.add_parser("recount", help="count the stored dead letters by vendor and reason afresh (status and "
+                                         "metrics read these counts)")
+    rc.set_defaults(func=cmd_recount)
 
     st = sub.add_parser("status", help="per vendor: queued, in flight, waiting retries, breaker, rate, dead letters")
     st.add_argument("--json", action="store_true", help="print JSON")

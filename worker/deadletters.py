@@ -5,11 +5,22 @@ JSON) and a sorted set ``<prefix>:deadletters:index`` (id by failure time).
 Credentials never reach an entry: requests are stored without their auth
 headers, and every stored text is scrubbed of the configured secrets.
 
+How many there are by vendor and reason is kept in a third hash,
+``<prefix>:deadletters:counts``, updated in the same Lua script as every add
+and remove (purge removes one by one), so :meth:`DeadLetterStore.counts` --
+``python -m worker status`` and each metrics scrape -- costs one round trip
+whatever the number of dead letters. A store written before the counts existed
+(or by an older worker meanwhile) is recounted once, in one atomic script, the
+first time its counts are read and found missing or not adding up to the
+number of entries; ``python -m worker deadletters recount`` does it on demand.
+
 Example::
 
     >>> store = DeadLetterStore(redis.Redis(), "vdw")          # doctest: +SKIP
     >>> [(d.vendor, d.reason, d.status) for d in store.list()]  # doctest: +SKIP
     [('loops', 'rejected', 422)]
+    >>> store.counts()                                          # doctest: +SKIP
+    {'loops': {'rejected': 1}}
     >>> vendor_message('{"success": false, "message": "seats is not a number"}')
     'seats is not a number'
 """
@@ -77,6 +88,74 @@ MESSAGE_KEYS = ("message", "error", "detail", "errors", "msg")
 #: The end of the index key of a dead-letter store, after its KEY_PREFIX.
 INDEX_SUFFIX = ":deadletters:index"
 
+#: The field of the counts hash that says its counts are complete (every other field is a JSON [vendor, reason]).
+COUNTS_READY = "ready"
+
+# The counts hash's field of a stored entry: the JSON array [vendor, reason], as Redis' cjson writes it (the same
+# text whoever computes it); an entry that is not a JSON object counts under ["?", "?"].
+_LUA_HELPERS = """
+local function field(data)
+  local ok, e = pcall(cjson.decode, data)
+  local v, r = '?', '?'
+  if ok and type(e) == 'table' then
+    if type(e['vendor']) == 'string' then v = e['vendor'] end
+    if type(e['reason']) == 'string' then r = e['reason'] end
+  end
+  return cjson.encode({v, r})
+end
+local function uncount(key, f)
+  if redis.call('HINCRBY', key, f, -1) <= 0 then redis.call('HDEL', key, f) end
+end
+"""
+
+# KEYS: hash, index, counts. ARGV: id, entry JSON, score. Replaces an entry stored under the same id.
+_ADD = _LUA_HELPERS + """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then uncount(KEYS[3], field(old)) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[3], field(ARGV[2]), 1)
+return 1
+"""
+
+# KEYS: hash, index, counts. ARGV: id. Returns 1 if there was such an entry.
+_REMOVE = _LUA_HELPERS + """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+uncount(KEYS[3], field(old))
+return 1
+"""
+
+# KEYS: hash, counts. ARGV: 1 = recount whatever the state. Unless forced, does nothing (returns -1) when the counts
+# are complete and add up to the number of entries; else counts every entry afresh (HSCAN, chunk by chunk, in this
+# one atomic script: nothing changes the hash meanwhile) and returns how many it counted.
+_RECOUNT = _LUA_HELPERS + """
+if ARGV[1] ~= '1' and redis.call('HEXISTS', KEYS[2], 'ready') == 1 then
+  local total, c = 0, redis.call('HGETALL', KEYS[2])
+  for i = 1, #c, 2 do
+    if c[i] ~= 'ready' then total = total + tonumber(c[i + 1]) end
+  end
+  if total == redis.call('HLEN', KEYS[1]) then return -1 end
+end
+local counts, n, cursor = {}, 0, '0'
+repeat
+  local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 1000)
+  cursor = page[1]
+  local kv = page[2]
+  for i = 2, #kv, 2 do
+    local f = field(kv[i])
+    counts[f] = (counts[f] or 0) + 1
+    n = n + 1
+  end
+until cursor == '0'
+redis.call('DEL', KEYS[2])
+for f, c in pairs(counts) do redis.call('HSET', KEYS[2], f, c) end
+redis.call('HSET', KEYS[2], 'ready', 1)
+return n
+"""
+
 
 #: The ERROR column's width (``deadletters list``), and how much of it Flower's FAILURE shows.
 ERROR_WIDTH = 100
@@ -133,7 +212,11 @@ class DeadLetterStore:
         self.client = client
         self.hash_key = f"{prefix}:deadletters"
         self.index_key = f"{prefix}:deadletters:index"
+        self.counts_key = f"{prefix}:deadletters:counts"
         self.secrets = [s for s in secrets if s]
+        self._add = client.register_script(_ADD)
+        self._remove = client.register_script(_REMOVE)
+        self._recount = client.register_script(_RECOUNT)
 
     @classmethod
     def default(cls) -> DeadLetterStore:
@@ -150,11 +233,11 @@ class DeadLetterStore:
         if entry.raw is not None:
             entry.raw = entry.raw[:MAX_RAW_CHARS]
         data = scrub(entry.model_dump_json(), self.secrets)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.hash_key, entry.id, data)
-        pipe.zadd(self.index_key, {entry.id: time.time()})
-        pipe.execute()
+        self._add(keys=self._keys(), args=[entry.id, data, repr(time.time())])
         return DeadLetter.model_validate_json(data)
+
+    def _keys(self) -> list[str]:
+        return [self.hash_key, self.index_key, self.counts_key]
 
     def get(self, entry_id: str) -> DeadLetter | None:
         data = self.client.hget(self.hash_key, entry_id)
@@ -170,16 +253,35 @@ class DeadLetterStore:
         return [e for e in entries if vendor is None or e.vendor == vendor]
 
     def remove(self, entry_id: str) -> bool:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(self.hash_key, entry_id)
-        pipe.zrem(self.index_key, entry_id)
-        return bool(pipe.execute()[0])
+        return bool(int(self._remove(keys=self._keys(), args=[entry_id])))
 
     def purge(self, vendor: str | None = None) -> int:
         return sum(self.remove(e.id) for e in self.list(vendor))
 
     def count(self) -> int:
         return self.client.hlen(self.hash_key)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """How many dead letters are stored, by vendor and reason (``{"loops": {"rejected": 2}}``; a vendor with
+        none is absent). One round trip, whatever their number -- unless the counts need a recount (see
+        :meth:`recount`), which this does first."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(self.counts_key)
+        pipe.hlen(self.hash_key)
+        raw, stored = pipe.execute()
+        found = _decode_counts(raw)
+        if found is None or sum(n for per in found.values() for n in per.values()) != stored:
+            self.recount(force=False)
+            found = _decode_counts(self.client.hgetall(self.counts_key)) or {}
+        return found
+
+    def recount(self, force: bool = True) -> int | None:
+        """Count every stored dead letter afresh, in one atomic script (its time grows with their number).
+        Without ``force`` only when the counts are missing or do not add up to the number of entries (a store
+        older than the counts, or one an older version wrote to meanwhile). Returns how many it counted, or None
+        when it had nothing to do."""
+        n = int(self._recount(keys=[self.hash_key, self.counts_key], args=["1" if force else "0"]))
+        return None if n < 0 else n
 
     def find(self, key: str) -> builtins.list[DeadLetter]:  # `list` is the method above
         """The dead letters ``key`` names: a dead-letter id; else an event id, or a task id
@@ -188,6 +290,24 @@ class DeadLetterStore:
         if entry is not None:
             return [entry]
         return [e for e in self.list() if key in (e.event_id, e.task_id)]
+
+
+def _decode_counts(raw: dict) -> dict[str, dict[str, int]] | None:
+    """The counts hash as ``{vendor: {reason: n}}``; None when it is not complete (no ``ready`` field)."""
+    fields = {_str(k): int(v) for k, v in raw.items()}
+    if COUNTS_READY not in fields:
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for key, n in fields.items():
+        if key == COUNTS_READY or n <= 0:
+            continue
+        vendor, reason = json.loads(key)
+        out.setdefault(vendor, {})[reason] = n
+    return out
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def other_prefixes(client: redis.Redis, prefix: str) -> dict[str, int]:

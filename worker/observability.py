@@ -1,5 +1,8 @@
 """Sentry: final failures reported once, tagged; retries never; credentials scrubbed.
 
+A vendor paused because it refuses the credentials is reported once per pause
+(:func:`report_auth_pause`), naming the variables to fix -- never their values.
+
 Sentry starts in worker processes when ``SENTRY_DSN`` is set (see
 :mod:`worker.app`). :func:`before_send` replaces every configured credential
 string anywhere in an event with ``[Filtered]``.
@@ -62,3 +65,18 @@ def report_unexpected(exc: BaseException, vendor: str) -> None:
         scope.set_tag("vendor", vendor)
         scope.set_tag("reason", "unexpected")
         sentry_sdk.capture_exception(exc)
+
+
+#: The ``reason`` tag of the event :func:`report_auth_pause` sends.
+AUTH_FAILED = "auth_failed"
+
+
+def report_auth_pause(vendor: str, status: int | None, credential_env: str) -> None:
+    """One Sentry event (level error) for a vendor that just got paused for refusing the credentials; tagged
+    ``vendor``, ``status`` and ``reason=auth_failed``. A no-op without SENTRY_DSN."""
+    sentry_sdk.capture_message(
+        f"{vendor}: the vendor refuses the credentials (answered {status}): its deliveries are paused until a probe "
+        f"is accepted; fix {credential_env}",
+        level="error",
+        tags={"vendor": vendor, "status": str(status) if status is not None else "none", "reason": AUTH_FAILED},
+    )

@@ -10,7 +10,8 @@ No Celery here: :meth:`Pipeline.deliver` returns :class:`Delivered` or
 :class:`RetryLater` (the task puts it on the retry schedule), raises
 :class:`~worker.errors.DeadLettered` after storing a dead letter,
 :class:`~worker.limits.throttle.Throttled` when the vendor's tokens are all
-spoken for, or :class:`VendorDown` while the vendor's circuit breaker is open.
+spoken for, or :class:`VendorDown` while the vendor's circuit breaker is open
+(:class:`VendorAuthFailed` when it is paused because it refuses the credentials).
 Every request's result feeds the vendor's :class:`~worker.retries.breaker.Breaker`,
 and every outcome, request duration and 429 the process's metrics
 (:mod:`worker.metrics`: in memory, flushed to Redis by a thread).
@@ -73,6 +74,9 @@ _BASE_HEADERS = {"User-Agent": clients.USER_AGENT, "Accept": "application/json"}
 #: Transport failures worth another attempt; anything else httpx raises is a request we cannot make.
 RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
+#: Answers that say the vendor refuses the credentials (a run of them pauses the vendor: AUTH_FAILURE_THRESHOLD).
+AUTH_REFUSED = (401, 403)
+
 
 @dataclass(frozen=True)
 class Delivered:
@@ -128,6 +132,19 @@ class VendorDown(Exception):
     def __init__(self, vendor: str) -> None:
         self.vendor = vendor
         super().__init__(f"{vendor}: circuit breaker open, waiting for the vendor to answer again")
+
+
+class VendorAuthFailed(VendorDown):
+    """The vendor refuses the credentials and is paused for it: the message goes back, no attempt spent."""
+
+    def __init__(self, vendor: str, status: int | None, credential_env: str) -> None:
+        super().__init__(vendor)
+        self.status = status
+        self.credential_env = credential_env
+
+    def __str__(self) -> str:
+        return (f"{self.vendor}: answered {self.status}: the credentials are refused; deliveries wait until a probe "
+                f"is accepted (fix {self.credential_env})")
 
 
 @dataclass(frozen=True)
@@ -194,7 +211,8 @@ class Pipeline:
                     name: limiter_for(r, f"{s.key_prefix}:ratelimit:{name}", v.rate_limit(s))
                     for name, v in VENDORS.items()
                 }
-                breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max)
+                breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max,
+                                  auth_threshold=s.auth_failure_threshold, auth_interval=s.auth_probe_interval)
                 cls._default = cls(s, clients.http_client(), DeadLetterStore.default(), limiters, Throttle(),
                                    breaker=breaker, schedule=RetrySchedule(r, s.key_prefix))
             return cls._default
@@ -442,7 +460,7 @@ class Pipeline:
             response = self._send(vendor, request)
         except RETRYABLE_ERRORS as exc:
             self.metrics.request(vendor.name, time.monotonic() - started, None)
-            self._health(vendor, ok=False)
+            self._health(vendor, None)
             return [Sent(Outcome(Verdict.RETRY, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
                     for i in range(n)]
         except httpx.HTTPError as exc:
@@ -455,12 +473,12 @@ class Pipeline:
         if retry_after:
             self.limiters[vendor.name].penalize(retry_after)
         self.limiters[vendor.name].observe(response.status_code, response.headers)
-        if response.status_code != 429:  # a 429 says nothing about the vendor's health: the limiter's business
-            self._health(vendor, ok=not _failing(response.status_code))
+        # A 429 says nothing about the vendor's health: the limiter's business.
+        paused = response.status_code != 429 and self._health(vendor, response.status_code)
         if n > 1:
             log.info("sent %s events to %s in one request: status=%s in %.0fms",
                      n, vendor.name, response.status_code, elapsed * 1000)
-        return [Sent(o, response.text, None, n, i, elapsed) for i, o in enumerate(outcomes)]
+        return [Sent(o, response.text, None, n, i, elapsed, paused) for i, o in enumerate(outcomes)]
 
     def _settle(self, this: _Attempt, request: Request, sent: Sent) -> Delivered | RetryLater:
         """Delivered, retry or dead letter (raised), from what became of this event's request."""
@@ -472,6 +490,8 @@ class Pipeline:
     def _classify(self, this: _Attempt, request: Request, sent: Sent) -> Delivered | RetryLater | DeadLetter:
         """Delivered, retry, or the dead letter to store, from what became of this event's request."""
         vendor, outcome = this.vendor, sent.outcome
+        if sent.paused:
+            raise VendorAuthFailed(vendor.name, outcome.status, vendor.credential_env)
         if sent.error is not None:
             if outcome.verdict is Verdict.RETRY:
                 return self._retry(this, request, None, None, sent.error)
@@ -491,11 +511,32 @@ class Pipeline:
                                     request=_request_dict(request))
         return self._retry(this, request, outcome.status, outcome.retry_after, error, sent.body)
 
-    def _health(self, vendor: Vendor, ok: bool) -> None:
-        """Tell the vendor's breaker how a request went; when this closes it, release what waited."""
-        if self.breaker is not None and self.breaker.record(vendor.name, ok) and self.schedule is not None:
+    def _health(self, vendor: Vendor, status: int | None) -> bool:
+        """Tell the vendor's breaker how a request went (``status`` None: no answer); when this closes it, release
+        what waited. True when the answer is a 401/403 and the vendor is paused for refused credentials: then the
+        delivery goes back to its queue instead of becoming a dead letter."""
+        if self.breaker is None:
+            return False
+        if status in AUTH_REFUSED and self.breaker.auth_enabled:
+            return self._auth_refused(vendor, status)
+        if self.breaker.record(vendor.name, ok=status is not None and not _failing(status)) \
+                and self.schedule is not None:
             released = self.schedule.release(vendor.name)
             log.warning("%s: %s waiting retries released to the queue", vendor.name, released)
+        return False
+
+    def _auth_refused(self, vendor: Vendor, status: int) -> bool:
+        """A 401/403: counted by the breaker; the run's AUTH_FAILURE_THRESHOLD-th pauses the vendor (reported
+        once, by the one worker whose answer did it). True while the vendor is paused."""
+        assert self.breaker is not None
+        refusal = self.breaker.record_auth_failure(vendor.name)
+        if refusal.paused_now:
+            log.error("%s: answered %s to %s requests in a row: the vendor refuses the credentials. Its deliveries "
+                      "are paused (they wait in its queue, no attempt spent): fix %s; a probe every %.0fs resumes "
+                      "them once the vendor accepts a request", vendor.name, status, refusal.in_a_row,
+                      vendor.credential_env, self.breaker.auth_interval)
+            observability.report_auth_pause(vendor.name, status, vendor.credential_env)
+        return refusal.paused
 
     def _send(self, vendor: Vendor, request: Request) -> httpx.Response:
         url = vendor.base_url(self.settings).rstrip("/") + request.path

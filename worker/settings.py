@@ -45,6 +45,10 @@ DEFAULT_RETRY_WINDOW = 24 * 3600.0
 DEFAULT_BREAKER_THRESHOLD = 10
 #: Longest spacing, in seconds, between probes of an open breaker (the first comes after 1 s, then doubling).
 DEFAULT_BREAKER_PROBE_MAX = 15.0
+#: 401/403 answers in a row from one vendor (any worker) that pause it: its credentials were refused; 0 = never pause.
+DEFAULT_AUTH_FAILURE_THRESHOLD = 3
+#: Seconds between probes of a vendor paused for refused credentials (one real delivery each).
+DEFAULT_AUTH_PROBE_INTERVAL = 30.0
 #: Seconds a delivery thread may wait for rate-limit tokens in all before its message is requeued.
 TOKEN_WAIT_MAX = DEFAULT_MAX_TOTAL
 #: Seconds past the longest a delivery can take before a message a silent worker held is redelivered.
@@ -106,6 +110,10 @@ class Settings(BaseSettings):
     retry_window: float = Field(DEFAULT_RETRY_WINDOW, gt=0)
     breaker_threshold: int = Field(DEFAULT_BREAKER_THRESHOLD, ge=0)
     breaker_probe_max: float = Field(DEFAULT_BREAKER_PROBE_MAX, gt=0)
+    #: 401/403 answers in a row (any worker) after which the vendor is paused until a probe is accepted; 0 = off.
+    auth_failure_threshold: int = Field(DEFAULT_AUTH_FAILURE_THRESHOLD, ge=0)
+    #: Seconds between probes of a vendor paused because it refused the credentials.
+    auth_probe_interval: float = Field(DEFAULT_AUTH_PROBE_INTERVAL, gt=0)
     http_timeout: float = Field(DEFAULT_HTTP_TIMEOUT, gt=0)
 
     sentry_dsn: SecretStr | None = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections import Counter
 
 import pytest
 
@@ -55,3 +57,97 @@ def test_status_shows_waiting_retries_breaker_and_dead_letters_and_release_makes
                                                                                       "st2.loops"}
     finally:
         r.delete("loops", "vdw:retries:loops", "vdw:breaker:loops")
+
+
+def _commands(client) -> Counter[str]:
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()})
+
+
+def _sent(client) -> int:
+    """Bytes Redis has written to its clients so far."""
+    return int(client.info("stats")["total_net_output_bytes"])
+
+
+def test_status_and_a_scrape_cost_the_same_redis_work_with_20000_dead_letters_as_with_one(store, product_env,
+                                                                                         unique_email, capsys):
+    """The dead-letter counts come from the counts hash, not from reading every entry: the same Redis commands,
+    and the same bytes from Redis, whatever the number of dead letters (INFO commandstats and stats; nothing
+    else uses this Redis in this module). Reading every entry was one ZRANGE and one HMGET too -- the bytes tell."""
+    import redis
+    from prometheus_client import generate_latest
+
+    from worker.cli import main, vendor_status
+    from worker.metrics.export import registry
+
+    r = redis.Redis.from_url(product_env["REDIS_URL"])
+    keys = (store.hash_key, store.index_key, store.counts_key)
+    r.delete(*keys)
+    reg = registry()
+
+    def cost(action) -> tuple[Counter[str], int]:
+        before, sent = _commands(r), _sent(r)
+        action()
+        spent, read = _commands(r) - before, _sent(r) - sent
+        spent.pop("info", None)  # our own counting
+        return spent, read
+
+    def status_table() -> None:
+        assert main(["status"]) == 0
+
+    actions = {"status": vendor_status, "status table": status_table, "scrape": lambda: generate_latest(reg)}
+    try:
+        store.add(entry("loops", unique_email))
+        for action in actions.values():
+            action()  # warm up: scripts loaded, connections made
+        one = {name: cost(action) for name, action in actions.items()}
+
+        n = 20_000
+        pipe = r.pipeline(transaction=False)
+        for i in range(n):  # through the store's own add script, pipelined: the counts are kept as workers keep them
+            e = entry("loops" if i % 4 else "conveyour", f"{i}-{unique_email}",
+                      reason="rejected" if i % 3 else "retries_exhausted")
+            store._add(keys=list(keys), args=[e.id, e.model_dump_json(), str(i)], client=pipe)
+            if i % 2000 == 1999:
+                pipe.execute()
+        pipe.execute()
+        assert r.hlen(store.hash_key) == n + 1
+
+        many = {name: cost(action) for name, action in actions.items()}
+        status = vendor_status()
+        r.delete(store.counts_key)  # as a store from before the counts: recounted once, in one script
+        started = time.perf_counter()
+        assert store.counts() == {"loops": {"rejected": 10_001, "retries_exhausted": 5_000},
+                                  "conveyour": {"rejected": 3_333, "retries_exhausted": 1_667}}
+        recount = time.perf_counter() - started
+    finally:
+        r.delete(*keys)
+    capsys.readouterr()
+    with capsys.disabled():
+        for name in actions:
+            (c1, b1), (cn, bn) = one[name], many[name]
+            print(f"\n{name}: {sum(c1.values())} Redis commands and {b1} bytes from Redis with 1 dead letter, "
+                  f"{sum(cn.values())} and {bn} with {n + 1}: {dict(cn)}")
+        print(f"recount of {n + 1} dead letters from scratch (a store older than the counts): {recount * 1000:.0f} ms")
+    for name in actions:
+        (c1, b1), (cn, bn) = one[name], many[name]
+        assert cn == c1, f"{name}: the Redis commands change with the number of dead letters"
+        assert bn - b1 < 4096, f"{name}: {bn - b1} more bytes from Redis with {n} more dead letters"
+    assert status["vendors"]["loops"]["dead_letters"] == {"rejected": 10_001, "retries_exhausted": 5_000}
+    assert status["vendors"]["conveyour"]["dead_letters"] == {"rejected": 3_333, "retries_exhausted": 1_667}
+    assert status["vendors"]["convertloop"]["dead_letters"] == {}
+
+
+def test_deadletters_recount_counts_a_store_from_before_the_counts(store, product_env, unique_email):
+    import redis
+
+    r = redis.Redis.from_url(product_env["REDIS_URL"])
+    for vendor in ("loops", "loops", "conveyour"):
+        e = entry(vendor, f"{vendor}-{len(store.list())}-{unique_email}")
+        r.hset(store.hash_key, e.id, e.model_dump_json())  # as the store wrote them before the counts
+        r.zadd(store.index_key, {e.id: 1.0})
+    r.delete(store.counts_key)
+    out = subprocess.run([sys.executable, "-m", "worker", "deadletters", "recount"], env=product_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3 dead letter(s) counted (conveyour: rejected 1; loops: rejected 2)"
+    assert store.counts() == {"loops": {"rejected": 2}, "conveyour": {"rejected": 1}}

@@ -22,7 +22,8 @@ from worker.vendors import VENDORS
 pytestmark = pytest.mark.integration
 
 #: Keys this test writes, removed afterwards.
-KEYS = ("convertloop", UNACKED, "vdw:retries:conveyour", "vdw:breaker:loops", "vdw:ratelimit:loops:state",
+KEYS = ("convertloop", UNACKED, "vdw:retries:conveyour", "vdw:breaker:loops", "vdw:breaker:conveyour",
+        "vdw:ratelimit:loops:state",
         "vdw:ratelimit:loops:log")
 
 
@@ -42,6 +43,7 @@ def test_gauges_show_queues_held_messages_retries_breakers_rates_dead_letters_an
         for i in range(2):                                                    # 2 waiting retries
             schedule.add("conveyour", f"retry-{i}", 300)
         Breaker(r, "vdw", threshold=1).record("loops", ok=False)             # open
+        Breaker(r, "vdw", threshold=1, auth_threshold=1).record_auth_failure("conveyour")  # paused: key refused
         limiter_for(r, "vdw:ratelimit:loops", 20).observe(200, {"x-ratelimit-limit": "4"})  # Loops announces 4/s
         for vendor, reason in (("convertloop", "retries_exhausted"), ("convertloop", "retries_exhausted"),
                                ("loops", "property_cap")):
@@ -65,6 +67,7 @@ def test_gauges_show_queues_held_messages_retries_breakers_rates_dead_letters_an
     assert each("vdw_in_flight") == {"convertloop": 0, "loops": 2, "conveyour": 1}
     assert each("vdw_retries_waiting") == {"convertloop": 0, "loops": 0, "conveyour": 2}
     assert each("vdw_breaker_open") == {"convertloop": 0, "loops": 1, "conveyour": 0}
+    assert each("vdw_vendor_auth_failed") == {"convertloop": 0, "loops": 0, "conveyour": 1}
     assert each("vdw_configured_rate") == {"convertloop": None, "loops": 20, "conveyour": 12}
     assert each("vdw_effective_rate") == {"convertloop": None, "loops": 4, "conveyour": 12}
     stored = {(v, reason): metric(values, "vdw_dead_letters_stored", vendor=v, reason=reason)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 
-from worker.retries.breaker import CLOSED, OPEN, Breaker
+from worker.retries.breaker import AUTH_FAILED, CLOSED, OPEN, Breaker
 
 
 def evalsha_calls(client) -> int:
@@ -73,3 +73,89 @@ def test_threshold_zero_turns_it_off(client, prefix):
         b.record("loops", ok=False)
     assert not b.is_open("loops") and evalsha_calls(client) == before
     assert OPEN != CLOSED
+
+
+# -- the pause for refused credentials (state auth_failed) ---------------------
+
+
+def test_a_run_of_auth_refusals_pauses_the_vendor_once_and_every_process_sees_it(client, prefix, redis_server):
+    b = Breaker(client, prefix, threshold=10, auth_threshold=3, auth_interval=30)
+    other = Breaker(redis.Redis.from_url(redis_server.url), prefix, threshold=10, auth_threshold=3)
+    first, second = b.record_auth_failure("loops"), other.record_auth_failure("loops")  # any worker's count
+    assert (first.paused, first.in_a_row, second.paused, second.in_a_row) == (False, 1, False, 2)
+    assert not b.is_open("loops") and b.poll("loops").state == CLOSED
+    third = b.record_auth_failure("loops")
+    assert third.paused and third.paused_now and third.in_a_row == 3
+    assert b.is_open("loops")
+    later = [other.record_auth_failure("loops") for _ in range(5)]  # in flight when it paused: all go back
+    assert all(r.paused and not r.paused_now for r in later), "only one answer per pause says it paused"
+    state = other.poll("loops")
+    assert state.state == AUTH_FAILED and state.open and state.auth_failed and state.auth_failures == 8
+    assert state.since is not None and not state.probe_due  # the first probe comes after auth_interval
+    assert other.is_open("loops") and b.poll("convertloop").state == CLOSED
+
+
+def test_an_accepted_answer_ends_the_run_but_retryable_failures_do_not(client, prefix):
+    b = Breaker(client, prefix, threshold=10, auth_threshold=3)
+    b.record_auth_failure("loops")
+    b.record_auth_failure("loops")
+    b.record("loops", ok=False)  # a 503 says nothing about the key: neither counts nor ends the run
+    assert b.poll("loops").auth_failures == 2
+    assert b.record("loops", ok=True) is False  # an answer: the run is over (and nothing was open to close)
+    assert b.poll("loops").auth_failures == 0
+    assert not b.record_auth_failure("loops").paused and not b.record_auth_failure("loops").paused
+    assert b.record_auth_failure("loops").paused_now
+
+
+def test_a_refusal_ends_a_run_of_retryable_failures(client, prefix):
+    b = Breaker(client, prefix, threshold=3, auth_threshold=5)
+    b.record("loops", ok=False)
+    b.record("loops", ok=False)
+    b.record_auth_failure("loops")  # the vendor answered
+    b.record("loops", ok=False)
+    assert b.poll("loops").state == CLOSED and b.poll("loops").failures == 1
+
+
+def test_paused_it_is_probed_at_a_fixed_spacing_and_an_accepted_probe_resumes_it(client, prefix):
+    b = Breaker(client, prefix, threshold=2, max_probe=4, auth_threshold=1, auth_interval=7)
+    assert b.record_auth_failure("loops").paused_now
+    key = f"{prefix}:breaker:loops"
+    client.hset(key, "next_probe", 0)  # due now
+    assert b.poll("loops").probe_due
+    assert b.claim_probe("loops", lease=30, holder="a")
+    assert not b.claim_probe("loops", lease=30, holder="b")  # one at a time
+    spacings = []
+    for _ in range(3):
+        b.probe_done("loops", failed=True)  # still refused: no doubling, no cap of max_probe
+        spacings.append(float(client.hget(key, "spacing")))
+    assert spacings == [7.0, 7.0, 7.0]
+    state = b.poll("loops")
+    assert state.auth_failed and not state.probe_due
+    b.record("loops", ok=False)
+    b.record("loops", ok=False)  # retryable failures while paused never turn it into an open breaker
+    assert b.poll("loops").state == AUTH_FAILED
+    assert b.record("loops", ok=True) is True  # accepted: the pause ends, once
+    state = b.poll("loops")
+    assert state.state == CLOSED and state.auth_failures == 0 and not b.is_open("loops")
+    assert b.record("loops", ok=True) is False and not b.claim_probe("loops", lease=30, holder="a")
+
+
+def test_an_open_breaker_becomes_a_pause_when_the_probes_are_refused(client, prefix):
+    b = Breaker(client, prefix, threshold=1, auth_threshold=2, auth_interval=30)
+    b.record("loops", ok=False)
+    assert b.poll("loops").state == OPEN
+    assert not b.record_auth_failure("loops").paused  # the first refusal: still the open breaker
+    assert b.poll("loops").state == OPEN
+    assert b.record_auth_failure("loops").paused_now
+    assert b.poll("loops").state == AUTH_FAILED
+
+
+def test_auth_threshold_zero_turns_the_pause_off(client, prefix):
+    b = Breaker(client, prefix, threshold=3)
+    assert not b.auth_enabled and b.enabled
+    off = Breaker(client, prefix, threshold=0, auth_threshold=0)
+    assert not off.enabled
+    only_auth = Breaker(client, prefix, threshold=0, auth_threshold=1)
+    assert only_auth.enabled and only_auth.record("loops", ok=False) is False
+    assert only_auth.record_auth_failure("loops").paused_now
+    assert only_auth.record("loops", ok=True) is True

@@ -6,7 +6,8 @@ A :class:`VendorCollector` (a prometheus_client custom collector) answers each s
   flushed to Redis (:mod:`worker.metrics.collect`; one HGETALL);
 - gauges, read live: what ``python -m worker status`` shows
   (:func:`worker.cli.vendor_status`: queue lengths, messages workers hold,
-  waiting retries, breakers, rates, stored dead letters) and the spool in
+  waiting retries, breakers and pauses for refused credentials, rates, stored
+  dead letters, from their counts) and the spool in
   ``SPOOL_DIR`` on the exporter's own host;
 - ``vdw_redis_up``: 0 when Redis did not answer (then only the spool is shown).
 
@@ -69,6 +70,8 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
     "vdw_people_held": ("gauge", "People whose later calls wait behind an earlier call of theirs (delivering or "
                                  "waiting to retry) at the vendor.", V),
     "vdw_breaker_open": ("gauge", "1 while the vendor's circuit breaker is open, else 0.", V),
+    "vdw_vendor_auth_failed": ("gauge", "1 while the vendor is paused because it refuses the credentials "
+                                        "(401/403 in a row; its deliveries wait in the queue), else 0.", V),
     "vdw_effective_rate": ("gauge", "Requests/second every worker allows the vendor now (adaptive; "
                                     "absent when unlimited).", V),
     "vdw_configured_rate": ("gauge", "The vendor's configured rate limit, requests/second (absent when "
@@ -170,6 +173,7 @@ class VendorCollector(Collector):
             families["vdw_retries_waiting"].add_metric([vendor], v["retries_waiting"])
             families["vdw_people_held"].add_metric([vendor], v["people_held"])
             families["vdw_breaker_open"].add_metric([vendor], 1 if v["breaker"] == "open" else 0)
+            families["vdw_vendor_auth_failed"].add_metric([vendor], 1 if v["auth_failed"] else 0)
             if v["rate_limit"] is not None:  # None: unlimited
                 families["vdw_configured_rate"].add_metric([vendor], v["rate_limit"])
                 families["vdw_effective_rate"].add_metric([vendor], v["effective_rate"])

@@ -6,7 +6,8 @@ this process dies. It delivers it through the same
 :func:`~worker.tasks.attempt` as the task, then acknowledges it (delivered, or
 dead-lettered: the vendor answered), or finds it already on the retry schedule
 (failed again: the breaker spaces the next probe further), or puts it back
-untouched (no token, or no answer to judge by).
+untouched (no token, or no answer to judge by; or the vendor still refuses the
+credentials, which also puts the next probe off by the pause's spacing).
 
 Example::
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
     """Probe ``vendor`` once (the caller holds the probe lease); returns what became of the probe."""
     from ..ordering import HEADER
-    from ..pipeline import Delivered, Merged, Parked, RetryLater, VendorDown, Yielded
+    from ..pipeline import Delivered, Merged, Parked, RetryLater, VendorAuthFailed, VendorDown, Yielded
     from ..tasks import attempt
     from ..transport import quarantine
 
@@ -58,6 +59,10 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
         except DeadLettered:
             schedule.ack(tag)
             outcome = "dead-lettered"
+        except VendorAuthFailed as refused:
+            schedule.give_back(vendor, raw, tag)
+            failed = True
+            outcome = f"the credentials are still refused ({refused.status}; fix {refused.credential_env})"
         except (Throttled, VendorDown):
             schedule.give_back(vendor, raw, tag)
         else:

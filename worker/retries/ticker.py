@@ -5,7 +5,8 @@ starts it for the vendor queues that worker consumes). Each round, per vendor:
 
 1. move due retries from the schedule onto the queue (one atomic script a
    chunk; any number of processes may do it at once);
-2. read the vendor's circuit breaker: while it is open, stop taking the
+2. read the vendor's circuit breaker: while it is open (or the vendor is
+   paused because it refuses the credentials), stop taking the
    queue's messages (:func:`~worker.limits.gate.hold`) and, when a probe is
    due and this process wins the lease, start one probe
    (:func:`~worker.retries.probe.run_probe`); once it is closed, take them again;
