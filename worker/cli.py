@@ -268,7 +268,7 @@ def cmd_spool_flush(args: argparse.Namespace) -> int:
         return 1
     before = publisher.spool.pending()
     if not publisher.flush_once():
-        print(f"stopped: broker unreachable; {publisher.spool.pending()} event(s) still waiting", file=sys.stderr)
+        print(f"stopped: {publisher.cause()}; {publisher.spool.pending()} event(s) still waiting", file=sys.stderr)
         return 1
     print(f"{before} spooled event(s) published")
     return 0
