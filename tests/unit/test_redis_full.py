@@ -8,9 +8,11 @@ answers reads and deletes, and runs a script whose first write frees memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
+import redis
 
 from worker.localstack import RedisServer, wait_until
 from worker.redisconf import REDIS_FULL
@@ -116,3 +118,116 @@ def test_the_asyncio_api_spools_on_a_full_redis_too(full_redis, producer_on, cap
     spool = Publisher.default().spool
     assert spool is not None and spool.pending() == 1
     assert REDIS_FULL in caplog.text
+
+
+# -- the worker's Redis writes -------------------------------------------------------------------------------
+
+
+def _envelope(tag: str, queue: str = "q") -> dict:
+    return {"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8", "headers": {},
+            "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+
+def test_a_take_refused_by_a_full_redis_leaves_the_message_on_its_queue(full_redis):
+    """The take records before it pops: a full Redis refuses its first write and nothing changes."""
+    from worker.transport import _TAKE
+
+    client = full_redis.client()
+    message = json.dumps(_envelope("t1"))
+    client.lpush("q", message)
+    take = ("EVAL", _TAKE, 3, "q", "unacked", "unacked_index", "1.0", "q")
+    full_redis.fill()
+    with pytest.raises(redis.OutOfMemoryError):
+        client.execute_command(*take)
+    assert client.lrange("q", 0, -1) == [message.encode()]
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    full_redis.room()
+    queue, taken, recorded = client.execute_command(*take)
+    assert (queue, taken, recorded) == (b"q", message.encode(), 1)
+    assert client.llen("q") == 0 and json.loads(client.hget("unacked", "t1"))[0] == _envelope("t1")
+
+
+def _channel(server: RedisServer):
+    from kombu import Connection
+
+    conn = Connection(server.url, transport="worker.transport:Transport")
+    return conn, conn.channel()
+
+
+def _hold(client: redis.Redis, tag: str, score: float = 1.0) -> None:
+    """A message a worker took, as kombu records it."""
+    client.hset("unacked", tag, json.dumps([_envelope(tag), "", "q"]))
+    client.zadd("unacked_index", {tag: score})
+
+
+def test_an_ack_goes_through_on_a_full_redis(full_redis):
+    """Stock kombu acks with MULTI ZREM HDEL EXEC, which a full Redis refuses whole (the worker died of it)."""
+    client = full_redis.client()
+    conn, channel = _channel(full_redis)
+    try:
+        _hold(client, "t1")
+        full_redis.fill()
+        channel.qos.ack("t1")
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    finally:
+        conn.release()
+
+
+def test_a_requeue_a_full_redis_refuses_stays_held_then_goes_back_once_it_has_room(full_redis):
+    client = full_redis.client()
+    conn, channel = _channel(full_redis)
+    try:
+        _hold(client, "t1")
+        channel.qos._delivered["t1"] = object()
+        full_redis.fill()
+        channel.qos.reject("t1", requeue=True)  # no exception into the event loop
+        assert client.hkeys("unacked") == [b"t1"] and client.llen("q") == 0, "still held, not lost"
+        with pytest.raises(redis.OutOfMemoryError):
+            channel._restore_kept()  # still full: it waits
+        assert client.hkeys("unacked") == [b"t1"]
+        full_redis.room()
+        channel._restore_kept()
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        (back,) = client.lrange("q", 0, -1)
+        assert json.loads(back)["properties"]["delivery_tag"] == "t1"
+        assert channel.qos.kept == []
+    finally:
+        conn.release()
+
+
+def test_a_held_message_taken_again_since_is_not_moved(full_redis):
+    """After the visibility timeout another worker may restore it and a third take it again (same tag, a new
+    record): the early restore leaves that one alone."""
+    client = full_redis.client()
+    conn, channel = _channel(full_redis)
+    try:
+        _hold(client, "t1", score=1.0)
+        full_redis.fill()
+        channel.qos.reject("t1", requeue=True)
+        full_redis.room()
+        _hold(client, "t1", score=2.0)  # restored and taken again meanwhile
+        channel._restore_kept()
+        assert client.hkeys("unacked") == [b"t1"] and client.llen("q") == 0
+    finally:
+        conn.release()
+
+
+def test_a_probe_claims_nothing_from_a_full_redis(full_redis):
+    from worker.retries.schedule import RetrySchedule
+
+    client = full_redis.client()
+    schedule = RetrySchedule(client, "vdw")
+    client.lpush("loops", json.dumps(_envelope("q1", "loops")))
+    client.zadd(schedule.key("loops"), {json.dumps(_envelope("r1", "loops")): 1})
+    full_redis.fill()
+    with pytest.raises(redis.OutOfMemoryError):
+        schedule.claim_one("loops")
+    assert client.llen("loops") == 1 and client.zcard(schedule.key("loops")) == 1 and client.hlen("unacked") == 0
+    schedule.ack("nothing-held")  # deletes: allowed when full
+    full_redis.room()
+    claimed = schedule.claim_one("loops")
+    assert claimed is not None and json.loads(claimed)["properties"]["delivery_tag"] == "r1"
+    assert client.zcard(schedule.key("loops")) == 0 and client.hkeys("unacked") == [b"r1"]
+    full_redis.fill()
+    schedule.ack("r1")
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
