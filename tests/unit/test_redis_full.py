@@ -35,6 +35,7 @@ def full_redis():
 @pytest.fixture
 def producer_on(product_env, monkeypatch, tmp_path):
     """Point this process's producer at ``server`` (a fresh publisher, a spool of its own)."""
+    from worker import clients
     from worker.publisher import Publisher
     from worker.settings import get_settings
 
@@ -44,10 +45,12 @@ def producer_on(product_env, monkeypatch, tmp_path):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
+        clients.reset()
         Publisher.reset_default()
 
     yield point
     Publisher.reset_default()
+    clients.reset()
     get_settings.cache_clear()
 
 
@@ -231,3 +234,54 @@ def test_a_probe_claims_nothing_from_a_full_redis(full_redis):
     full_redis.fill()
     schedule.ack("r1")
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+# -- what operators see ----------------------------------------------------------------------------------------
+
+
+def test_check_fails_on_a_full_redis_and_warns_near_it(full_redis, producer_on, capsys):
+    from worker.cli import main
+
+    producer_on(full_redis)
+    assert main(["check"]) == 0
+    out, err = capsys.readouterr()
+    assert "redis memory: " in out and "no maxmemory" in out and not err
+    full_redis.fill()
+    assert main(["check"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: ") and f"error: {REDIS_FULL} (" in err and "noeviction" in err
+    used = full_redis.client().info("memory")["used_memory"]
+    full_redis.client().config_set("maxmemory", int(used / 0.93))  # 93 %: not full yet
+    assert main(["check"]) == 0
+    assert "warning: Redis memory above 90% of maxmemory" in capsys.readouterr().err
+    full_redis.client().config_set("maxmemory-policy", "allkeys-lru")
+    assert main(["check"]) == 0
+    assert "warning: maxmemory-policy is allkeys-lru" in capsys.readouterr().err
+
+
+def test_status_and_the_exporter_show_redis_memory_and_full(full_redis, producer_on, capsys):
+    from tests.helpers import metric, metric_values
+    from worker.cli import main
+    from worker.metrics.export import registry
+
+    producer_on(full_redis)
+    full_redis.fill()
+    assert main(["status", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["redis"]
+    assert shown["full"] is True and shown["maxmemory"] == 1 and shown["used_memory"] > 1
+    assert shown["maxmemory_policy"] == "noeviction"
+    assert main(["status"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("redis: ")]
+    assert "maxmemory" in line and "FULL" in line, line
+
+    from prometheus_client import generate_latest
+
+    values = metric_values(generate_latest(registry()).decode())
+    assert metric(values, "vdw_redis_memory_max_bytes") == 1
+    assert metric(values, "vdw_redis_memory_used_bytes") > 1
+    full_redis.room()
+    values = metric_values(generate_latest(registry()).decode())
+    assert metric(values, "vdw_redis_memory_max_bytes") == 0, "0: unlimited"
+    assert main(["status"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("redis: ")]
+    assert "no maxmemory" in line and "FULL" not in line, line
