@@ -86,6 +86,19 @@ def test_the_flusher_keeps_trying_until_redis_has_room(full_redis, producer_on, 
     assert publisher.spool is not None and publisher.spool.pending() == 3
     assert publisher.flush_once() is False, "Redis answers PING but refuses the write: not flushed"
     assert publisher.spool.pending() == 3 and REDIS_FULL in publisher.cause()
+    refused = []
+    push = publisher._push
+
+    def counted(messages):
+        try:
+            push(messages)
+        except redis.OutOfMemoryError:
+            refused.append(1)
+            raise
+
+    publisher._push = counted  # type: ignore[method-assign]
+    wait_until(lambda: len(refused) >= 3, timeout=15, message="the flusher to try again, and again, while full")
+    assert publisher.spool.pending() == 3
     with caplog.at_level(logging.WARNING, logger="worker.publisher"):
         full_redis.room()
         wait_until(lambda: publisher.spool.pending() == 0, timeout=15, message="the flusher to publish the spool")
