@@ -63,9 +63,9 @@ def test_a_full_redis_loses_no_event_and_kills_no_worker(worker_factory, product
             time.sleep(0.25)
         # While Redis was full each call returned an id and was spooled (the flusher could publish none).
         assert all(during) and spool.pending() == len(during), (len(during), spool.pending())
+        assert consumer.proc.poll() is None, f"the worker died while Redis was full:\n{consumer.log()[-4000:]}"
         wait_until(lambda: f"{REDIS_FULL} (" in consumer.log(), timeout=30,
                    message="the worker to log that Redis is full")
-        assert consumer.proc.poll() is None, f"the worker died while Redis was full:\n{consumer.log()[-4000:]}"
     finally:
         client.config_set("maxmemory", 0)
     sandbox_client.configure("loops", fail_all=None)
