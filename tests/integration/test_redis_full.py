@@ -7,7 +7,7 @@ back and Loops answers 200. Every event reaches Loops (or, if it ran out of atte
 missing), the worker process is the one that started (same pid, still running), and every producer call made
 while Redis was full returned its id and was spooled, then published by the same process.
 
-Measured on main before the fix: within 4 s of Redis reaching maxmemory the worker process exited
+On main before the fix the worker process exited within a second of Redis reaching maxmemory
 ("Unrecoverable error: OutOfMemoryError", from kombu's ack, a MULTI that a full Redis refuses whole).
 
 The worker runs without a circuit breaker (``BREAKER_THRESHOLD=0``) and without an attempt cap, so that it keeps
