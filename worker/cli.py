@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from .deadletters import DeadLetter, DeadLetterStore, error_text, other_prefixes
 from .errors import EnqueueError
-from .redisconf import RedisConfigError
+from .redisconf import NEARLY_FULL, REDIS_FULL, Memory, RedisConfigError, memory
 from .vendors import VENDORS
 
 #: Plain text for --help (argparse prints it as is).
@@ -209,7 +209,27 @@ def vendor_status() -> dict:
         }
     spool = Spool(s.spool_dir, s.spool_max_bytes)
     out["spool"] = {"dir": s.spool_dir, "enabled": s.spool_enabled, "events": spool.pending(), "bytes": spool.size()}
+    out["redis"] = _redis_status(r)
     return out
+
+
+def _redis_status(client: redis.Redis) -> dict[str, Any]:
+    """Redis' memory as ``status`` shows it: used and max bytes (0: no maxmemory), policy, FULL or not."""
+    try:
+        m = memory(client)
+    except redis.ResponseError as exc:  # INFO refused (a managed Redis may rename or forbid it)
+        return {"used_memory": None, "maxmemory": None, "maxmemory_policy": None, "full": None,
+                "error": f"INFO memory refused: {exc}"}
+    return {"used_memory": m.used, "maxmemory": m.max, "maxmemory_policy": m.policy, "full": m.full,
+            "used_share": None if m.share is None else round(m.share, 4)}
+
+
+def _redis_line(r: dict[str, Any]) -> str:
+    """The ``redis:`` line of ``status``: ``redis: 1.9 MiB used of 2.0 MiB maxmemory (95%, noeviction) FULL``."""
+    if r.get("error"):
+        return f"redis: memory unknown ({r['error']})"
+    line = "redis: " + Memory(r["used_memory"], r["maxmemory"], r["maxmemory_policy"]).describe()
+    return line + (f"  FULL ({REDIS_FULL}: it refuses new events)" if r["full"] else "")
 
 
 def _effective_rate(client, s, vendor: str, configured: float) -> float | None:
@@ -244,6 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{v['credential_env']}: a probe resumes them once the vendor accepts a request")
     sp = status["spool"]
     print(f"spool {sp['dir']}: {sp['events']} event(s), {sp['bytes']} bytes" + ("" if sp["enabled"] else " (off)"))
+    print(_redis_line(status["redis"]))
     if not all(v["enabled"] for v in status["vendors"].values()):
         print("* not configured here (credentials not set)")
     _hint(DeadLetterStore.default())
@@ -280,7 +301,7 @@ def cmd_spool_flush(args: argparse.Namespace) -> int:
         return 1
     before = publisher.spool.pending()
     if not publisher.flush_once():
-        print(f"stopped: broker unreachable; {publisher.spool.pending()} event(s) still waiting", file=sys.stderr)
+        print(f"stopped: {publisher.cause()}; {publisher.spool.pending()} event(s) still waiting", file=sys.stderr)
         return 1
     print(f"{before} spooled event(s) published")
     return 0
@@ -303,8 +324,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    print(f"ok: {get_settings().redis_target().check(timeout=args.timeout)}")
+    target = get_settings().redis_target()
+    print(f"ok: {target.check(timeout=args.timeout)}")
     print(f"vendors: {', '.join(vendors)}" if vendors else "vendors: none (ALLOW_NO_VENDORS=true: events go nowhere)")
+    client = target.client(socket_connect_timeout=args.timeout, socket_timeout=args.timeout)
+    try:
+        return _check_memory(memory(client))
+    except redis.ResponseError as exc:  # INFO refused: nothing to judge by
+        print(f"redis memory: unknown (INFO memory refused: {exc})")
+        return 0
+    finally:
+        client.close()
+
+
+def _check_memory(m: Memory) -> int:
+    """``check``'s verdict on Redis' memory: 1 when it is at maxmemory, a warning above NEARLY_FULL of it or
+    with an evicting policy."""
+    print(f"redis memory: {m.describe()}")
+    evicting = bool(m.max) and m.policy != "noeviction"
+    if m.full:
+        if evicting:
+            print(f"error: Redis is at maxmemory and evicts keys (maxmemory-policy {m.policy}): queued events, "
+                  "waiting retries and dead letters may be lost; set maxmemory-policy noeviction and raise "
+                  "maxmemory", file=sys.stderr)
+        else:
+            print(f"error: {REDIS_FULL} ({m.describe()}): it refuses new events (producers spool them) and "
+                  "workers take no messages until memory is freed or maxmemory raised (README: Sizing Redis)",
+                  file=sys.stderr)
+        return 1
+    if m.share is not None and m.share > NEARLY_FULL:
+        print(f"warning: Redis memory above {NEARLY_FULL:.0%} of maxmemory ({m.describe()}): raise maxmemory "
+              "before it refuses events (README: Sizing Redis)", file=sys.stderr)
+    if evicting:
+        print(f"warning: maxmemory-policy is {m.policy}: at maxmemory Redis would evict queued events; "
+              "use noeviction", file=sys.stderr)
     return 0
 
 

@@ -131,6 +131,12 @@ return 1
 # KEYS: hash, counts. ARGV: 1 = recount whatever the state. Unless forced, does nothing (returns -1) when the counts
 # are complete and add up to the number of entries; else counts every entry afresh (HSCAN, chunk by chunk, in this
 # one atomic script: nothing changes the hash meanwhile) and returns how many it counted.
+# KEYS: counts, entries. The counts and how many entries there are, in one atomic read (a script: Redis at
+# maxmemory refuses a MULTI, reads included, but runs a script that only reads).
+_COUNTS = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HLEN', KEYS[2])}
+"""
+
 _RECOUNT = _LUA_HELPERS + """
 if ARGV[1] ~= '1' and redis.call('HEXISTS', KEYS[2], 'ready') == 1 then
   local total, c = 0, redis.call('HGETALL', KEYS[2])
@@ -217,6 +223,7 @@ class DeadLetterStore:
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
         self._recount = client.register_script(_RECOUNT)
+        self._counts = client.register_script(_COUNTS)
 
     @classmethod
     def default(cls) -> DeadLetterStore:
@@ -265,11 +272,8 @@ class DeadLetterStore:
         """How many dead letters are stored, by vendor and reason (``{"loops": {"rejected": 2}}``; a vendor with
         none is absent). One round trip, whatever their number -- unless the counts need a recount (see
         :meth:`recount`), which this does first."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hgetall(self.counts_key)
-        pipe.hlen(self.hash_key)
-        raw, stored = pipe.execute()
-        found = _decode_counts(raw)
+        flat, stored = self._counts(keys=[self.counts_key, self.hash_key])
+        found = _decode_counts(dict(zip(flat[::2], flat[1::2], strict=True)))
         if found is None or sum(n for per in found.values() for n in per.values()) != stored:
             self.recount(force=False)
             found = _decode_counts(self.client.hgetall(self.counts_key)) or {}

@@ -11,6 +11,12 @@ and a background thread publishes them once Redis answers again. While Redis is
 known to be down, calls go straight to the spool without waiting on it. If the
 spool is disabled or full the call raises :class:`~worker.errors.EnqueueError`.
 
+A Redis at ``maxmemory`` (``noeviction``) answers, but refuses the write (``OOM command not
+allowed``): the event is spooled just the same, logged as what it is (``Redis is full:
+maxmemory reached``, see :data:`~worker.redisconf.REDIS_FULL`), and the flusher keeps trying
+until Redis has room. At the very edge Redis can take the first of an event's messages and
+refuse the next: the whole event is spooled, so that vendor may get it twice (never none).
+
 With ``PUBLISH_WAIT_REPLICAS=n`` the same write ends with Redis' ``WAIT n``: a call
 counts as queued only once ``n`` replicas have its messages, so that a failover
 (after which the promoted replica is all there is) cannot take an acknowledged
@@ -41,7 +47,7 @@ from redis.sentinel import MasterNotFoundError
 
 from . import ordering
 from .errors import EnqueueError
-from .redisconf import config_problem
+from .redisconf import REDIS_FULL, config_problem, is_full
 from .settings import Settings, get_settings
 from .spool import Message, Spool, SpoolFull
 from .vendors import VENDORS
@@ -239,6 +245,8 @@ class Publisher:
         self._wait_ms = max(1, int(attempt * 1000 * 0.8))
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes) if settings.spool_enabled else None
         self._down = False
+        #: Why Redis last did not take a write (None: it did): names the cause in logs and EnqueueError.
+        self.last_error: Exception | None = None
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
@@ -312,8 +320,16 @@ class Publisher:
             self._mark_down(error)
         if not spool:
             raise EnqueueError(f"could not enqueue {payload['operation']} event {payload['id']}: "
-                               f"broker unreachable ({error})")
+                               f"{self.cause(error)}")
         return self._spool(payload, messages, error)
+
+    def cause(self, error: BaseException | None = None) -> str:
+        """Why Redis did not take an event, for a log line or an EnqueueError: ``error``, else the last error
+        seen (a call made while Redis is known to be down has none of its own)."""
+        error = error or self.last_error
+        if is_full(error):
+            return f"{REDIS_FULL} ({error})"
+        return f"broker unreachable ({error})" if error else "broker unreachable"
 
     def _push(self, messages: list[Message]) -> None:
         _push(self.redis, messages, self._replicas, self._wait_ms)
@@ -345,7 +361,7 @@ class Publisher:
 
     def _spool(self, payload: dict[str, Any], messages: list[Message], error: Exception | None) -> str:
         what = f"{payload['operation']} event {payload['id']}"
-        cause = f"broker unreachable ({error})" if error else "broker unreachable"
+        cause = self.cause(error)
         if self.spool is None:
             raise EnqueueError(f"could not enqueue {what}: {cause}, and the local spool is off (SPOOL_ENABLED=false)")
         try:
@@ -358,14 +374,21 @@ class Publisher:
         self._start_flusher()
         return SPOOLED
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: Exception) -> None:
         with self._lock:
-            if not self._down:
-                what = "replicas not confirming" if isinstance(exc, NotReplicated) else "broker unreachable"
-                log.warning("%s, spooling events to %s until it is back: %s", what,
-                            self.settings.spool_dir if self.spool else "(spool off)", exc)
+            self._note_down(exc)
             self._down = True
         self._start_flusher()
+
+    def _note_down(self, exc: Exception) -> None:
+        """Remember why Redis did not take a write; log it when Redis was up, or the reason changed kind
+        (unreachable, full, replicas). The caller holds the lock."""
+        kind = _kind(exc)
+        if not self._down or kind != _kind(self.last_error):
+            until = "it has room" if is_full(exc) else "it is back"
+            log.warning("%s, spooling events to %s until %s: %s", kind,
+                        self.settings.spool_dir if self.spool else "(spool off)", until, exc)
+        self.last_error = exc
 
     # -- the flusher ------------------------------------------------------------
 
@@ -391,12 +414,19 @@ class Publisher:
             if self.spool is not None:
                 while self.spool.drain(self._push, limit=FLUSH_BATCH):
                     pass
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, OSError) as exc:  # unreachable, or full (OOM): the next round tries again
+            with self._lock:
+                if self._down:
+                    self._note_down(exc)
+                else:
+                    self.last_error = exc
             return False
         with self._lock:
             if self._down:
-                log.warning("broker reachable again; spool drained")
+                log.warning("%s; spool drained", "Redis has room again" if is_full(self.last_error)
+                            else "broker reachable again")
             self._down = False
+            self.last_error = None
             # Entries spooled by a call racing with this round are taken by the next flusher.
             if self.spool is not None and self.spool.pending():
                 return False
@@ -406,6 +436,13 @@ class Publisher:
     def close(self) -> None:
         self._stop.set()
         self.redis.close()
+
+
+def _kind(exc: BaseException | None) -> str:
+    """What a failed write says about Redis, as the log names it."""
+    if is_full(exc):
+        return REDIS_FULL
+    return "replicas not confirming" if isinstance(exc, NotReplicated) else "broker unreachable"
 
 
 def publish(payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "", spool: bool = True,

@@ -316,6 +316,59 @@ def config_problem(exc: BaseException) -> str | None:
     return None
 
 
+#: How the product names Redis refusing writes at ``maxmemory`` (``maxmemory-policy noeviction``: redis-py's
+#: ``OutOfMemoryError``, "OOM command not allowed when used memory > 'maxmemory'"). Not an outage: Redis answers,
+#: reads work, deletes work; what adds memory is refused until something frees some or maxmemory is raised.
+REDIS_FULL = "Redis is full: maxmemory reached"
+#: Share of maxmemory above which ``python -m worker check`` warns.
+NEARLY_FULL = 0.9
+
+
+def is_full(exc: BaseException | None) -> bool:
+    """Did Redis refuse a write because it is at maxmemory (noeviction)?"""
+    return isinstance(exc, redis.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Redis' ``INFO memory``: bytes used, ``maxmemory`` (0: unlimited) and the eviction policy."""
+
+    used: int
+    max: int
+    policy: str
+    #: Bytes Redis leaves out when it compares its use with maxmemory (replica output and AOF buffers).
+    not_counted: int = 0
+
+    @property
+    def share(self) -> float | None:
+        """Used memory as a share of maxmemory (None: no maxmemory)."""
+        return self.used / self.max if self.max else None
+
+    @property
+    def full(self) -> bool:
+        """At maxmemory, as Redis counts it: a write that adds memory is refused (or, with an evicting
+        policy, makes Redis evict keys)."""
+        return bool(self.max) and self.used - self.not_counted > self.max
+
+    def describe(self) -> str:
+        """``"1.2 MiB used of 2.0 MiB maxmemory (60%, noeviction)"``, or ``"... used, no maxmemory"``."""
+        if not self.max:
+            return f"{_mib(self.used)} used, no maxmemory ({self.policy})"
+        return f"{_mib(self.used)} used of {_mib(self.max)} maxmemory ({self.share:.0%}, {self.policy})"
+
+
+def memory(client: redis.Redis) -> Memory:
+    """Read :class:`Memory` from ``client``'s Redis (one ``INFO memory``)."""
+    info: dict[str, Any] = client.info("memory")
+    return Memory(used=int(info.get("used_memory", 0)), max=int(info.get("maxmemory", 0)),
+                  policy=str(info.get("maxmemory_policy", "?")),
+                  not_counted=int(info.get("mem_not_counted_for_evict", 0)))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MiB"
+
+
 def _host_port(item: str, shown: str) -> tuple[str, int]:
     item = item.strip()
     if not item:

@@ -15,7 +15,11 @@ module only maps its results onto Celery:
   (Flower: FAILURE);
 - a throttled vendor, or one whose circuit breaker is open: the message goes
   back on its queue, no attempt counted, and the worker stops taking that
-  queue for a moment (or, for an open breaker, until it closes).
+  queue for a moment (or, for an open breaker, until it closes);
+- Redis full (maxmemory): an outcome that cannot be recorded (retry, dead
+  letter) is not acknowledged either: :class:`RedisFull` rejects the message
+  with requeue, which our transport (``worker/transport.py``) leaves held in
+  Redis until Redis has room, then puts back on its queue.
 
 Example::
 
@@ -29,6 +33,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery.exceptions import Reject, Retry
 
 from . import observability, ordering, transport
@@ -38,6 +43,7 @@ from .limits import gate
 from .limits.throttle import Throttled
 from .pipeline import Delivered, Merged, Parked, Pipeline, RetryableError, RetryLater, VendorDown, Yielded
 from .publisher import TaskMessages
+from .redisconf import REDIS_FULL
 from .retries import ticker
 from .retries.attempts import RetryState
 
@@ -54,6 +60,11 @@ class Waiting(Exception):
     """What a parked delivery shows while an earlier call of the same person goes first (Flower: RETRY)."""
 
 
+class RedisFull(Reject):
+    """Redis refused to record this delivery's outcome (maxmemory): requeue it, never acknowledge it. A full
+    Redis refuses the requeue too; the message then stays held in Redis and comes back when it has room."""
+
+
 class _QuietThrottledRejects(logging.Filter):
     """Celery logs every Reject as a warning with a traceback; a throttled requeue is routine."""
 
@@ -62,7 +73,7 @@ class _QuietThrottledRejects(logging.Filter):
         if isinstance(exc, ThrottledReject):
             log.debug("requeued: %s", exc.reason)
             return False
-        return True
+        return not isinstance(exc, RedisFull)  # the task logged it, without a traceback
 
 
 logging.getLogger("celery.app.trace").addFilter(_QuietThrottledRejects())
@@ -153,6 +164,11 @@ def deliver(self, vendor: Any = None, event: Any = None, *extra_args: Any, **ext
     except VendorDown as down:
         gate.hold(down.vendor)
         raise ThrottledReject(str(down), requeue=True) from None
+    except redis.OutOfMemoryError as exc:  # the retry schedule, a dead letter, the limiter: not recorded
+        transport.FULLNESS.seen(exc)
+        log.warning("%s: %s not recorded, delivered again once Redis has room: %s", REDIS_FULL,
+                    request.id, exc)
+        raise RedisFull(str(exc), requeue=True) from None
     except DeadLettered:
         raise
     except Exception as exc:  # noqa: BLE001 - anything else: retried with a record, never acknowledged without one

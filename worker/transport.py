@@ -17,6 +17,29 @@ exactly those cases, stores the raw entry as a ``malformed`` dead letter (the
 vendor is the queue's name) and goes on. ``celeryconfig.broker_transport``
 selects it (``worker/redisconf.py`` says which).
 
+**A full Redis** (``maxmemory`` reached, ``noeviction``) refuses every command that adds memory
+(``OOM command not allowed``, redis-py's ``OutOfMemoryError``) but still answers reads, deletes and
+blocking pops. Stock kombu died of it: its ack is ``MULTI ZREM HDEL EXEC``, and Redis refuses every
+command queued in a MULTI while over maxmemory, deletes included; the error is no connection error,
+so it rose out of the event loop ("Unrecoverable error") and the worker process exited. Here:
+
+- an ack (:data:`_ACK`) is one script of two deletes, which Redis runs at maxmemory (and which frees);
+- a take writes its record before it pops (:data:`_TAKE`): on a full Redis it is refused whole and the
+  message stays on its queue; the consumer logs ``Redis is full: maxmemory reached`` once, waits
+  :data:`FULL_PAUSE` with a ``BRPOP`` on a key nothing writes (blocking pops are allowed at maxmemory;
+  ``BLMOVE``, the empty-queue watch, is not) and takes again, until Redis has room;
+- a delivery whose outcome Redis cannot record (its retry, its dead letter) is never acknowledged: the
+  task rejects it with requeue (``worker.tasks.RedisFull``), and a requeue — kombu's WATCH/MULTI/EXEC that
+  moves the message from the ``unacked`` hash back onto its queue — is refused whole by a full Redis. The
+  channel then leaves it held (its record in ``unacked``) and forgets it locally, so it is delivered
+  again: as soon as Redis takes writes again (:meth:`Channel._restore_kept`), at the latest after
+  ``BROKER_VISIBILITY_TIMEOUT`` like a dead worker's. A throttled requeue refused the same way stays held
+  the same way, and kombu's restore scans (a SET NX lock, then pushes) just wait for room.
+
+Celery's own settings cannot do this: with ``acks_late``, a task that raised is acknowledged
+(``task_acks_on_failure_or_timeout``) or, with that setting off, rejected without requeue — and kombu's
+Redis ``QoS.reject(requeue=False)`` deletes the record just as an ack does.
+
 :class:`SentinelTransport` is the same on a master that Redis Sentinels monitor:
 kombu's ``SentinelChannel`` finds the master (again, after a failover) and this
 module's channel takes messages from it.
@@ -47,6 +70,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+
+from .redisconf import REDIS_FULL
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +142,44 @@ def check_kombu() -> None:
 #: Keys every kombu message envelope has.
 ENVELOPE_KEYS = ("body", "properties", "headers")
 
+#: Seconds the consumer waits before it tries to take again from a full Redis.
+FULL_PAUSE = 0.5
+#: The key the consumer waits on (BRPOP, with FULL_PAUSE as its timeout) while Redis is full; nothing writes it.
+PAUSE_KEY = "vdw.transport.redis-full.pause"
+
+
+class _Fullness:
+    """This process's view of a full Redis, so that an episode is logged once (and its end once)."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def full(self) -> bool:
+        return self._since is not None
+
+    def seen(self, exc: BaseException) -> None:
+        """Redis refused a write for maxmemory."""
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning("%s (%s): taking no messages until it has room (trying again every %gs); deliveries "
+                    "whose outcome cannot be recorded stay held and are delivered again", REDIS_FULL, exc, FULL_PAUSE)
+
+    def room(self) -> None:
+        """Redis took a write."""
+        with self._lock:
+            if self._since is None:
+                return
+            since, self._since = self._since, None
+        log.warning("Redis has room again after %.1fs: taking messages", time.monotonic() - since)
+
+
+#: The worker process's view: the consumer and the delivery threads share it.
+FULLNESS = _Fullness()
+
 
 def quarantine(queue: str, raw: str, error: str) -> None:
     """Keep a message the worker cannot even decode, as a dead letter an operator can see and purge."""
@@ -150,67 +213,135 @@ WATCH_EACH = 0.1
 
 # KEYS: the lists to take from in order (kombu's priority keys for each queue), then unacked, unacked_index.
 # ARGV: now (the client's clock, as kombu's own unacked index), then each list's queue name.
-# Pops the first message found and records it as held, as kombu's QoS.append does, in one step: the
+# Takes the first message found and records it as held, as kombu's QoS.append does, in one step: the
 # record is [message, exchange, routing key] with the message's JSON text spliced in unchanged.
 # Returns {list, message, recorded (1/0)}, or false when every list is empty. Not a kombu envelope:
-# returned unrecorded, for the transport to quarantine.
+# popped and returned unrecorded, for the transport to quarantine.
+#
+# The order matters on a full Redis. Redis does not roll a script back; it checks maxmemory at the
+# script's first write only: a command that adds memory (HSET, ZADD, LPUSH: "deny-oom") is refused if it
+# is the script's first write, and once anything was written (even an RPOP of an empty list) the rest
+# runs past maxmemory. Popping first, as before, meant the take always went through on a full Redis
+# (a record written past maxmemory, and the worker went on taking work whose outcome it could not write).
+# So the message is read (LINDEX), recorded (HSET: the first write; refused whole when Redis is full,
+# nothing changed, the message still on its queue), and only then popped (RPOP of the same, tail, element).
 _TAKE = """
 local n = #KEYS - 2
 for i = 1, n do
-  local m = redis.call('RPOP', KEYS[i])
+  local m = redis.call('LINDEX', KEYS[i], -1)
   if m then
     local ok, d = pcall(cjson.decode, m)
     local props = ok and type(d) == 'table' and d['properties']
     local tag = type(props) == 'table' and props['delivery_tag']
-    if type(tag) ~= 'string' then return {KEYS[i], m, 0} end
+    if type(tag) ~= 'string' then
+      redis.call('RPOP', KEYS[i])
+      return {KEYS[i], m, 0}
+    end
     local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
     local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
     local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ARGV[i + 1]
     redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
     redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
+    redis.call('RPOP', KEYS[i])
     return {KEYS[i], m, 1}
   end
 end
 return false
 """
 
+# KEYS: unacked_index, unacked. ARGV: the delivery tag. kombu's ack (the same two deletes) in one script
+# instead of MULTI/EXEC: Redis refuses every command queued in a MULTI while over maxmemory, deletes too,
+# but runs a script whose commands free memory.
+_ACK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('HDEL', KEYS[2], ARGV[1])
+"""
+
 
 class QoS(kombu_redis.QoS):
-    def ack(self, delivery_tag: str) -> None:
-        if _kept_back(delivery_tag):
-            virtual.QoS.ack(self, delivery_tag)  # forgotten here; Redis keeps it held, to be restored
-            return
-        with _kept_lock:
-            ack = _acks.pop(delivery_tag, None)
-        if ack is not None:
-            self._acks_with(delivery_tag, ack)
-            return
-        super().ack(delivery_tag)
-
-    def _acks_with(self, delivery_tag: str, ack: Callable[[], object]) -> None:
-        try:
-            ack()
-        except Exception:
-            log.warning("could not acknowledge %s with its delivery's end; it stays held and comes back",
-                        delivery_tag, exc_info=True)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        with _kept_lock:
-            ack = _acks.pop(delivery_tag, None)
-        if ack is not None:  # the delivery ended (its end is recorded with the ack): nothing to put back
-            self._acks_with(delivery_tag, ack)
-            return
-        if _kept_back(delivery_tag):
-            virtual.QoS.ack(self, delivery_tag)
-            return
-        super().reject(delivery_tag, requeue=requeue)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Held messages whose delivery ended here without a record of its outcome: (tag, score of its record
+        # in the unacked index), to put back on their queue as soon as Redis takes writes (Channel._restore_kept).
+        self.kept: list[tuple[str, float | None]] = []
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.taken_and_recorded(delivery_tag):
             virtual.QoS.append(self, message, delivery_tag)  # Redis has the record already: local state only
         else:
             super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if _kept_back(delivery_tag):  # its task could not record what became of it: held, delivered again
+            self._keep(delivery_tag)
+            return
+        with _kept_lock:
+            ack = _acks.pop(delivery_tag, None)
+        if ack is not None:
+            self._acks_with(delivery_tag, ack)
+            return
+        try:
+            with self.channel.conn_or_acquire() as client:  # a pooled connection, as kombu's own ack
+                client.eval(_ACK, 2, self.unacked_index_key, self.unacked_key, delivery_tag)
+        except redis.OutOfMemoryError as exc:  # not from two deletes; if ever: held, delivered again later
+            FULLNESS.seen(exc)
+            self._keep(delivery_tag)
+            return
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _acks_with(self, delivery_tag: str, ack: Callable[[], object]) -> None:
+        """Acknowledge with the delivery's own script (its end recorded in the same step)."""
+        try:
+            ack()
+        except redis.RedisError as exc:  # Redis full or away: held, delivered again (what it recorded is redone)
+            if isinstance(exc, redis.OutOfMemoryError):
+                FULLNESS.seen(exc)
+            log.warning("could not acknowledge %s with its delivery's end (%s); it stays held and comes back",
+                        delivery_tag, exc)
+            self._keep(delivery_tag)
+            return
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        with _kept_lock:
+            ack = _acks.pop(delivery_tag, None)
+        if ack is not None:  # the delivery ended (recorded with the ack): nothing to put back
+            self._acks_with(delivery_tag, ack)
+            return
+        if not requeue:
+            return self.ack(delivery_tag)
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)  # WATCH/MULTI/EXEC: refused whole when full
+        except redis.OutOfMemoryError as exc:
+            FULLNESS.seen(exc)
+            self._keep(delivery_tag)
+            return
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _keep(self, tag: str) -> None:
+        """Done here, still held in Redis (its record in the unacked hash): delivered again later."""
+        try:  # a read, which a full Redis answers: which record is ours (a restored and re-taken one is not)
+            with self.channel.conn_or_acquire() as client:
+                score = client.zscore(self.unacked_index_key, tag)
+        except redis.RedisError:
+            score = None  # kombu's restore after the visibility timeout brings it back
+        self.kept.append((tag, score))
+        virtual.QoS.ack(self, tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.OutOfMemoryError as exc:  # its lock (SET NX) and the pushes wait for room
+            FULLNESS.seen(exc)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        try:
+            super().restore_unacked(client)
+        except redis.OutOfMemoryError as exc:  # at shutdown: held, delivered again after the visibility timeout
+            FULLNESS.seen(exc)
+            log.warning("%s: %s message(s) this worker held stay recorded in Redis and are delivered again "
+                        "after the visibility timeout", REDIS_FULL, len(self._delivered))
+            self._delivered.clear()
 
 
 class Channel(kombu_redis.Channel):
@@ -220,7 +351,9 @@ class Channel(kombu_redis.Channel):
         # Where this channel's Redis is, kept for _connparams below.
         self._conninfo = connection.client
         self._recorded: set[str] = set()  # tags the take script recorded, until QoS.append sees them
-        self._pending: str | None = None  # "take" or "watch": what the command on the wire is
+        # What the command on the wire is: "take", "watch" or "pause" (while Redis is full); None, "empty"
+        # (the last take found nothing: watch next) or "full" (pause next) between commands.
+        self._pending: str | None = None
         self._watch_next = 0
         super().__init__(connection, *args, **kwargs)
 
@@ -242,18 +375,27 @@ class Channel(kombu_redis.Channel):
         return super()._connparams(asynchronous=asynchronous)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        _requeue_orphans(self.client)
+        if self._pending != "full":
+            try:
+                _requeue_orphans(self.client)
+                self._restore_kept()
+            except redis.OutOfMemoryError as exc:
+                FULLNESS.seen(exc)
+                self._pending = "full"
         if self.global_keyprefix or not self.ack_emulation:
             self._pending = None
             return super()._brpop_start(timeout)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        if self._pending == "empty":  # the last take found nothing: wait for a queue to fill
+        if self._pending == "full":  # Redis refused the last take or watch: wait a moment (allowed when full)
+            args: list[Any] = ["BRPOP", PAUSE_KEY, FULL_PAUSE]
+            self._pending = "pause"
+        elif self._pending == "empty":  # the last take found nothing: wait for a queue to fill
             queue = queues[self._watch_next % len(queues)]
             self._watch_next += 1
             wait = (timeout or self.brpop_timeout or 1) if len(queues) == 1 else WATCH_EACH
-            args: list[Any] = ["BLMOVE", queue, queue, "RIGHT", "RIGHT", wait]
+            args = ["BLMOVE", queue, queue, "RIGHT", "RIGHT", wait]
             self._pending = "watch"
         else:
             keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
@@ -265,9 +407,49 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's class default is None
         self.client.connection.send_command(*args)
 
+    def maybe_refresh_binding_expiry(self) -> None:
+        try:
+            super().maybe_refresh_binding_expiry()
+        except redis.OutOfMemoryError as exc:  # kombu logs a traceback a second; the episode is logged once
+            FULLNESS.seen(exc)
+
+    def _restore_kept(self) -> None:
+        """Put back on their queues the held messages whose outcome Redis could not record, now that it may
+        have room (refused whole while it has not: they wait, OutOfMemoryError)."""
+        kept = self.qos.kept
+        while kept:
+            tag, score = kept[0]
+            if score is not None and self._restore_if_held(tag, score):
+                log.info("a delivery held while Redis was full is back on its queue (tag %s)", tag)
+            kept.pop(0)
+
+    def _restore_if_held(self, tag: str, score: float) -> bool:
+        """kombu's ``restore_by_tag`` (the record back onto its queue as its requeue does, in one
+        WATCH/MULTI/EXEC), but only while the record is still the one this worker took (the same score in the
+        unacked index): after the visibility timeout another worker may have restored it, and a third taken it
+        again under the same tag."""
+        restored = False
+
+        def restore(pipe: Any) -> None:
+            nonlocal restored
+            restored = False
+            if pipe.zscore(self.unacked_index_key, tag) != score:
+                return  # gone (restored by kombu, acknowledged) or taken again: not ours to move
+            record = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self.qos._remove_from_indices(tag, pipe)
+            if record:
+                message, exchange, routing_key = loads(bytes_to_str(record))
+                self._do_restore_message(message, exchange, routing_key, pipe, True)
+                restored = True
+
+        with self.conn_or_acquire() as client:
+            client.transaction(restore, self.unacked_key, self.unacked_index_key)
+        return restored
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
-            if self._pending in ("take", "watch"):
+            if self._pending in ("take", "watch", "pause"):
                 return self._take_read(**options)
             return super()._brpop_read(**options)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -280,12 +462,21 @@ class Channel(kombu_redis.Channel):
         pending = self._pending
         try:
             try:
-                reply = self.client.parse_response(self.client.connection,
-                                                   "EVAL" if pending == "take" else "BLMOVE", **options)
+                command = {"take": "EVAL", "watch": "BLMOVE", "pause": "BRPOP"}[pending or "take"]
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next poll reconnects
                 self._pending = None
                 raise
+            except redis.OutOfMemoryError as exc:  # the take or the watch refused whole: nothing changed
+                FULLNESS.seen(exc)
+                self._pending = "full"
+                raise kombu_redis.Empty() from None
+            if pending == "pause":
+                self._pending = None  # take again
+                raise kombu_redis.Empty()
+            if pending == "watch" or (reply and reply[2]):
+                FULLNESS.room()  # Redis took a write: a record, or a watch (refused when full)
             if pending == "watch" or not reply:
                 # A watch that saw a message (or timed out) is followed by a take; a take that found
                 # nothing, by a watch.

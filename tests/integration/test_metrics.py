@@ -26,10 +26,10 @@ TRAFFIC = {
     "loops": (3, [503]),                                       # one 503, retried, then delivered
     "conveyour": (2, [422]),                                   # one rejected: a dead letter
 }
-EXPECTED = {  # vendor: (delivered, retried, dead_lettered, 429s, requests)
-    "convertloop": (4, 1, 0, 1, 5),
-    "loops": (3, 1, 0, 0, 4),
-    "conveyour": (1, 0, 1, 0, 2),
+EXPECTED = {  # vendor: (delivered, retried, dead_lettered, merged, 429s, requests); one person per call: no merge
+    "convertloop": (4, 1, 0, 0, 1, 5),
+    "loops": (3, 1, 0, 0, 0, 4),
+    "conveyour": (1, 0, 1, 0, 0, 2),
 }
 
 
@@ -41,7 +41,7 @@ def exporter(base_env, tmp_path_factory):
 
 
 def counters(values: dict) -> dict[str, tuple[float, ...]]:
-    """Per vendor: (delivered, retried, dead_lettered, 429s, requests) as scraped."""
+    """Per vendor: (delivered, retried, dead_lettered, merged, 429s, requests) as scraped."""
     return {v: (*(metric(values, "vdw_deliveries_total", vendor=v, outcome=o) for o in OUTCOMES),
                 metric(values, "vdw_rate_limited_total", vendor=v),
                 metric(values, "vdw_request_duration_seconds_count", vendor=v))
@@ -87,7 +87,7 @@ def test_known_traffic_from_two_worker_processes_is_counted_exactly(worker_facto
     counted = delta(values, before)
     assert counters(counted) == EXPECTED, "the shutdown flush counted something twice"
     requests = {v: len(sandbox_client.requests(vendor=v)) for v in VENDORS}
-    assert requests == {v: e[4] for v, e in EXPECTED.items()}, requests
+    assert requests == {v: e[-1] for v, e in EXPECTED.items()}, requests
 
     assert metric(counted, "vdw_dead_letters_total", vendor="conveyour", reason="rejected") == 1
     assert sum(n for (name, _), n in counted.items() if name == "vdw_dead_letters_total") == 1

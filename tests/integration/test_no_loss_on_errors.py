@@ -69,7 +69,7 @@ def fault_path(tmp_path_factory):
     ("order", 3, None),
     ("vendor", 2, None),
     ("schedule", 2, 503),       # the vendor fails once; writing its retry fails twice
-    ("deadletters", 2, 422),    # the vendor refuses once; storing the dead letter fails twice
+    ("deadletters", 2, 422),    # the vendor refuses once; storing the dead letter fails: retried (then delivered)
 ])
 def test_an_unexpected_error_loses_nothing(target, count, failure, worker_factory, fault_path, product_env,
                                            sandbox_client, store, unique_email):
@@ -97,8 +97,6 @@ def test_an_unexpected_error_loses_nothing(target, count, failure, worker_factor
     print(f"\n{target}: delivered {len(delivered)}, dead-lettered {len(dead)} of {len(ids)}")
     assert "injected fault" in log, "the fault never fired: the test proves nothing"
     assert delivered | dead == set(ids)
-    if failure == 422:
-        assert [d.reason for d in store.list("loops") if d.event_id in ids] == ["rejected"]
 
 
 def test_a_segment_this_worker_cannot_carry_is_a_dead_letter_naming_the_setting(worker_factory, product_env,

@@ -7,7 +7,8 @@ A :class:`VendorCollector` (a prometheus_client custom collector) answers each s
 - gauges, read live: what ``python -m worker status`` shows
   (:func:`worker.cli.vendor_status`: queue lengths, messages workers hold,
   waiting retries, breakers and pauses for refused credentials, rates, stored
-  dead letters, from their counts) and the spool in
+  dead letters, from their counts), Redis' memory (``INFO memory``: used and
+  ``maxmemory``, 0 when unlimited) and the spool in
   ``SPOOL_DIR`` on the exporter's own host;
 - ``vdw_redis_up``: 0 when Redis did not answer (then only the spool is shown).
 
@@ -80,6 +81,9 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
     "vdw_spool_events": ("gauge", "Events a producer on this host keeps in SPOOL_DIR until Redis takes them.", []),
     "vdw_spool_bytes": ("gauge", "Bytes of SPOOL_DIR on this host.", []),
     "vdw_redis_up": ("gauge", "1 if Redis answered this scrape, else 0.", []),
+    "vdw_redis_memory_used_bytes": ("gauge", "Bytes Redis uses (INFO memory used_memory).", []),
+    "vdw_redis_memory_max_bytes": ("gauge", "Redis' maxmemory in bytes (0: unlimited). At maxmemory with "
+                                            "noeviction Redis refuses new events.", []),
 }
 
 _TYPES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
@@ -179,6 +183,10 @@ class VendorCollector(Collector):
                 families["vdw_effective_rate"].add_metric([vendor], v["effective_rate"])
             for reason in sorted({*REASONS, *v["dead_letters"]}):
                 families["vdw_dead_letters_stored"].add_metric([vendor, reason], v["dead_letters"].get(reason, 0))
+        redis_memory = status.get("redis") or {}
+        if redis_memory.get("used_memory") is not None:  # None: INFO refused
+            families["vdw_redis_memory_used_bytes"].add_metric([], redis_memory["used_memory"])
+            families["vdw_redis_memory_max_bytes"].add_metric([], redis_memory["maxmemory"])
 
     @staticmethod
     def _spool(families: Families, spool: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ import base64
 import json
 import logging
 
+import redis
+
 from ..errors import DeadLettered
 from ..limits.throttle import Throttled
 from .attempts import RetryState
@@ -34,13 +36,19 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
     """Probe ``vendor`` once (the caller holds the probe lease); returns what became of the probe."""
     from ..ordering import HEADER
     from ..pipeline import Delivered, Merged, Parked, RetryLater, VendorAuthFailed, VendorDown, Yielded
+    from ..redisconf import REDIS_FULL
     from ..tasks import attempt
-    from ..transport import quarantine
+    from ..transport import FULLNESS, quarantine
 
     failed = False
-    raw = schedule.claim_one(vendor)
+    try:
+        raw = schedule.claim_one(vendor)
+    except redis.OutOfMemoryError as exc:  # refused whole: nothing taken
+        FULLNESS.seen(exc)
+        _probe_done(breaker, vendor, failed=False)
+        return REDIS_FULL
     if raw is None:
-        breaker.probe_done(vendor, failed=False)
+        _probe_done(breaker, vendor, failed=False)
         return "nothing to probe with"
     outcome = "given back"
     envelope = json.loads(raw)  # claim_one took only a JSON message with a delivery tag
@@ -77,6 +85,13 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
                 assert isinstance(result, RetryLater)
                 failed = result.status != 429
                 outcome = f"failed again ({result.error})" if failed else "rate limited"
+    except redis.OutOfMemoryError as exc:  # its outcome could not be recorded: delivered again later
+        FULLNESS.seen(exc)
+        outcome = f"{REDIS_FULL}, not recorded"
+        try:
+            schedule.give_back(vendor, raw, tag)  # one MULTI: refused whole while Redis is full
+        except redis.RedisError:  # held under its tag: delivered again after the visibility timeout
+            outcome += "; the message stays held until the visibility timeout"
     except Exception:
         log.exception("%s: probe failed unexpectedly; its message goes back on the queue", vendor)
         try:
@@ -84,7 +99,7 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
         except Exception:  # Redis away: the message is held under its tag and comes back by itself
             log.exception("%s: could not give the probe's message back", vendor)
     finally:
-        breaker.probe_done(vendor, failed)
+        _probe_done(breaker, vendor, failed)
         _close_connections()
     log.warning("%s: circuit breaker probe: %s", vendor, outcome)
     return outcome
@@ -99,3 +114,11 @@ def _close_connections() -> None:
     close = getattr(http, "close_thread", None)
     if callable(close):
         close()
+
+
+def _probe_done(breaker: Breaker, vendor: str, failed: bool) -> None:
+    """Tell the breaker; if Redis does not take it (full, away), the probe lease simply expires."""
+    try:
+        breaker.probe_done(vendor, failed)
+    except redis.RedisError as exc:
+        log.warning("%s: could not record the probe's end (its lease expires by itself): %s", vendor, exc)

@@ -69,25 +69,34 @@ return {#due, tostring(wait)}
 # KEYS: schedule, queue, unacked, unacked_index. Takes ONE message for a probe: the earliest waiting retry,
 # else the next message on the queue, and records it as held (as kombu does for a consumed message), so a
 # probe whose process dies is redelivered like any other. Returns the message, or false.
+# As the consumer's take (worker/transport.py, _TAKE): read, record (HSET, the first write: a full Redis
+# refuses the script whole, nothing taken), then remove. Redis checks maxmemory at a script's first write only.
 _CLAIM_ONE = _NOW + """
 local m = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-if m then
-  redis.call('ZREM', KEYS[1], m)
-else
-  m = redis.call('RPOP', KEYS[2])
-end
+local scheduled = m ~= nil
+if not scheduled then m = redis.call('LINDEX', KEYS[2], -1) end
 if not m then return false end
 local ok, decoded = pcall(cjson.decode, m)
 local tag = ok and type(decoded) == 'table' and type(decoded['properties']) == 'table'
             and decoded['properties']['delivery_tag']
 if type(tag) ~= 'string' then
-  redis.call('RPUSH', KEYS[2], m)   -- not ours to judge: back where a worker takes it next
+  if scheduled then                 -- not ours to judge: onto the queue, where a worker takes it next
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('RPUSH', KEYS[2], m)
+  end                               -- (already there: left where it is)
   return false
 end
 -- kombu's record is [message, exchange, routing key]: the message's own JSON text, spliced in unchanged
 redis.call('HSET', KEYS[3], tag, '[' .. m .. ', "", ' .. cjson.encode(ARGV[1]) .. ']')
 redis.call('ZADD', KEYS[4], now, tag)
+if scheduled then redis.call('ZREM', KEYS[1], m) else redis.call('RPOP', KEYS[2]) end
 return m
+"""
+
+# KEYS: unacked_index, unacked. ARGV: a delivery tag. Forgets a held message (kombu's ack, as a script).
+_ACK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('HDEL', KEYS[2], ARGV[1])
 """
 
 # KEYS: schedule. Returns {count, seconds until the first is due or -1}.
@@ -117,6 +126,7 @@ class RetrySchedule:
         self._promote = client.register_script(_PROMOTE)
         self._claim = client.register_script(_CLAIM_ONE)
         self._stats = client.register_script(_STATS)
+        self._ack = client.register_script(_ACK)
 
     @classmethod
     def default(cls) -> RetrySchedule:
@@ -157,11 +167,9 @@ class RetrySchedule:
         return m.decode() if isinstance(m, bytes) else m
 
     def ack(self, tag: str) -> None:
-        """Forget a message claimed by :meth:`claim_one` (its delivery ended)."""
-        pipe = self.client.pipeline()
-        pipe.hdel(UNACKED, tag)
-        pipe.zrem(UNACKED_INDEX, tag)
-        pipe.execute()
+        """Forget a message claimed by :meth:`claim_one` (its delivery ended). Two deletes in one script, which
+        Redis runs at maxmemory too (a MULTI it refuses whole there, deletes included)."""
+        self._ack(keys=[UNACKED_INDEX, UNACKED], args=[tag])
 
     def give_back(self, queue: str, message: str, tag: str) -> None:
         """Put a claimed message back where a worker takes it next, untouched."""
