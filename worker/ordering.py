@@ -80,62 +80,52 @@ def order_commands(prefix: str, vendor: str, person: str, task_id: str, event_js
     return [("RPUSH", f"{base}:{person}", task_id), ("HSET", events, task_id, event_json)]
 
 
-# KEYS: list, events, turn, outcome. ARGV: task id, lease ms, most entries.
-# done: this call is no longer pending ({'done', outcome or ''}); busy: another task holds the turn
-# ({'busy', holder}); turn: this task holds it now ({'turn', id1, json1, id2, json2, ...}).
-_CLAIM = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
-  local o = redis.call('HGET', KEYS[4], ARGV[1])
-  if o then redis.call('HDEL', KEYS[4], ARGV[1]) end
-  return {'done', o or ''}
-end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[1] then return {'busy', holder} end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
-local out = {'turn'}
-if #ids > 0 then
-  local evs = redis.call('HMGET', KEYS[2], unpack(ids))
-  for i = 1, #ids do
-    out[#out + 1] = ids[i]
-    out[#out + 1] = evs[i] or ''
+#: The claim, as a Lua function the scripts here and the transport's take share: ``vdw_claim(list, events, turn,
+#: outcome, task id, lease ms, most entries)``. done: this call is no longer pending ({'done', outcome or ''});
+#: busy: another task holds the turn ({'busy', holder}); turn: this task holds it now ({'turn', id1, json1, ...}).
+CLAIM_FN = """
+local function vdw_claim(list, events, turn, outcome, task, lease, most)
+  if redis.call('HEXISTS', events, task) == 0 then
+    local o = redis.call('HGET', outcome, task)
+    if o then redis.call('HDEL', outcome, task) end
+    return {'done', o or ''}
   end
+  local holder = redis.call('GET', turn)
+  if holder and holder ~= task then return {'busy', holder} end
+  redis.call('SET', turn, task, 'PX', lease)
+  local ids = redis.call('LRANGE', list, 0, tonumber(most) - 1)
+  local out = {'turn'}
+  if #ids > 0 then
+    local evs = redis.call('HMGET', events, unpack(ids))
+    for i = 1, #ids do
+      out[#out + 1] = ids[i]
+      out[#out + 1] = evs[i] or ''
+    end
+  end
+  return out
 end
-return out
+"""
+
+# KEYS: list, events, turn, outcome. ARGV: task id, lease ms, most entries.
+_CLAIM = CLAIM_FN + """
+return vdw_claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
 """
 
 # KEYS: list, events, turn, outcome, parked, unacked, unacked_index, held. ARGV: task id, lease ms, most entries,
 # message (to park), delivery tag (acknowledged when parked), person id.
 # As _CLAIM, but when another task holds the turn the message is parked under the person and its kombu record
 # removed, in one step: {'parked', holder}.
-_PARK = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
-  local o = redis.call('HGET', KEYS[4], ARGV[1])
-  if o then redis.call('HDEL', KEYS[4], ARGV[1]) end
-  return {'done', o or ''}
+_PARK = CLAIM_FN + """
+local r = vdw_claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
+if r[1] ~= 'busy' then return r end
+redis.call('RPUSH', KEYS[5], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('HDEL', KEYS[6], ARGV[5])
+  redis.call('ZREM', KEYS[7], ARGV[5])
 end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[1] then
-  redis.call('RPUSH', KEYS[5], ARGV[4])
-  if ARGV[5] ~= '' then
-    redis.call('HDEL', KEYS[6], ARGV[5])
-    redis.call('ZREM', KEYS[7], ARGV[5])
-  end
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[8], 'NX', tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[6])
-  return {'parked', holder}
-end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
-local out = {'turn'}
-if #ids > 0 then
-  local evs = redis.call('HMGET', KEYS[2], unpack(ids))
-  for i = 1, #ids do
-    out[#out + 1] = ids[i]
-    out[#out + 1] = evs[i] or ''
-  end
-end
-return out
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[8], 'NX', tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[6])
+return {'parked', r[2]}
 """
 
 # KEYS: list, events, turn, outcome, parked, queue, held, unacked, unacked_index. ARGV: task id, lease ms, most
@@ -249,7 +239,8 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _turn(reply: Sequence[bytes | str]) -> Turn:
+def turn_from_reply(reply: Sequence[bytes | str]) -> Turn:
+    """A :class:`Turn` from what ``vdw_claim`` (or a script built on it) answered."""
     state = _text(reply[0])
     if state == CLAIMED:
         items = [_text(x) for x in reply[1:]]
@@ -282,14 +273,14 @@ class PersonLog:
 
     def claim(self, person: str, task_id: str, lease: float, most: int = MAX_ENTRIES) -> Turn:
         """Take the person's turn for ``task_id`` (DONE if its call is no longer pending, BUSY if held)."""
-        return _turn(self._claim(keys=self._keys(person), args=[task_id, _ms(lease), most]))
+        return turn_from_reply(self._claim(keys=self._keys(person), args=[task_id, _ms(lease), most]))
 
     def park(self, person: str, task_id: str, lease: float, message: str, tag: str | None,
              most: int = MAX_ENTRIES) -> Turn:
         """As :meth:`claim`; but while another task holds the turn, park ``message`` (a whole kombu message
         that runs ``task_id`` again) under the person and acknowledge ``tag``, in the same step."""
         keys = [*self._keys(person), f"{self.base}:parked:{person}", UNACKED, UNACKED_INDEX, self.held]
-        return _turn(self._park(keys=keys, args=[task_id, _ms(lease), most, message, tag or "", person]))
+        return turn_from_reply(self._park(keys=keys, args=[task_id, _ms(lease), most, message, tag or "", person]))
 
     def finish(self, person: str, task_id: str, done: Iterable[str] = (), dead: dict[str, str] | None = None,
                go_on: bool = False, lease: float = 0.0, most: int = MAX_ENTRIES, ack: str | None = None) -> Turn:
@@ -301,7 +292,7 @@ class PersonLog:
         pairs = [x for item in (dead or {}).items() for x in item]
         keys = [*self._keys(person), f"{self.base}:parked:{person}", self.queue, self.held, UNACKED, UNACKED_INDEX]
         args = [task_id, _ms(lease), most, "1" if go_on else "0", person, ack or "", len(done), *done, *pairs]
-        return _turn(self._finish(keys=keys, args=args))
+        return turn_from_reply(self._finish(keys=keys, args=args))
 
     def extend(self, person: str, task_id: str, lease: float) -> bool:
         """The holder keeps its turn ``lease`` seconds from now (a retry waiting for its time)."""

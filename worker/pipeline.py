@@ -227,15 +227,34 @@ class Pipeline:
     def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None,
                 first_failure: float | None = None, probe: bool = False, person: str | None = None,
                 park: Callable[[], str] | None = None, tag: str | None = None,
-                defer: Callable[[Callable[[str], object]], None] | None = None) -> Outcome_:
+                defer: Callable[[Callable[[str], object]], None] | None = None,
+                claimed: ordering.Turn | None = None) -> Outcome_:
         """Deliver ``payload`` to ``vendor_name``: attempt number ``attempt`` (counted failures so far + 1).
 
         ``probe``: this delivery tests an open breaker, so it goes even though the breaker is open (alone,
         never in a batch). ``person`` (the message's :data:`~worker.ordering.HEADER`): the call is kept in that
         person's order (:meth:`_turn`); ``park`` makes the message that runs this task again if it must wait,
         ``tag`` is its delivery tag; ``defer(end)``, when given, has the message's acknowledgement call
-        ``end(tag)`` instead: the turn's end and the ack in one round trip.
+        ``end(tag)`` instead: the turn's end and the ack in one round trip; ``claimed``: the claim of the person's
+        turn the message's take made already (worker/transport.py), if it did.
         """
+        try:
+            return self._deliver(vendor_name, payload, attempt, task_id, first_failure, probe, person, park, tag,
+                                 defer, claimed)
+        except BaseException:
+            if claimed is not None and claimed.state == ordering.CLAIMED and person and task_id:
+                # The take claimed the person's turn for this delivery, which ends here without it (dead letter,
+                # breaker open, throttled, anything unexpected): give it up at once, not at the lease's end.
+                try:
+                    self.order(vendor_name).finish(person, task_id)
+                except Exception:
+                    log.warning("could not give up the turn of %s", task_id, exc_info=True)
+            raise
+
+    def _deliver(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
+                 first_failure: float | None, probe: bool, person: str | None, park: Callable[[], str] | None,
+                 tag: str | None, defer: Callable[[Callable[[str], object]], None] | None,
+                 claimed: ordering.Turn | None) -> Outcome_:
         vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
         if vendor is None:
             self._dead(
@@ -259,7 +278,7 @@ class Pipeline:
         if person is not None and task_id is not None and park is not None:
             if not probe and self.breaker is not None and self.breaker.is_open(vendor.name):
                 raise VendorDown(vendor.name)
-            return self._turn(this, person, park, tag, probe, defer)
+            return self._turn(this, person, park, tag, probe, defer, claimed)
 
         refused = self._cannot_carry(this)
         if refused is not None:
@@ -291,8 +310,8 @@ class Pipeline:
         return log_
 
     def _turn(self, this: _Attempt, person: str, park: Callable[[], str], tag: str | None,
-              probe: bool, defer: Callable[[Callable[[str], object]], None] | None = None
-              ) -> Delivered | RetryLater | Merged | Parked | Yielded:
+              probe: bool, defer: Callable[[Callable[[str], object]], None] | None = None,
+              claimed: ordering.Turn | None = None) -> Delivered | RetryLater | Merged | Parked | Yielded:
         """Take the person's turn and deliver their pending calls from the oldest, merging runs of updates;
         or find this call delivered already (Merged), or park it behind the task that holds the turn.
 
@@ -306,7 +325,7 @@ class Pipeline:
         assert task_id is not None, "an ordered delivery has a task id"
         order = self.order(vendor.name)
         lease = self.settings.visibility_timeout
-        turn = order.claim(person, task_id, lease)
+        turn = claimed if claimed is not None else order.claim(person, task_id, lease)
         if turn.state == ordering.BUSY:
             turn = order.park(person, task_id, lease, park(), tag)
         if turn.state == ordering.PARKED:

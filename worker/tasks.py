@@ -109,7 +109,7 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
     result = pipeline.deliver(vendor, event, attempt=state.next_attempt, task_id=task_id,
                               first_failure=state.first_failure, probe=probe, person=person, tag=tag,
                               park=lambda: _retry_message(vendor, event, task_id, retries, state, person),
-                              defer=defer)
+                              defer=defer, claimed=transport.take_claim(tag) if person is not None else None)
     if isinstance(result, RetryLater):
         message = _retry_message(vendor, event, task_id, retries + 1, result.state, person)
         assert pipeline.schedule is not None, "the default pipeline has a retry schedule"

@@ -71,7 +71,9 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from . import ordering
 from .redisconf import REDIS_FULL
+from .settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,8 @@ def _is_envelope(message: Any) -> bool:
 WATCH_EACH = 0.1
 
 # KEYS: the lists to take from in order (kombu's priority keys for each queue), then unacked, unacked_index.
-# ARGV: now (the client's clock, as kombu's own unacked index), then each list's queue name.
+# ARGV: now (the client's clock, as kombu's own unacked index), the key prefix, the turn's lease (ms), then each
+# list's queue name.
 # Takes the first message found and records it as held, as kombu's QoS.append does, in one step: the
 # record is [message, exchange, routing key] with the message's JSON text spliced in unchanged.
 # Returns {list, message, recorded (1/0)}, or false when every list is empty. Not a kombu envelope:
@@ -225,7 +228,11 @@ WATCH_EACH = 0.1
 # (a record written past maxmemory, and the worker went on taking work whose outcome it could not write).
 # So the message is read (LINDEX), recorded (HSET: the first write; refused whole when Redis is full,
 # nothing changed, the message still on its queue), and only then popped (RPOP of the same, tail, element).
-_TAKE = """
+#
+# A delivery kept in its person's order (the ``vdw_order`` header: worker/ordering.py) is claimed for its person
+# in the same step (``vdw_claim``, ARGV: the key prefix and the turn's lease): the claim's answer follows the
+# record flag, and the task starts from it instead of asking Redis again.
+_TAKE = ordering.CLAIM_FN + """
 local n = #KEYS - 2
 for i = 1, n do
   local m = redis.call('LINDEX', KEYS[i], -1)
@@ -239,15 +246,37 @@ for i = 1, n do
     end
     local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
     local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
-    local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ARGV[i + 1]
+    local queue = ARGV[i + 3]
+    local rk = type(info['routing_key']) == 'string' and info['routing_key'] or queue
     redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
     redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
     redis.call('RPOP', KEYS[i])
+    local h = type(d['headers']) == 'table' and d['headers'] or {}
+    local person, task = h['vdw_order'], h['id']
+    if type(person) == 'string' and type(task) == 'string' then
+      local base = ARGV[2] .. ':order:' .. queue
+      local claim = vdw_claim(base .. ':' .. person, base .. ':events', base .. ':turn:' .. person,
+                              base .. ':outcome', task, ARGV[3], ordering_most)
+      local out = {KEYS[i], m, 1}
+      for j = 1, #claim do out[#out + 1] = claim[j] end
+      return out
+    end
     return {KEYS[i], m, 1}
   end
 end
 return false
-"""
+""".replace("ordering_most", str(ordering.MAX_ENTRIES))
+
+#: Claims the take made, by delivery tag, until the task takes its own (:func:`take_claim`).
+_claims: dict[str, ordering.Turn] = {}
+
+
+def take_claim(tag: str | None) -> ordering.Turn | None:
+    """The claim of its person's turn that the take of message ``tag`` made, if it made one (once)."""
+    if not tag:
+        return None
+    with _kept_lock:
+        return _claims.pop(tag, None)
 
 # KEYS: unacked_index, unacked. ARGV: the delivery tag. kombu's ack (the same two deletes) in one script
 # instead of MULTI/EXEC: Redis refuses every command queued in a MULTI while over maxmemory, deletes too,
@@ -400,8 +429,9 @@ class Channel(kombu_redis.Channel):
         else:
             keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
             names = [q for pri in self.priority_steps for q in queues]
+            s = get_settings()
             args = ["EVAL", _TAKE, len(keys) + 2, *keys, self.unacked_key, self.unacked_index_key,
-                    repr(time.time()), *names]
+                    repr(time.time()), s.key_prefix, int(s.visibility_timeout * 1000), *names]
             self._pending = "take"
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's class default is None
@@ -482,7 +512,7 @@ class Channel(kombu_redis.Channel):
                 # nothing, by a watch.
                 self._pending = "empty" if pending == "take" else None
                 raise kombu_redis.Empty()
-            key, item, recorded = reply
+            key, item, recorded, *claim = reply
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             try:
@@ -496,6 +526,9 @@ class Channel(kombu_redis.Channel):
                     self.qos._remove_from_indices(tag).execute()
                 else:
                     self._recorded.add(tag)
+                    if claim:
+                        with _kept_lock:
+                            _claims[tag] = ordering.turn_from_reply(claim)
             self.connection._deliver(message, dest)
             return True
         finally:
