@@ -250,3 +250,58 @@ def test_the_celery_signals_drive_the_gate(consumer, monkeypatch):
                               expired=True)
     consumer.run_soon()
     assert consumer.consuming("loops")
+
+
+def test_the_step_sizes_the_share_and_stops_full_queues_again_after_a_reconnection(consumer, monkeypatch):
+    from celery.concurrency.thread import TaskPool
+
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("BULKHEAD_SHARE", "0.5")
+    get_settings.cache_clear()
+    monkeypatch.setattr(bulkhead, "_bulkhead", None)
+    consumer.task_consumer.queues = [SimpleNamespace(name=q) for q in ("loops", "convertloop")]
+    consumer.pool = TaskPool(limit=4)
+    consumer.timer.call_repeatedly = lambda seconds, fun: SimpleNamespace(cancel=lambda: None)
+    step = bulkhead.BulkheadStep(None)
+    try:
+        step.start(consumer)
+        b = bulkhead._bulkhead
+        assert b is not None and b.limit == 2 and b.queues == {"loops", "convertloop"}
+        for task_id in ("a.loops", "b.loops"):
+            signals.task_received.send(sender=consumer, request=SimpleNamespace(
+                id=task_id, delivery_info={"routing_key": "loops"}))
+        assert not consumer.consuming("loops")
+        # The broker connection is lost: Celery restarts the consumer's steps; the new task consumer takes every
+        # queue, and the gate forgets what it stopped. The deliveries still run.
+        step.stop(consumer)
+        gate._full.clear()
+        consumer.task_consumer.active = {"loops", "convertloop"}
+        step.start(consumer)
+        assert bulkhead._bulkhead is b and b.held("loops") == 2
+        assert not consumer.consuming("loops") and consumer.consuming("convertloop")
+        signals.task_postrun.send(sender=None, task_id="a.loops")
+        consumer.run_soon()
+        assert consumer.consuming("loops")
+    finally:
+        step.stop(consumer)
+        get_settings.cache_clear()
+
+
+def test_no_bulkhead_on_a_worker_of_one_queue_or_another_pool(consumer, monkeypatch):
+    from celery.concurrency.solo import TaskPool as SoloPool
+    from celery.concurrency.thread import TaskPool
+
+    from worker.settings import get_settings
+
+    get_settings.cache_clear()
+    consumer.timer.call_repeatedly = lambda seconds, fun: SimpleNamespace(cancel=lambda: None)
+    step = bulkhead.BulkheadStep(None)
+    for queues, pool in ((["loops"], TaskPool(limit=4)), (["loops", "convertloop"], SoloPool(limit=4))):
+        monkeypatch.setattr(bulkhead, "_bulkhead", None)
+        consumer.task_consumer.queues = [SimpleNamespace(name=q) for q in queues]
+        consumer.pool = pool
+        step.start(consumer)
+        assert bulkhead._bulkhead is None
+        step.stop(consumer)
+    get_settings.cache_clear()
