@@ -15,6 +15,7 @@ import redis
 from celery import Celery, signals
 
 from . import metrics
+from .limits.bulkhead import BulkheadStep
 from .limits.gate import QueueGate
 from .observability import init_sentry
 from .redisconf import RedisConfigError
@@ -28,6 +29,7 @@ STARTUP_CHECK_TIMEOUT = 5.0
 app = Celery("worker")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(QueueGate)
+app.steps["consumer"].add(BulkheadStep)
 app.steps["consumer"].add(TickerStep)
 
 

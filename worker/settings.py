@@ -57,6 +57,9 @@ VISIBILITY_MARGIN = 15.0
 DEFAULT_HTTP_TIMEOUT = 10.0
 #: Threads per worker process: delivery is I/O-bound.
 DEFAULT_WORKER_CONCURRENCY = 32
+#: In a worker consuming several vendor queues, the share of its threads one vendor's deliveries may hold
+#: (half: 16 of 32, so a slow, hung or throttled vendor leaves the others at least 16); 1 = no bulkhead.
+DEFAULT_BULKHEAD_SHARE = 0.5
 #: Seconds a producer call may wait on Redis before its messages go to the local spool.
 DEFAULT_PUBLISH_TIMEOUT = 0.25
 #: Where a producer keeps events while Redis is unreachable (/var/tmp survives reboots).
@@ -122,6 +125,10 @@ class Settings(BaseSettings):
     allow_no_vendors: bool = False
 
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
+    #: Share of a worker process's threads one vendor's deliveries (messages taken, not yet ended) may hold
+    #: when the worker consumes several queues; at it, the worker stops taking that queue until one ends
+    #: (worker/limits/bulkhead.py). A worker of one queue lets it have every thread. 1 turns it off.
+    bulkhead_share: float = Field(DEFAULT_BULKHEAD_SHARE, gt=0, le=1)
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
     #: Replicas that must confirm a producer's write (Redis WAIT) before the call counts as queued; 0: none.
     publish_wait_replicas: int = Field(0, ge=0)

@@ -8,7 +8,11 @@ pops it and records it in the same atomic step (:data:`_TAKE`). When every
 queue is empty the worker waits for one to fill with ``BLMOVE q q RIGHT RIGHT``,
 which returns the tail without removing it, then takes. With one queue that
 wait is as long as BRPOP's; with several it watches each for at most
-:data:`WATCH_EACH` seconds in turn, and every take looks at all of them.
+:data:`WATCH_EACH` seconds in turn, and every take looks at all of them. A
+worker of several queues keeps to :data:`WATCH_EACH` also while the queue gate
+(:mod:`worker.limits.gate`: a throttle pause, an open breaker, the bulkhead)
+leaves it one queue to take: a queue the gate gives back is taken within that
+time, not after a long wait on the other one.
 
 Stock kombu decodes each message popped from a Redis list inline; a list entry
 that is not JSON, or JSON that is not a kombu envelope, raises out of the
@@ -384,7 +388,12 @@ class Channel(kombu_redis.Channel):
         # (the last take found nothing: watch next) or "full" (pause next) between commands.
         self._pending: str | None = None
         self._watch_next = 0
+        self._consumed: set[str] = set()  # every queue this channel has consumed, stopped ones included
         super().__init__(connection, *args, **kwargs)
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        self._consumed.add(queue)
+        return super().basic_consume(queue, *args, **kwargs)
 
     def taken_and_recorded(self, tag: str) -> bool:
         try:
@@ -423,7 +432,8 @@ class Channel(kombu_redis.Channel):
         elif self._pending == "empty":  # the last take found nothing: wait for a queue to fill
             queue = queues[self._watch_next % len(queues)]
             self._watch_next += 1
-            wait = (timeout or self.brpop_timeout or 1) if len(queues) == 1 else WATCH_EACH
+            # One queue to watch for long only if it is the only one: another may be given back any moment.
+            wait = (timeout or self.brpop_timeout or 1) if len(self._consumed) <= 1 else WATCH_EACH
             args = ["BLMOVE", queue, queue, "RIGHT", "RIGHT", wait]
             self._pending = "watch"
         else:

@@ -68,3 +68,35 @@ def test_the_installed_kombu_is_one_the_transport_knows(monkeypatch):
     monkeypatch.delattr(kombu_redis.Channel, "_flush_brpop_reauth")
     with pytest.raises(RuntimeError, match="missing: _flush_brpop_reauth"):
         check_kombu()
+
+
+def test_a_channel_of_several_queues_watches_briefly_while_the_gate_leaves_it_one(redis_server):
+    """A worker of one queue waits for it as long as BRPOP would; one whose other queues the gate stopped (a pause, a
+    hold, the bulkhead) watches the one left for WATCH_EACH only, so a queue given back is taken at once."""
+    from types import SimpleNamespace
+
+    from worker import transport
+
+    def watch(consume: list[str], cancel: list[str]) -> list:
+        conn = Connection(redis_server.url, transport="worker.transport:Transport")
+        try:
+            channel = conn.channel()
+            for q in consume:
+                channel.basic_consume(q, no_ack=False, callback=lambda m: None, consumer_tag=f"t-{q}")
+            for q in cancel:
+                channel.basic_cancel(f"t-{q}")
+            assert channel.active_queues == [q for q in consume if q not in cancel]
+            sent: list = []
+            channel.client.connection = SimpleNamespace(send_command=lambda *args: sent.append(args))
+            channel._pending = "empty"  # the last take found every queue empty
+            try:
+                channel._brpop_start()
+            finally:
+                channel.client.connection, channel._in_poll = None, None
+            return list(sent[0])
+        finally:
+            conn.release()
+
+    assert watch(["loops"], []) == ["BLMOVE", "loops", "loops", "RIGHT", "RIGHT", 1]
+    assert watch(["loops", "convertloop"], ["convertloop"]) == \
+        ["BLMOVE", "loops", "loops", "RIGHT", "RIGHT", transport.WATCH_EACH]

@@ -4,6 +4,7 @@
     adaptive  -> the effective rate follows the vendor's 429s and announced limits
     throttle  -> a delivery thread waiting for a token (a few per vendor, the rest requeue)
     gate      -> pause and resume consuming a vendor's queue inside a running worker
+    bulkhead  -> one vendor's deliveries hold at most their share of a worker's threads
 
 Example::
 

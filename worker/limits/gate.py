@@ -3,13 +3,18 @@
 A consumer bootstep records the worker's consumer; :func:`pause` (safe to
 call from any delivery thread) hands the work to the consumer's own loop,
 which stops fetching from the queue and resumes after ``seconds``. :func:`hold`
-stops fetching until :func:`release` (a vendor whose circuit breaker is open).
-Outside a worker (e.g. a test calling the pipeline) they do nothing.
+stops fetching until :func:`release` (a vendor whose circuit breaker is open);
+:func:`limit` until :func:`unlimit` (the vendor's deliveries hold their share of
+the worker's threads: :mod:`worker.limits.bulkhead`). A queue is fetched from
+again only when none of the three stops it: ending one never resumes a queue
+another still stops. Outside a worker (e.g. a test calling the pipeline) they do
+nothing.
 
 Example::
 
     >>> pause("loops", 0.2)   # no-op outside a worker
     >>> hold("loops"); release("loops")
+    >>> limit("loops"); unlimit("loops")
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ MAX_PAUSE = 2.0
 _consumer: Any = None
 _paused: set[str] = set()
 _held: set[str] = set()
+_full: set[str] = set()
 _lock = threading.Lock()
+#: The thread running the consumer's loop (its bootstep starts there), else None.
+_consumer_thread: int | None = None
 
 
 class QueueGate(bootsteps.StartStopStep):
@@ -39,14 +47,17 @@ class QueueGate(bootsteps.StartStopStep):
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
     def start(self, c) -> None:
-        global _consumer
+        global _consumer, _consumer_thread
         _consumer = c
+        _consumer_thread = threading.get_ident()
 
     def stop(self, c) -> None:
-        global _consumer
+        global _consumer, _consumer_thread
         _consumer = None
+        _consumer_thread = None
         _paused.clear()
         _held.clear()
+        _full.clear()
 
     shutdown = stop
 
@@ -93,6 +104,39 @@ def held(queue: str) -> bool:
     return queue in _held
 
 
+def limit(queue: str) -> None:
+    """Stop fetching from ``queue`` until :func:`unlimit`. Called on the consumer's own thread (as the bulkhead
+    does when a message arrives) it stops at once: the consumer takes no further message from ``queue``."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue in _full:
+            return
+        _full.add(queue)
+    if threading.get_ident() == _consumer_thread:
+        _cancel(c, queue)  # inside a read, kombu cancels right after it: before the next take
+    else:
+        c.call_soon(_cancel, c, queue)
+    log.debug("stopped taking messages from %s: its deliveries hold their share of the threads", queue)
+
+
+def unlimit(queue: str) -> None:
+    """Fetch from ``queue`` again after :func:`limit`, unless a pause or :func:`hold` still stops it."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue not in _full:
+            return
+        _full.discard(queue)
+    c.call_soon(_resume, c, queue)
+
+
+def limited(queue: str) -> bool:
+    return queue in _full
+
+
 def _cancel(c, queue: str) -> None:
     try:
         c.task_consumer.cancel_by_queue(queue)
@@ -103,19 +147,20 @@ def _cancel(c, queue: str) -> None:
 def _pause(c, queue: str, seconds: float) -> None:
     _cancel(c, queue)
     log.debug("paused queue %s for %.3fs", queue, seconds)
-    c.timer.call_after(seconds, _resume, (c, queue))
+    c.timer.call_after(seconds, _resume, (c, queue, True))
 
 
-def _resume(c, queue: str) -> None:
-    try:
-        if queue in _held:
+def _resume(c, queue: str, pause_over: bool = False) -> None:
+    """Fetch from ``queue`` again unless something still stops it (``pause_over``: the end of a pause)."""
+    with _lock:
+        if pause_over:
+            _paused.discard(queue)
+        if queue in _held or queue in _full or queue in _paused:
             return
+    try:
         if c is _consumer and c.task_consumer is not None:
             if not c.task_consumer.consuming_from(queue):
                 c.task_consumer.add_queue(c.app.amqp.queues[queue])
                 c.task_consumer.consume()
     except Exception:
         log.exception("could not resume queue %s", queue)
-    finally:
-        with _lock:
-            _paused.discard(queue)
