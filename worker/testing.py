@@ -56,6 +56,9 @@ FAKE_CREDENTIALS: dict[str, dict[str, Any]] = {
                   "conveyour_base_url": "https://conveyour.invalid/api"},
 }
 
+#: An environment variable prefix nothing uses: settings validated from keyword arguments alone.
+_NO_ENV = "VDW_TESTING_NO_ENVIRONMENT_"
+
 #: The started recorders, innermost last: the last one records (``producer.recording``).
 _active: list[Recorder] = []
 _active_lock = threading.Lock()
@@ -302,7 +305,10 @@ def record(*, vendors: Iterable[str] | None = None, **settings: Any) -> Recorder
 def pretend_settings(vendors: Iterable[str] | None = None, **overrides: Any) -> Settings:
     """The environment's settings (with ``overrides``), every vendor in ``vendors`` (default: all) enabled —
     its own credentials if the environment has them, else :data:`FAKE_CREDENTIALS` — and every other disabled."""
-    base = Settings(**overrides) if overrides else get_settings()
+    base = get_settings()
+    if overrides:  # validated with the rest, each replacing the environment's value (not merged with it)
+        values = {name: getattr(base, name) for name in Settings.model_fields}
+        base = Settings(_env_prefix=_NO_ENV, **{**values, **overrides})
     enabled = set(VENDORS) if vendors is None else set(vendors)
     update: dict[str, Any] = {}
     for name, fields in FAKE_CREDENTIALS.items():
