@@ -7,11 +7,10 @@ Run: ``pytest examples/fastapi_app``.
 
 from __future__ import annotations
 
+import main
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-
-import main
 
 
 @pytest.fixture
