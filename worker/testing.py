@@ -277,8 +277,9 @@ class Recorder:
         found = [call for call in calls if not mismatches(call, criteria)]
         if (found and times is None) or len(found) == times:
             return found
-        wanted = "a" if times is None else f"exactly {times}"
-        lines = [f"expected {wanted} {criteria['operation']} call matching {describe(criteria)}; "
+        operation = criteria["operation"]
+        wanted = ("an" if operation[0] in "aeiou" else "a") if times is None else f"exactly {times}"
+        lines = [f"expected {wanted} {operation} call matching {describe(criteria)}; "
                  f"{len(found)} of the {len(calls)} recorded call(s) match"]
         if not calls:
             lines.append("nothing was recorded")
@@ -359,7 +360,8 @@ def describe(criteria: Mapping[str, Any]) -> str:
 def mismatches(call: Call, criteria: Mapping[str, Any]) -> list[str]:
     """Why ``call`` does not match ``criteria`` (empty: it matches)."""
     if call.operation != criteria["operation"]:
-        return [f"a {call.operation} call, not {criteria['operation']}"]
+        article = "an" if call.operation[0] in "aeiou" else "a"
+        return [f"{article} {call.operation} call, not {criteria['operation']}"]
     out = []
     for key, wanted in criteria.items():
         if key == "operation":

@@ -291,6 +291,23 @@ def test_sqlalchemy_a_committed_session_records_and_a_rolled_back_one_does_not(e
     assert not events.tracked("rolled_back") and not events.tracked("duplicate")
 
 
+def test_sqlalchemy_a_session_joined_to_a_test_transaction_records_at_its_own_commit(engine):
+    """The usual rolled-back-per-test fixture (docs/testing.md): the session commits a savepoint of the test's
+    transaction; that commit records, the session's rollback does not."""
+    with engine.connect() as connection, worker.testing.recorder() as events:
+        test_transaction = connection.begin()
+        session = Session(bind=connection, join_transaction_mode="create_savepoint")
+        session.add(User(email="jill@acme.co"))
+        committed = sa_events.track(session, "signed_up", email="jill@acme.co")
+        session.commit()
+        session.add(User(email="jack@acme.co"))
+        sa_events.track(session, "rolled_back", email="jack@acme.co")
+        session.rollback()
+        session.close()
+        test_transaction.rollback()
+    assert [c.id for c in events] == [committed]
+
+
 def test_sqlalchemy_async_session_records_through_the_asyncio_api(tmp_path, monkeypatch):
     def blocking_send(prepared):
         raise AssertionError("an AsyncSession's commit used the blocking API")
@@ -428,7 +445,7 @@ def test_assert_helpers_return_the_matches_or_fail_with_what_was_recorded(record
     assert "  3. track 'signed_up' email='jack@acme.co'" in message
     assert "       - email: 'jack@acme.co' != expected 'jill@acme.co'" in message
     assert "  1. identify email='jill@acme.co' user_id='u1' traits=" in message
-    assert "       - a identify call, not track" in message
+    assert "       - an identify call, not track" in message
     assert "  5. segment pid='p1' add=['vip'] remove=[] -> convertloop\n       - a segment call, not track" in message
 
     with pytest.raises(AssertionError, match=r"expected exactly 1 track call matching event='signed_up'; 2 of"):
@@ -439,6 +456,8 @@ def test_assert_helpers_return_the_matches_or_fail_with_what_was_recorded(record
         recorded.assert_segmented(pid="p1", email="x@acme.co")
     with pytest.raises(AssertionError, match=r"(?s)add: \['vip'\] lacks \['beta'\]"):
         recorded.assert_segmented(pid="p1", add=["beta"])
+    with pytest.raises(AssertionError, match=r"^expected an identify call matching traits ⊇ \{'plan': 'free'\}; 0 of"):
+        recorded.assert_identified(traits={"plan": "free"})
     with pytest.raises(AssertionError, match=r"traits\['plan'\]: 'pro' != expected 'free'"):
         recorded.assert_identified(traits={"plan": "free"})
     recorded.clear()
