@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 
@@ -44,7 +44,18 @@ from .events import (
 from .settings import Settings, get_settings
 from .vendors import VENDORS
 
+if TYPE_CHECKING:
+    from .testing import Recorder
+
 log = logging.getLogger(__name__)
+
+#: The active test recorder (:mod:`worker.testing`), else None (always, outside tests): while one is set, calls
+#: are validated and planned against its settings and handed to it instead of Redis (here and in worker.aio).
+recording: Recorder | None = None
+
+
+def _settings() -> Settings:
+    return get_settings() if recording is None else recording.settings
 
 
 def identify(*, email: str | None = None, user_id: str | None = None, pid: str | None = None,
@@ -97,7 +108,7 @@ def prepare_track(event: str, *, email: str | None = None, user_id: str | None =
     if not isinstance(event, str) or not event.strip():
         raise InvalidEvent("event name must be a non-empty string")
     props = _mapping("properties", properties)
-    cap = get_settings().event_property_cap
+    cap = _settings().event_property_cap
     if len(props) > cap:
         raise InvalidEvent(f"properties has {len(props)} keys; at most {cap} are allowed (EVENT_PROPERTY_CAP)")
     fields: dict[str, Any] = {"event": event, "properties": props}
@@ -203,7 +214,7 @@ def check_configuration() -> list[str]:
     ``ConfigurationError`` when no vendor is enabled (unless ALLOW_NO_VENDORS=true: then ``[]``), and
     pydantic's ``ValidationError`` for settings that do not parse (incomplete credentials, a bad number).
     """
-    settings = get_settings()
+    settings = _settings()
     enabled = [vendor.name for vendor in VENDORS.values() if vendor.enabled(settings)]
     if not enabled and not settings.allow_no_vendors:
         raise ConfigurationError(f"no vendor is enabled: set {_credential_variables()} "
@@ -228,11 +239,13 @@ def _no_vendor_enabled(event: Any, settings: Settings) -> None:
 def _prepare(model: type[IdentifyEvent | TrackEvent | SegmentEvent], identity: dict[str, Any], fields: dict[str, Any],
              vendors: Iterable[str] | None) -> Prepared:
     event, payload, text = _build(model, identity, fields)
-    return Prepared(event.id, payload, text, plan(event, vendors, get_settings()))
+    return Prepared(event.id, payload, text, plan(event, vendors, _settings()))
 
 
 def send(prepared: Prepared) -> str:
     """Publish a prepared call (blocking, bounded by PUBLISH_TIMEOUT); returns its event id."""
+    if recording is not None:
+        return recording.record(prepared)
     publish(prepared.payload, prepared.vendors, event_json=prepared.event_json)
     return prepared.id
 
