@@ -52,7 +52,7 @@ def test_sigkill_mid_delivery_loses_nothing(start_worker, product_env, sandbox_c
     assert max(loops_keys.values()) == 1, "Loops accepted an event twice"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600)  # its own waits add up to about 450 s
 def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(start_worker, product_env, sandbox_client,
                                                                     unique_email):
     """200 track events to all three vendors, each vendor answering after 300 ms; both worker processes are

@@ -41,7 +41,7 @@ def rate(times: list[float]) -> float:
 CL_BACKLOG = 1400
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1200)  # its own waits: 12 + 120 s of outage, then up to 60 + 120 + 300 s
 def test_two_minute_outage_costs_no_dead_letter_few_requests_and_recovers_at_the_limit(
         start_worker, product_env, sandbox_client, unique_email):
     """Loops answers 503 for two minutes under the product's breaker and retry defaults, while ConvertLoop

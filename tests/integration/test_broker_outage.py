@@ -68,7 +68,7 @@ def _email(record: dict) -> str:
     return body["id"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600)  # its own waits add up to about 400 s
 def test_redis_outage_at_the_producer_loses_nothing_and_never_blocks(
     start_worker, product_env, sandbox_client, unique_email, tmp_path
 ):

@@ -33,7 +33,7 @@ RECOVERY_BOUND = 90.0
 WAITING = 9
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600)  # its own waits add up to about 450 s
 def test_sigkill_of_every_worker_with_deliveries_in_flight_and_retries_waiting(
         start_worker, product_env, sandbox_client, unique_email):
     tag, r = unique_email, redis.Redis.from_url(product_env["REDIS_URL"])

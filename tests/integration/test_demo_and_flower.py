@@ -29,10 +29,12 @@ from worker.demo import DEMO_KEY_PREFIX, READY_LINE
 from worker.localstack import FlowerProcess, free_port, wait_until
 from worker.sandbox import SandboxClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 #: Generous: how long the demo may take to get somewhere on a loaded 2-core machine (it takes a few seconds).
 PATIENCE = 180
+
+# A test here may wait PATIENCE several times (a line, the demo's exit, the rest of its output): pytest-timeout
+# must not cut it off before its own message says what it was waiting for.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(5 * PATIENCE)]
 
 
 def _proc_children() -> dict[int, list[int]]:

@@ -62,6 +62,7 @@ def duration_sum_range(buckets: list[float]) -> tuple[float, float]:
     return low, high
 
 
+@pytest.mark.timeout(600)  # its own waits: about 280 s
 def test_known_traffic_from_two_worker_processes_is_counted_exactly(start_worker, exporter, product_env, store,
                                                                    sandbox_client, unique_email):
     workers = [start_worker("metrics-a"), start_worker("metrics-b")]  # two processes: one total in Redis

@@ -191,6 +191,7 @@ def workers(stack, start_worker, request):
     return [start_worker(f"{request.node.name[5:25]}-{n}", **stack.env) for n in "ab"]
 
 
+@pytest.mark.timeout(600)  # its own waits: about 350 s
 def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, sentinel_env, start_worker,
                                                                     unique_email, tmp_path):
     env = {**sentinel_env, "REDIS_SENTINEL_MASTER": "not-monitored", "SPOOL_DIR": str(tmp_path / "spool")}
@@ -220,6 +221,7 @@ def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, senti
     assert ok.returncode == 0 and f"at 127.0.0.1:{stack.master_port()} answered" in ok.stdout, ok
 
 
+@pytest.mark.timeout(600)  # its own waits: about 260 s
 def test_a_sentinel_down_is_no_matter(stack, sentinel_env, start_worker, sandbox_client, unique_email, tmp_path):
     """The first Sentinel in REDIS_URL (the one Celery's broker URL names) is down: producer, worker and CLI
     ask the others."""
@@ -243,6 +245,7 @@ def test_a_sentinel_down_is_no_matter(stack, sentinel_env, start_worker, sandbox
         w.stop()
 
 
+@pytest.mark.timeout(900)  # its own waits: about 500 s
 def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, workers, web, sandbox_client,
                                                           unique_email):
     tag = unique_email.split("@")[0]
@@ -280,6 +283,7 @@ def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, w
           f"{finished - promoted:.1f} s after it; requests beyond one per event: {extra}")
 
 
+@pytest.mark.timeout(1200)  # its own waits: about 800 s
 def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, workers, web, sandbox_client,
                                                            unique_email):
     tag = unique_email.split("@")[0]

@@ -50,6 +50,7 @@ def _run(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.timeout(600)  # its own waits: about 250 s
 def test_tls_redis_carries_producer_worker_and_cli(tls_redis, product_env, start_worker, sandbox_client,
                                                           unique_email, monkeypatch, tmp_path):
     server, _ = tls_redis
@@ -111,6 +112,7 @@ def test_a_wrong_ca_fails_clearly_everywhere_and_loses_nothing(tls_redis, produc
           f"{status.stderr.strip()[:200]}")
 
 
+@pytest.mark.timeout(600)  # its own waits: about 260 s
 def test_sentinels_over_tls(tls_redis, product_env, start_worker, sandbox_client, unique_email, monkeypatch,
                             tmp_path):
     """sentinels://: TLS to the Sentinels and to the master they name, with the same private CA."""

@@ -23,6 +23,7 @@ N = 80  # events per phase
 HEALTHY = ("convertloop", "loops")
 
 
+@pytest.mark.timeout(600)  # its own waits: about 290 s
 def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(start_worker, product_env,
                                                                                  sandbox_client, unique_email):
     start_worker("outage-w", CONVERTLOOP_RATE_LIMIT=RATE, LOOPS_RATE_LIMIT=RATE, CONVEYOUR_RATE_LIMIT=RATE,

@@ -42,7 +42,7 @@ def restartable_redis(product_env, monkeypatch, leak_watch):
         server.stop()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600)  # its own waits add up to about 300 s
 def test_worker_carries_on_after_redis_restart_and_the_limit_holds(restartable_redis, start_worker, sandbox_client,
                                                                    unique_email):
     # start_worker after restartable_redis: the worker is stopped before its Redis is.

@@ -57,6 +57,7 @@ def chosen_waits(log: str, event_id: str) -> list[float]:
     return [waits[n] for n in range(1, ATTEMPTS)]
 
 
+@pytest.mark.timeout(600)  # its own waits: about 260 s
 def test_always_500_gets_exactly_max_attempts_with_growing_jittered_gaps(retry_worker, product_env, sandbox_client,
                                                                          unique_email):
     sandbox_client.configure("convertloop", fail_all=500)

@@ -73,6 +73,7 @@ def tempting_stack(worker_factory, base_env, tmp_path_factory, leak_watch):
         stub.server.shutdown()
 
 
+@pytest.mark.timeout(600)  # its own waits and requests: about 400 s
 def test_no_credential_in_redis_logs_dead_letters_flower_or_sentry(tempting_stack, leak_watch, product_env,
                                                                    sandbox_client, unique_email):
     w, sentry, flower_url, flower_log = tempting_stack
