@@ -336,10 +336,11 @@ def test_flower_that_cannot_bind_its_port_fails_at_once_saying_why(base_env, tmp
     try:
         with pytest.raises(RuntimeError, match=f"could not listen on 127.0.0.1:{port}: the port is in use"):
             flower.start(timeout=PATIENCE)
+        status = flower.proc.poll()  # read before stop(), which would end it in any case
     finally:
         flower.stop()
         squatter.close()
-    assert flower.proc.poll() is not None
+    assert status is not None and status != 0, f"Flower had not exited by itself with a failure: {status}"
 
 
 @pytest.fixture(scope="module")
