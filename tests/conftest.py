@@ -22,6 +22,7 @@ from worker.localstack import (
 )
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
 
+from .helpers import stop_workers
 from .leaks import LeakWatch
 
 #: Mailing lists the tests map segments to.
@@ -135,26 +136,54 @@ def unique_email() -> str:
     return f"u{uuid.uuid4().hex[:12]}@example.com"
 
 
+class Workers:
+    """Starts Celery worker subprocesses (``WorkerProcess``) with the session's environment, and keeps them.
+
+    Called as ``start(name=None, args=(), **env_overrides)``; returns the started worker (raises if it did
+    not start). ``started`` lists every worker it ever started, in order.
+    """
+
+    def __init__(self, base_env: dict[str, str], log_dir: str) -> None:
+        self.base_env = base_env
+        self.log_dir = log_dir
+        self.started: list[WorkerProcess] = []
+
+    def __call__(self, name: str | None = None, args: tuple[str, ...] = (), **env_overrides: object) -> WorkerProcess:
+        env = {**self.base_env, **{k: str(v) for k, v in env_overrides.items()}}
+        proc = WorkerProcess(env, name or f"w{len(self.started)}-{uuid.uuid4().hex[:6]}", args, self.log_dir)
+        self.started.append(proc)
+        return proc.start()
+
+
 @pytest.fixture(scope="module")
 def worker_factory(base_env, tmp_path_factory, redis_server, leak_watch, request):
     """Start Celery worker subprocesses; all are stopped when the module ends.
 
-    Then the private Redis is emptied, so that messages a module left queued
+    For workers of one test, use ``start_worker``: they are stopped when that test ends. A module-scoped
+    fixture that starts a worker every test of the module shares uses this one.
+
+    When the module ends the private Redis is emptied, so that messages a module left queued
     (a throttled backlog, pending retries) do not reach the next module's workers.
     What the module left in Redis, and the workers' logs, go to ``leak_watch`` first.
     """
-    started: list[WorkerProcess] = []
-    log_dir = str(tmp_path_factory.mktemp("worker-logs"))
-
-    def start(name: str | None = None, args: tuple[str, ...] = (), **env_overrides: str) -> WorkerProcess:
-        env = {**base_env, **{k: str(v) for k, v in env_overrides.items()}}
-        proc = WorkerProcess(env, name or f"w{len(started)}-{uuid.uuid4().hex[:6]}", args, log_dir)
-        started.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in started:
-        proc.stop()
+    workers = Workers(base_env, str(tmp_path_factory.mktemp("worker-logs")))
+    yield workers
+    stop_workers(workers.started)
+    for proc in workers.started:
         leak_watch.add_log(proc.log_path)
     leak_watch.add_redis(redis_server.url, f"redis after {request.module.__name__}")
     redis.Redis.from_url(redis_server.url).flushdb()
+
+
+@pytest.fixture
+def start_worker(worker_factory):
+    """``worker_factory`` for one test: every worker started through it (or through ``worker_factory``) while
+    the test runs is stopped when the test ends, so the next test of the module does not share its Redis with
+    them. Module-scoped fixtures are set up before it, so their workers live on for the module.
+
+    A fixture that needs a stack of its own (a Redis, Sentinels) to outlive these workers asks for that
+    stack before ``start_worker``: fixtures are torn down in the reverse order of their setup.
+    """
+    first = len(worker_factory.started)
+    yield worker_factory
+    stop_workers(worker_factory.started[first:])

@@ -33,12 +33,14 @@ UNACKED = "unacked"
 
 
 def wait_idle(redis_url: str, timeout: float = 30.0, queues: tuple[str, ...] = QUEUES) -> None:
-    """Wait until the workers have nothing left: every queue empty and no message held unacked.
+    """Wait until the workers have nothing left: every queue empty and no delivery held unacked.
 
     The positive signal to wait for before asserting that something did *not* happen
     (no second request, no delivery to another vendor): a message is acked only after its
     delivery ended, a retry waiting for its countdown stays unacked, and kombu records a
-    message as unacked before it takes the next one off a queue. Raises AssertionError on timeout.
+    message as unacked before it takes the next one off a queue. Only deliveries count
+    (``worker.deliver`` messages): Flower's control replies can stay in the same hash.
+    Raises AssertionError on timeout.
     """
     import redis
 
@@ -50,12 +52,34 @@ def wait_idle(redis_url: str, timeout: float = 30.0, queues: tuple[str, ...] = Q
             pipe = client.pipeline(transaction=False)
             for q in queues:
                 pipe.llen(q)
-            pipe.hlen(UNACKED)
-            return not any(pipe.execute())
+            pipe.hvals(UNACKED)
+            *lengths, held = pipe.execute()
+            return not any(lengths) and not any(b"worker.deliver" in message for message in held)
 
         wait_until(idle, timeout=timeout, interval=0.05, message="the workers to finish every message")
     finally:
         client.close()
+
+
+def stop_workers(workers: list, timeout: float = 20.0) -> None:
+    """Stop worker processes (``WorkerProcess``) together: SIGTERM to each running one, then wait for each
+    (SIGKILL to its process group after ``timeout``), then close their logs. Stopping one after the other
+    would cost one warm shutdown per worker."""
+    import os
+    import signal
+    import subprocess
+
+    running = [w for w in workers if w.proc is not None and w.proc.poll() is None]
+    for w in running:
+        w.proc.send_signal(signal.SIGTERM)
+    for w in running:
+        try:
+            w.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(w.proc.pid, signal.SIGKILL)
+            w.proc.wait(5)
+    for w in workers:
+        w.stop()  # the process has ended: this closes its log
 
 
 def breaker_open(vendor: str) -> bool:

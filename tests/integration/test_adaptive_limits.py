@@ -1,8 +1,8 @@
 """The limiter as the vendor sees it: Retry-After pauses every process, throttled deliveries
 are requeued and delivered, and an announced lower limit is followed without a 429 storm.
 
-Each test stops its workers at its end (so the next test's deliveries are all its own
-workers'), and reads their logs after that (a worker's log reaches its file at exit).
+Each test's workers are stopped at its end (``start_worker``; so the next test's deliveries are all its own
+workers'); a test that reads their logs stops them first (a worker's log is complete at exit).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import worker
-from tests.helpers import max_in_window
+from tests.helpers import max_in_window, stop_workers
 from worker.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,11 +21,11 @@ def mine(sandbox_client, vendor, tag, status=None):
             if tag in str(r["body"]) and (status is None or r["status"] == status)]
 
 
-def test_retry_after_pauses_the_vendor_for_every_worker_process(worker_factory, product_env, sandbox_client,
+def test_retry_after_pauses_the_vendor_for_every_worker_process(start_worker, product_env, sandbox_client,
                                                                 unique_email):
     rate, n, pause = 4, 16, 3
-    a = worker_factory("ra-a", ("-Q", "loops"), LOOPS_RATE_LIMIT=rate)
-    b = worker_factory("ra-b", ("-Q", "loops"), LOOPS_RATE_LIMIT=rate)
+    a = start_worker("ra-a", ("-Q", "loops"), LOOPS_RATE_LIMIT=rate)
+    b = start_worker("ra-b", ("-Q", "loops"), LOOPS_RATE_LIMIT=rate)
     sandbox_client.configure("loops", fail_next=[{"status": 429, "retry_after": str(pause)}])
     for i in range(n):
         worker.identify(email=f"{i}-{unique_email}", vendors=["loops"])
@@ -39,15 +39,15 @@ def test_retry_after_pauses_the_vendor_for_every_worker_process(worker_factory, 
     # The pause began when a worker read the 429, after it arrived: nothing from either process sooner.
     assert min(after) >= pause
     assert max_in_window([r["ts"] for r in got if r["status"] == 200]) <= rate, "waiters left together"
-    a.stop(), b.stop()
+    stop_workers([a, b])
     for w in (a, b):  # both processes were held by the pause and delivered after it
         assert "'vendor': 'loops', 'status': 200" in w.log()
 
 
-def test_throttled_delivery_goes_back_on_its_queue_and_is_delivered(worker_factory, product_env, sandbox_client,
+def test_throttled_delivery_goes_back_on_its_queue_and_is_delivered(start_worker, product_env, sandbox_client,
                                                                      unique_email):
     n = 24
-    w = worker_factory("rq", ("-Q", "loops", "--loglevel=DEBUG"), LOOPS_RATE_LIMIT=4, WORKER_CONCURRENCY=16)
+    w = start_worker("rq", ("-Q", "loops", "--loglevel=DEBUG"), LOOPS_RATE_LIMIT=4, WORKER_CONCURRENCY=16)
     for i in range(n):
         worker.identify(email=f"{i}-{unique_email}", vendors=["loops"])
     wait_until(lambda: len(mine(sandbox_client, "loops", unique_email, 200)) == n, timeout=35,
@@ -59,15 +59,15 @@ def test_throttled_delivery_goes_back_on_its_queue_and_is_delivered(worker_facto
     assert "requeued: loops: rate limited" in w.log(), "16 threads, at most 8 waiters: some must have been requeued"
 
 
-def test_announced_lower_limit_is_followed_without_a_429_storm(worker_factory, product_env, sandbox_client,
+def test_announced_lower_limit_is_followed_without_a_429_storm(start_worker, product_env, sandbox_client,
                                                                unique_email, redis_server):
     import redis
 
     n = 48
     r = redis.Redis.from_url(redis_server.url)
     r.delete(*r.keys("*:ratelimit:loops*") or ["-"])  # the effective rate the other tests left
-    a = worker_factory("an-a", ("-Q", "loops"), LOOPS_RATE_LIMIT=10)
-    b = worker_factory("an-b", ("-Q", "loops"), LOOPS_RATE_LIMIT=10)
+    a = start_worker("an-a", ("-Q", "loops"), LOOPS_RATE_LIMIT=10)
+    b = start_worker("an-b", ("-Q", "loops"), LOOPS_RATE_LIMIT=10)
     sandbox_client.configure("loops", rate_limit=4)  # sliding; answers x-ratelimit-limit: 4
     for i in range(n):
         worker.identify(email=f"{i}-{unique_email}", vendors=["loops"])
@@ -78,5 +78,5 @@ def test_announced_lower_limit_is_followed_without_a_429_storm(worker_factory, p
     print(f"\n{len(refused)} x 429 of {len(got)} requests")
     assert len(refused) < 0.05 * len(got)
     line = "loops: effective rate 10.0 -> 4.0/s after the vendor announced its limit"
-    a.stop(), b.stop()
+    stop_workers([a, b])
     assert (a.log() + b.log()).count(line) == 1, "one process changed the shared rate, and said so once"

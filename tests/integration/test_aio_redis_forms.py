@@ -35,6 +35,11 @@ def _event_ids(client, queue: str = "convertloop") -> list[str]:
     return out
 
 
+def _wait_calls(client) -> int:
+    """How many WAIT commands the node has run."""
+    return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
 @pytest.fixture
 def reset_publisher():
     yield
@@ -66,7 +71,10 @@ def test_sentinel_with_wait_replicas(product_env, monkeypatch, tmp_path, reset_p
         master = stack.nodes[stack.master_port()].client()
         replica = next(node for port, node in stack.nodes.items() if port != stack.master_port()).client()
         assert _event_ids(master) == [confirmed]
-        assert _event_ids(replica) == [confirmed]  # WAIT 1 answered: the replica has it
+        assert _event_ids(replica) == [confirmed]
+        # Queued because a replica confirmed it: the call sent Redis' WAIT (a replica this close would have the
+        # event without one, so that it has it proves nothing about PUBLISH_WAIT_REPLICAS).
+        assert _wait_calls(master) >= 1, "the call did not WAIT for a replica"
         assert publisher.spool.pending() == 0  # queued, not spooled
 
         # Two replicas asked for, one there: the master took it, and it is spooled as well (a duplicate is

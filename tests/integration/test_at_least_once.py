@@ -17,12 +17,12 @@ from worker.localstack import wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_sigkill_mid_delivery_loses_nothing(worker_factory, product_env, sandbox_client, unique_email):
+def test_sigkill_mid_delivery_loses_nothing(start_worker, product_env, sandbox_client, unique_email):
     n = 40
     # The doomed worker holds many messages it has not sent yet (waiting for Loops tokens at 2/s)
     # and some whose requests are on the wire (ConvertLoop answering after 300 ms).
     sandbox_client.configure("convertloop", latency_ms=300)
-    first = worker_factory("doomed", BROKER_VISIBILITY_TIMEOUT=4, LOOPS_RATE_LIMIT=2)
+    first = start_worker("doomed", BROKER_VISIBILITY_TIMEOUT=4, LOOPS_RATE_LIMIT=2)
     ids = [worker.track("sale", email=f"{i}-{unique_email}", vendors=["loops", "convertloop"]) for i in range(n)]
 
     def mine(vendor, status=None):
@@ -39,7 +39,7 @@ def test_sigkill_mid_delivery_loses_nothing(worker_factory, product_env, sandbox
     at_kill = {v: len(emails(v)) for v in ("loops", "convertloop")}
     assert unacked > 0 and at_kill["loops"] < n, "nothing was held by the worker; the test proves nothing"
 
-    worker_factory("rescuer", BROKER_VISIBILITY_TIMEOUT=4, LOOPS_RATE_LIMIT=0)
+    start_worker("rescuer", BROKER_VISIBILITY_TIMEOUT=4, LOOPS_RATE_LIMIT=0)
     sandbox_client.configure("convertloop", latency_ms=0)
     everyone = {f"{i}-{unique_email}" for i in range(n)}
     for vendor in ("loops", "convertloop"):
@@ -52,14 +52,15 @@ def test_sigkill_mid_delivery_loses_nothing(worker_factory, product_env, sandbox
     assert max(loops_keys.values()) == 1, "Loops accepted an event twice"
 
 
-def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(worker_factory, product_env, sandbox_client,
+@pytest.mark.timeout(600)  # its own waits add up to about 450 s
+def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(start_worker, product_env, sandbox_client,
                                                                     unique_email):
     """200 track events to all three vendors, each vendor answering after 300 ms; both worker processes are
     SIGKILLed while requests are on the wire; a new worker finishes the job. Every event reaches every vendor;
     Loops never accepts one twice (its Idempotency-Key: a repeat is answered 409)."""
     n, vendors = 200, ("convertloop", "loops", "conveyour")
     sandbox_client.configure("*", latency_ms=300)
-    doomed = [worker_factory(f"doomed-{i}", BROKER_VISIBILITY_TIMEOUT=5, WORKER_CONCURRENCY=8) for i in range(2)]
+    doomed = [start_worker(f"doomed-{i}", BROKER_VISIBILITY_TIMEOUT=5, WORKER_CONCURRENCY=8) for i in range(2)]
     tag = unique_email
     ids = {worker.track("sale", email=f"{i}-{tag}", properties={"i": i}): f"{i}-{tag}" for i in range(n)}
     everyone = set(ids.values())
@@ -87,7 +88,7 @@ def test_sigkill_every_worker_with_requests_in_flight_loses_nothing(worker_facto
     assert held > 0 and on_the_wire > 0, "nothing was in flight; the test proves nothing"
     assert all(count < n for count in at_kill.values()), f"all delivered before the kill: {at_kill}"
 
-    worker_factory("rescuer", BROKER_VISIBILITY_TIMEOUT=5)
+    start_worker("rescuer", BROKER_VISIBILITY_TIMEOUT=5)
     for vendor in vendors:
         try:
             wait_until(lambda v=vendor: set(accepted(v)) >= everyone, timeout=90, interval=0.2,

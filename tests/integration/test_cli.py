@@ -47,8 +47,8 @@ def test_list_json_show_and_purge(store, product_env, unique_email):
     assert [e.id for e in store.list()] == [a.id]
 
 
-def test_replay_all_for_one_vendor(store, product_env, worker_factory, sandbox_client, unique_email):
-    worker_factory("cli-w")
+def test_replay_all_for_one_vendor(store, product_env, start_worker, sandbox_client, unique_email):
+    start_worker("cli-w")
     store.add(entry("loops", unique_email))
     store.add(entry("conveyour", unique_email))
     store.add(entry("loops", "m-" + unique_email, reason="malformed").model_copy(update={"event": None}))
@@ -134,8 +134,8 @@ def test_help_is_plain_text():
     assert out.returncode == 0 and "--flower-port" in out.stdout and "`" not in out.stdout, out.stdout
 
 
-def test_replay_takes_an_event_id(store, product_env, worker_factory, sandbox_client, unique_email):
-    worker_factory("cli-replay-w")
+def test_replay_takes_an_event_id(store, product_env, start_worker, sandbox_client, unique_email):
+    start_worker("cli-replay-w")
     a = store.add(entry("loops", unique_email))
     b = store.add(entry("conveyour", unique_email).model_copy(update={"event_id": a.event_id}))
     kept = store.add(entry("loops", "k-" + unique_email))

@@ -141,10 +141,11 @@ def test_429_retry_after_is_honoured(env, sandbox_client, unique_email):
 
 def test_429_retry_after_http_date_is_honoured(env, sandbox_client, unique_email):
     sandbox_client.configure("loops", rate_limit=0.5, retry_after=2, retry_after_format="http-date")
-    ids = [worker.identify(email=f"{i}{unique_email}", vendors=["loops"]) for i in range(2)]
+    for i in range(2):
+        worker.identify(email=f"{i}{unique_email}", vendors=["loops"])
     wait_until(lambda: len(received(sandbox_client, "loops", body_has(unique_email), 200)) == 2, timeout=25)
     rejected = received(sandbox_client, "loops", body_has(unique_email), 429)
-    assert len(ids) == 2 and rejected, "the sandbox's limit should have answered 429 once"
+    assert rejected, "the sandbox's limit should have answered 429 once"
     ok = received(sandbox_client, "loops", body_has(unique_email), 200)
     assert ok[-1]["ts"] - rejected[0]["ts"] >= 1.0  # an HTTP date has 1 s resolution
 

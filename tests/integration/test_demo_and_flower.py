@@ -29,10 +29,12 @@ from worker.demo import DEMO_KEY_PREFIX, READY_LINE
 from worker.localstack import FlowerProcess, free_port, wait_until
 from worker.sandbox import SandboxClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 #: Generous: how long the demo may take to get somewhere on a loaded 2-core machine (it takes a few seconds).
 PATIENCE = 180
+
+# A test here may wait PATIENCE several times (a line, the demo's exit, the rest of its output): pytest-timeout
+# must not cut it off before its own message says what it was waiting for.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(5 * PATIENCE)]
 
 
 def _proc_children() -> dict[int, list[int]]:
@@ -338,10 +340,11 @@ def test_flower_that_cannot_bind_its_port_fails_at_once_saying_why(base_env, tmp
     try:
         with pytest.raises(RuntimeError, match=f"could not listen on 127.0.0.1:{port}: the port is in use"):
             flower.start(timeout=PATIENCE)
+        status = flower.proc.poll()  # read before stop(), which would end it in any case
     finally:
         flower.stop()
         squatter.close()
-    assert flower.proc.poll() is not None
+    assert status is not None and status != 0, f"Flower had not exited by itself with a failure: {status}"
 
 
 @pytest.fixture(scope="module")
@@ -374,33 +377,36 @@ def test_flower_shows_dead_letter_as_failure_and_the_retry(flower, product_env, 
     sandbox_client.configure("loops", fail_next=[{"status": 503, "retry_after": "5"}])
     retried = worker.track("t", email=unique_email, vendors=["loops"])
 
-    # Watch the retried task's state in Flower while its countdown runs.
-    states: list[tuple[float, str | None, dict | None]] = []
-    deadline = time.monotonic() + 25
+    # Watch the retried task's state in Flower while its countdown runs: (poll start, poll end, state, task).
+    states: list[tuple[float, float, str | None, dict | None]] = []
+    deadline = time.monotonic() + PATIENCE
     while time.monotonic() < deadline:
+        asked = time.time()
         task = flower_task(flower, f"{retried}.loops")
-        states.append((time.time(), task and task["state"], task))
+        states.append((asked, time.time(), task and task["state"], task))
         if task and task["state"] == "SUCCESS":
             break
         time.sleep(0.1)
     attempts = [r for r in sandbox_client.requests(vendor="loops") if r["idempotency_key"] == retried]
     assert [r["status"] for r in attempts] == [503, 200]
     failed_at, delivered_at = attempts[0]["ts"], attempts[1]["ts"]
-    waiting = [(state, task) for t, state, task in states if failed_at + 0.3 < t < delivered_at - 0.3]
-    sequence = [state for _, state, _ in states]
+    # Polls made wholly between the two attempts (an answer shows Flower's state at a moment of its poll).
+    between = [(state, task) for asked, answered, state, task in states
+               if failed_at < asked and answered < delivered_at]
+    # Waiting with the vendor's answer: RETRY when Celery's task-retried event reaches Flower after the
+    # task-received event of the retry message; when the two race the other way, RECEIVED (still marked retried).
+    waiting = [state for state, task in between if state in ("RETRY", "RECEIVED") and task["retried"]
+               and "loops answered 503" in task["exception"]]
+    sequence = [state for _, _, state, _ in states]
     changes = [s for i, s in enumerate(sequence) if i == 0 or s != sequence[i - 1]]
-    shown_retry = sum(1 for state, _ in waiting if state == "RETRY")
-    print(f"\nFlower states of the retried delivery: {changes}; RETRY in {shown_retry} of {len(waiting)} polls "
-          f"during the {delivered_at - failed_at:.1f}s countdown")
+    print(f"\nFlower states of the retried delivery: {changes}; waiting with the vendor's answer in "
+          f"{len(waiting)} of {len(between)} polls during the {delivered_at - failed_at:.1f}s countdown")
     # While the countdown runs the delivery is not in a worker thread: Flower shows it waiting with the vendor's
-    # answer. The state is RETRY when Celery's task-retried event reaches Flower after the task-received event
-    # of the retry message; when the two race the other way, Flower shows RECEIVED (still marked retried).
-    assert len(waiting) >= 10, "too few polls during the countdown"
-    for state, task in waiting:
-        assert state in ("RETRY", "RECEIVED"), f"Flower showed {state} during the countdown: {changes}"
-        assert task["retried"] and "loops answered 503" in task["exception"], task
-    done = states[-1][2]
-    assert done["state"] == "SUCCESS" and done["retried"] and done["retries"] == 1
+    # answer (how many polls fell in the countdown depends on the machine: at least one, not a count of them).
+    assert waiting, f"Flower never showed the delivery waiting for its retry: {changes}"
+    assert "FAILURE" not in sequence, changes
+    done = states[-1][3]
+    assert done is not None and done["state"] == "SUCCESS" and done["retried"] and done["retries"] == 1, changes
 
     failed = wait_until(lambda: (t := flower_task(flower, f"{dead}.convertloop")) and t["state"] == "FAILURE" and t,
                         timeout=20, message="FAILURE in Flower")

@@ -1,20 +1,22 @@
 """Redis Sentinel: a master, a replica and three Sentinels on loopback, real workers, web processes sending steadily.
 
-* The master is SIGKILLed under steady traffic: each producer call still returns within its PUBLISH_TIMEOUT
-  (spooling while there is no master), the Sentinels promote the replica, the web process publishes its
-  spool there, the workers reconnect to it, and every event reaches every vendor.
+* The master is SIGKILLed under steady traffic: producer calls go on returning while there is no master
+  (spooling), the Sentinels promote the replica, the web process publishes its spool there, the workers
+  reconnect to it, and every event reaches every vendor.
 * A planned failover (``SENTINEL FAILOVER``) leaves the old master running — and taking writes from every
   client still connected to it — until the Sentinels turn it into a replica, about ten seconds later, which
   throws those writes away. A producer with ``PUBLISH_WAIT_REPLICAS=1`` counts a write as queued only once
-  a replica confirmed it, so it spools them instead, and every one of its events is delivered; a producer
-  without it, sending next to it, is measured (and printed), not asserted on.
+  a replica confirmed it (Redis' ``WAIT``, counted on the nodes), so it spools them instead, and every one of
+  its events is delivered; a producer without it, sending next to it, is measured (and printed), not asserted
+  on: whether it loses anything depends on how fast the workers are.
 * With the first Sentinel down, every Redis user asks the others.
 * The workers take messages with this product's atomic take (``worker/transport.py``) under Sentinel too.
 * A master name the Sentinels do not monitor is a configuration error for the producer, the CLI and a
   worker alike.
 
-How long a call may take is checked against ``CALL_BOUND``: PUBLISH_TIMEOUT (250 ms) plus slack for a loaded
-2-core machine (the benchmark measures the product's bound itself); the measured maximum is printed.
+How long a call takes is printed, not asserted on (the benchmark measures the PUBLISH_TIMEOUT bound): that
+calls do not wait for the failover is asserted as an ordering — calls that started after the master died
+returned before the replica was promoted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,9 +37,6 @@ from worker.localstack import SentinelStack, terminate, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PUBLISH_TIMEOUT = 0.25
-#: The longest call the test accepts: PUBLISH_TIMEOUT plus slack for a loaded machine (fsync, scheduling).
-#: A producer that waited for the failover (2-3 s here) instead of spooling still fails it.
-CALL_BOUND = PUBLISH_TIMEOUT + 1.5
 #: Seconds between two calls of a web process: 25 events a second, each to three vendors.
 INTERVAL = 0.04
 VENDORS = ("convertloop", "loops", "conveyour")
@@ -77,7 +77,8 @@ print(json.dumps({"done": i, "spool_left": spool.pending()}), flush=True)
 
 
 class WebProcess:
-    """A web process (WEB_PROCESS) in its own environment, its spool in its own directory."""
+    """A web process (WEB_PROCESS) in its own environment, its spool in its own directory; its output is read
+    as it comes (:meth:`calls` so far), so a test can wait for calls to have been made."""
 
     def __init__(self, env: dict[str, str], tag: str, workdir: Path) -> None:
         self.tag = tag
@@ -86,17 +87,37 @@ class WebProcess:
         self.proc = subprocess.Popen([sys.executable, "-c", WEB_PROCESS, tag, str(INTERVAL), str(self.stop_file)],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready", self.proc.stderr.read()
+        self.lines: list = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.lines, True), daemon=True),
+                        threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False), daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, into: list, parse: bool) -> None:
+        for line in stream:
+            if not parse:
+                into.append(line)
+            elif line.startswith(("[", "{")):
+                into.append(json.loads(line))
+
+    def calls(self) -> list[list]:
+        """The calls made so far: [index, queued/spooled/error, seconds, email, start on CLOCK_MONOTONIC]."""
+        return [c for c in list(self.lines) if isinstance(c, list)]
 
     def finish(self) -> tuple[list[list], dict, str]:
         """Stop sending; the calls, the summary (spool left), stderr."""
         self.stop_file.touch()
         try:
-            out, err = self.proc.communicate(timeout=90)
+            self.proc.wait(timeout=90)
         finally:
             self.proc.kill()
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith(("[", "{"))]
-        assert lines and "done" in lines[-1], f"the web process did not finish: {err[-3000:]}"
-        return lines[:-1], lines[-1], err
+        for reader in self.readers:
+            reader.join(10)
+        err = "".join(self.err)
+        assert self.lines and "done" in self.lines[-1], f"the web process did not finish: {err[-3000:]}"
+        return self.calls(), self.lines[-1], err
 
 
 def delivered(sandbox_client, tag: str, vendor: str) -> Counter:
@@ -118,12 +139,10 @@ def wait_delivered(sandbox_client, tag: str, expected: set[str], workers, timeou
 
 
 def assert_accepted(calls: list[list], done: dict, err: str) -> None:
-    """Every call was accepted (queued or spooled) within CALL_BOUND, and the web process published its spool."""
+    """Every call was accepted (queued or spooled), and the web process published its spool."""
     assert done["spool_left"] == 0, f"the web process did not publish its spool: {done}\n{err[-3000:]}"
     failed = [c for c in calls if c[1] not in ("queued", "spooled")]
     assert not failed, f"calls failed although the spool was on: {failed[:3]}\n{err[-3000:]}"
-    slowest = max(c[2] for c in calls)
-    assert slowest <= CALL_BOUND, f"a call took {slowest:.3f} s (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT} s)"
 
 
 def summary(calls: list[list]) -> str:
@@ -166,15 +185,14 @@ def web(tmp_path):
 
 
 @pytest.fixture
-def workers(stack, worker_factory, request):
-    """Two workers on the stack, stopped before it is (a warm shutdown without Redis waits for its timeout)."""
-    started = [worker_factory(f"{request.node.name[5:25]}-{n}", **stack.env) for n in "ab"]
-    yield started
-    for w in started:
-        w.stop()
+def workers(stack, start_worker, request):
+    """Two workers on the stack, stopped (by ``start_worker``) before it is: a warm shutdown without Redis
+    waits for its timeout."""
+    return [start_worker(f"{request.node.name[5:25]}-{n}", **stack.env) for n in "ab"]
 
 
-def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, sentinel_env, worker_factory,
+@pytest.mark.timeout(600)  # its own waits: about 350 s
+def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, sentinel_env, start_worker,
                                                                     unique_email, tmp_path):
     env = {**sentinel_env, "REDIS_SENTINEL_MASTER": "not-monitored", "SPOOL_DIR": str(tmp_path / "spool")}
     expected = "REDIS_SENTINEL_MASTER='not-monitored' is not a master the Sentinels at 127.0.0.1:"
@@ -195,7 +213,7 @@ def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, senti
     assert cli.returncode == 2 and "set REDIS_SENTINEL_MASTER" in cli.stderr, (cli.returncode, cli.stderr)
 
     with pytest.raises(RuntimeError) as started:
-        worker_factory("sentinel-unknown-master", **{**stack.env, "REDIS_SENTINEL_MASTER": "not-monitored"})
+        start_worker("sentinel-unknown-master", **{**stack.env, "REDIS_SENTINEL_MASTER": "not-monitored"})
     assert "configuration error" in str(started.value) and expected in str(started.value), started.value
 
     ok = subprocess.run([sys.executable, "-m", "worker", "check"], env=sentinel_env, capture_output=True,
@@ -203,11 +221,12 @@ def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, senti
     assert ok.returncode == 0 and f"at 127.0.0.1:{stack.master_port()} answered" in ok.stdout, ok
 
 
-def test_a_sentinel_down_is_no_matter(stack, sentinel_env, worker_factory, sandbox_client, unique_email, tmp_path):
+@pytest.mark.timeout(600)  # its own waits: about 260 s
+def test_a_sentinel_down_is_no_matter(stack, sentinel_env, start_worker, sandbox_client, unique_email, tmp_path):
     """The first Sentinel in REDIS_URL (the one Celery's broker URL names) is down: producer, worker and CLI
     ask the others."""
     terminate(stack.sentinel_procs[0])
-    w = worker_factory("sentinel-one-down", **stack.env)
+    w = start_worker("sentinel-one-down", **stack.env)
     try:
         env = {**sentinel_env, "SPOOL_DIR": str(tmp_path / "spool")}
         emails = [f"{i}-{unique_email}" for i in range(3)]
@@ -226,6 +245,7 @@ def test_a_sentinel_down_is_no_matter(stack, sentinel_env, worker_factory, sandb
         w.stop()
 
 
+@pytest.mark.timeout(900)  # its own waits: about 500 s
 def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, workers, web, sandbox_client,
                                                           unique_email):
     tag = unique_email.split("@")[0]
@@ -235,13 +255,17 @@ def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, w
     old = stack.kill_master()
     new = stack.wait_failover(old)
     promoted = time.monotonic()
-    time.sleep(2.5)                              # and to the promoted replica
+    # ...and to the promoted replica: the positive signal is calls made after the promotion.
+    wait_until(lambda: len([c for c in producer.calls() if c[4] >= promoted]) >= 50, timeout=60, interval=0.1,
+               message="50 calls after the promotion")
     calls, done, err = producer.finish()
 
     assert_accepted(calls, done, err)
     assert any(c[1] == "spooled" for c in calls), "no call met the failover: the test did not test it"
     after = [c for c in calls if c[4] >= promoted]
-    assert len(after) >= 10, f"hardly any call after the failover: {len(after)}"
+    # Calls did not wait for a master: some that started after the kill had returned before the promotion.
+    without_master = [c for c in calls if killed <= c[4] and c[4] + c[2] < promoted]
+    assert without_master, "no call started after the kill returned before the promotion: calls waited for it"
 
     expected = {c[3] for c in calls}
     wait_delivered(sandbox_client, tag, expected, workers)
@@ -253,11 +277,13 @@ def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, w
         str({k: v["calls"] for k, v in commands.items()})
     extra = {v: sum(n - 1 for n in delivered(sandbox_client, tag, v).values()) for v in VENDORS}
     print(f"\nSIGKILL of the master {old} -> replica {new} promoted after {promoted - killed:.1f} s; "
-          f"{summary(calls)} (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT * 1000:.0f} ms); {len(after)} calls after the "
-          f"promotion; all {len(expected)} events at all {len(VENDORS)} vendors "
+          f"{summary(calls)} (PUBLISH_TIMEOUT {PUBLISH_TIMEOUT * 1000:.0f} ms), {len(without_master)} of them "
+          f"made and returned while there was no master; {len(after)} calls after the promotion; "
+          f"all {len(expected)} events at all {len(VENDORS)} vendors "
           f"{finished - promoted:.1f} s after it; requests beyond one per event: {extra}")
 
 
+@pytest.mark.timeout(1200)  # its own waits: about 800 s
 def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, workers, web, sandbox_client,
                                                            unique_email):
     tag = unique_email.split("@")[0]
@@ -279,6 +305,13 @@ def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, 
     expected = {c[3] for c in calls}
     wait_delivered(sandbox_client, f"{tag}w", expected, workers)
     extra = {v: sum(n - 1 for n in delivered(sandbox_client, f"{tag}w", v).values()) for v in VENDORS}
+    # PUBLISH_WAIT_REPLICAS really worked: every call it counted as queued had a replica confirm it with Redis'
+    # WAIT (the only WAITs on these nodes: the other producer and the workers never send one). A producer that
+    # ignored the setting would lose nothing here whenever the workers are quick, but it sends no WAIT.
+    queued = sum(1 for c in calls if c[1] == "queued")
+    waits = sum(int(node.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+                for node in stack.nodes.values())
+    assert queued > 0 and waits >= queued, f"{queued} calls counted as queued, {waits} WAITs on the nodes"
 
     # The producer without PUBLISH_WAIT_REPLICAS, measured: its calls after the old master became a replica
     # went to the new one, so once those are delivered, what is missing is what Redis threw away.
@@ -288,7 +321,8 @@ def test_planned_failover_loses_nothing_with_wait_replicas(stack, sentinel_env, 
     lost = {v: len({c[3] for c in plain_calls} - set(delivered(sandbox_client, f"{tag}p", v))) for v in VENDORS}
     print(f"\nSENTINEL FAILOVER {old} -> {new}: promoted after {promoted - started:.1f} s, the old master "
           f"took writes until it became a replica {converted - started:.1f} s after the start. "
-          f"PUBLISH_WAIT_REPLICAS=1: {summary(calls)}; all {len(expected)} events at all vendors; requests "
+          f"PUBLISH_WAIT_REPLICAS=1: {summary(calls)}, {waits} WAITs; all {len(expected)} events at all vendors; "
+          f"requests "
           f"beyond one per event: {extra}. Without it: {summary(plain_calls)}, {len(at_risk)} of them written to "
           f"the old master after the promotion (kept only if a worker took them before it became a replica); events "
           f"lost per vendor: {lost}")

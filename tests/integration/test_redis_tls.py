@@ -50,14 +50,15 @@ def _run(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_tls_redis_carries_producer_worker_and_cli(tls_redis, product_env, worker_factory, sandbox_client,
+@pytest.mark.timeout(600)  # its own waits: about 250 s
+def test_tls_redis_carries_producer_worker_and_cli(tls_redis, product_env, start_worker, sandbox_client,
                                                           unique_email, monkeypatch, tmp_path):
     server, _ = tls_redis
     # The port speaks TLS only: a plain client gets nowhere (so what follows really went over TLS).
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=server.port, socket_timeout=2).ping()
 
-    w = worker_factory("tls", REDIS_URL=server.url)
+    w = start_worker("tls", REDIS_URL=server.url)
     _point_producer_at(monkeypatch, server.url, tmp_path / "spool")
     tag = unique_email.split("@")[0]
     emails = {f"{i}-{unique_email}" for i in range(10)}
@@ -83,7 +84,7 @@ def test_tls_redis_carries_producer_worker_and_cli(tls_redis, product_env, worke
     print(f"\nover TLS: {len(emails)} events x 2 vendors delivered; CLI: {check.stdout.strip()}")
 
 
-def test_a_wrong_ca_fails_clearly_everywhere_and_loses_nothing(tls_redis, product_env, worker_factory,
+def test_a_wrong_ca_fails_clearly_everywhere_and_loses_nothing(tls_redis, product_env, start_worker,
                                                                unique_email, monkeypatch, tmp_path):
     server, other = tls_redis
     wrong = server.url.replace(server.tls.ca, other.ca)
@@ -105,20 +106,21 @@ def test_a_wrong_ca_fails_clearly_everywhere_and_loses_nothing(tls_redis, produc
 
     # A worker: stops at startup with the reason, instead of retrying forever.
     with pytest.raises(RuntimeError) as started:
-        worker_factory("tls-wrong-ca", REDIS_URL=wrong)
+        start_worker("tls-wrong-ca", REDIS_URL=wrong)
     assert "configuration error" in str(started.value) and NOT_ACCEPTED in str(started.value), started.value
     print(f"\nwrong CA: producer raised EnqueueError (nothing spooled); CLI exit 2; worker stopped: "
           f"{status.stderr.strip()[:200]}")
 
 
-def test_sentinels_over_tls(tls_redis, product_env, worker_factory, sandbox_client, unique_email, monkeypatch,
+@pytest.mark.timeout(600)  # its own waits: about 260 s
+def test_sentinels_over_tls(tls_redis, product_env, start_worker, sandbox_client, unique_email, monkeypatch,
                             tmp_path):
     """sentinels://: TLS to the Sentinels and to the master they name, with the same private CA."""
     _, other = tls_redis
     stack = SentinelStack(tls=make_tls_files(tmp_path / "ca")).start()
     w = None
     try:
-        w = worker_factory("tls-sentinel", **stack.env)
+        w = start_worker("tls-sentinel", **stack.env)
         _point_producer_at(monkeypatch, stack.url, tmp_path / "spool")
         monkeypatch.setenv("REDIS_SENTINEL_MASTER", stack.master_name)
         get_settings.cache_clear()

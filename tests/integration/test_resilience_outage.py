@@ -1,8 +1,9 @@
-"""A vendor outage loses nothing and does not slow the healthy vendors down.
+"""A vendor outage loses nothing and does not hold up the healthy vendors.
 
-The healthy vendors are rate-limited by the product (``*_RATE_LIMIT``), so their delivery rate is a
-property of the product, not of this machine's load: phase A runs without an outage, phase B while
-ConveYour answers 503 to everything, and the healthy vendors' rates are compared within one test.
+Phase A runs without an outage, phase B while ConveYour answers 503 to everything. The healthy vendors
+deliver every phase-B event while ConveYour is still down (its breaker open), before ConveYour accepts any of
+them, and never more than their limit in any second. Their delivery rates in both phases are printed, not
+asserted on: a rate depends on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import worker
-from tests.helpers import breaker_open
+from tests.helpers import breaker_open, max_in_window
 from tests.helpers import email_of as _email
 from worker.deadletters import DeadLetterStore
 from worker.localstack import wait_until
@@ -22,9 +23,10 @@ N = 80  # events per phase
 HEALTHY = ("convertloop", "loops")
 
 
-def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(worker_factory, product_env,
+@pytest.mark.timeout(600)  # its own waits: about 290 s
+def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(start_worker, product_env,
                                                                                  sandbox_client, unique_email):
-    worker_factory("outage-w", CONVERTLOOP_RATE_LIMIT=RATE, LOOPS_RATE_LIMIT=RATE, CONVEYOUR_RATE_LIMIT=RATE,
+    start_worker("outage-w", CONVERTLOOP_RATE_LIMIT=RATE, LOOPS_RATE_LIMIT=RATE, CONVEYOUR_RATE_LIMIT=RATE,
                    RETRY_MAX_ATTEMPTS=1000, RETRY_BACKOFF_BASE=0.2, RETRY_BACKOFF_MAX=1)
     sandbox_client.configure("*", latency_ms=20)
 
@@ -36,7 +38,7 @@ def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(w
         for i in range(N):
             worker.track("page", email=f"{phase}-{i}-{unique_email}", properties={"i": i})
         for vendor in HEALTHY:
-            wait_until(lambda v=vendor: len(delivered(v, phase)) >= N, timeout=N / RATE * 3 + 10, interval=0.1,
+            wait_until(lambda v=vendor: len(delivered(v, phase)) >= N, timeout=N / RATE * 3 + 30, interval=0.1,
                        message=f"{N} {phase} deliveries at {vendor}")
         rates = {}
         for vendor in HEALTHY:
@@ -66,9 +68,15 @@ def test_outage_of_one_vendor_loses_nothing_and_keeps_the_others_at_their_rate(w
     assert len(failed) >= 10 and opened, "ConveYour was not really down"
     assert len(failed) <= N, "the breaker did not stop the attempts"
     assert reached_during == 0
+    cy_first = min(r["ts"] for r in delivered("conveyour", "b"))
     for vendor in HEALTHY:
-        assert during[vendor] >= 0.9 * before[vendor], f"{vendor} slowed down by the ConveYour outage"
-        assert before[vendor] <= RATE * 1.1, f"{vendor} went faster than its limit: the rate is not the limiter's"
+        # Not held up: every phase-B event reached the healthy vendor while ConveYour was down (the waits above
+        # ended before the outage did), i.e. before ConveYour accepted any phase-B event.
+        assert max(r["ts"] for r in delivered(vendor, "b")) < cy_first, f"{vendor} waited for ConveYour"
+        for phase in ("a", "b"):
+            # The limiter's property (the sandbox's timestamps: one more tolerated, as test_rate_limits).
+            times = [r["ts"] for r in delivered(vendor, phase)]
+            assert max_in_window(times) <= RATE + 1, f"{vendor} went faster than its limit in phase {phase}"
     for vendor in ("convertloop", "loops", "conveyour"):
         for phase in ("a", "b"):
             got = {_email(vendor, r["body"]) for r in delivered(vendor, phase)}

@@ -42,10 +42,12 @@ def restartable_redis(product_env, monkeypatch, leak_watch):
         server.stop()
 
 
-def test_worker_carries_on_after_redis_restart_and_the_limit_holds(restartable_redis, worker_factory, sandbox_client,
+@pytest.mark.timeout(600)  # its own waits add up to about 300 s
+def test_worker_carries_on_after_redis_restart_and_the_limit_holds(restartable_redis, start_worker, sandbox_client,
                                                                    unique_email):
+    # start_worker after restartable_redis: the worker is stopped before its Redis is.
     server = restartable_redis
-    w = worker_factory("restart-w", REDIS_URL=server.url, LOOPS_RATE_LIMIT=RATE, BROKER_VISIBILITY_TIMEOUT=20)
+    w = start_worker("restart-w", REDIS_URL=server.url, LOOPS_RATE_LIMIT=RATE, BROKER_VISIBILITY_TIMEOUT=20)
     sandbox_client.configure("loops", rate_limit=RATE)
 
     def mine(vendor: str, phase: str, status: int | None = 200) -> list[dict]:
@@ -92,7 +94,6 @@ def test_worker_carries_on_after_redis_restart_and_the_limit_holds(restartable_r
           f"max {max_in_window(after)} in any 1s window, {len(rejected)} answered 429; dead letters: {len(dead)}")
     assert not rejected, "the sandbox saw the Loops limit exceeded"
     assert len(after) >= N
-    assert rate <= RATE * 1.05
-    assert max_in_window(after) <= RATE + 1
+    assert max_in_window(after) <= RATE + 1  # the limit holds (the average rate is printed, not asserted)
     assert not dead
     assert "Connection to broker lost" in w.log() or "Cannot connect to" in w.log() or "reconnect" in w.log().lower()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import httpx
 import pytest
 import redis
 
 import worker
+from tests.helpers import wait_idle
 from worker.deadletters import DeadLetterStore
 from worker.localstack import FlowerProcess, wait_until
 from worker.settings import get_settings
@@ -73,6 +73,7 @@ def tempting_stack(worker_factory, base_env, tmp_path_factory, leak_watch):
         stub.server.shutdown()
 
 
+@pytest.mark.timeout(600)  # its own waits and requests: about 400 s
 def test_no_credential_in_redis_logs_dead_letters_flower_or_sentry(tempting_stack, leak_watch, product_env,
                                                                    sandbox_client, unique_email):
     w, sentry, flower_url, flower_log = tempting_stack
@@ -92,7 +93,14 @@ def test_no_credential_in_redis_logs_dead_letters_flower_or_sentry(tempting_stac
     ids.append(worker.segment(email=unique_email, add=["vip"]))
     wait_until(lambda: sum(1 for r in sandbox_client.requests(status=200) if unique_email in str(r["body"])) >= 3,
                timeout=30, message="a delivery to every vendor")
-    time.sleep(1.0)
+    wait_idle(product_env["REDIS_URL"])  # every message settled and acknowledged: its traces are all written
+
+    def flower_tasks() -> dict:
+        return httpx.get(f"{flower_url}/api/tasks", auth=("ops", "pw"), timeout=5).json()
+
+    # Flower has taken in this test's tasks, the failures among them (the positive signal, not a sleep).
+    wait_until(lambda: any(eid in key and t["state"] == "FAILURE" for eid in ids for key, t in flower_tasks().items()),
+               timeout=30, interval=0.2, message="Flower to show this test's failed tasks")
 
     # The echoed credentials reached the product, which kept the bodies with the credentials filtered out.
     entries = [d for d in DeadLetterStore.default().list() if d.event_id in ids]
@@ -100,7 +108,7 @@ def test_no_credential_in_redis_logs_dead_letters_flower_or_sentry(tempting_stac
         ("convertloop", "rejected", 401), ("conveyour", "rejected", 422), ("loops", "retries_exhausted", 500)]
     assert all("[Filtered]" in (d.response_body or "") for d in entries), [d.response_body for d in entries]
 
-    tasks = httpx.get(f"{flower_url}/api/tasks", auth=("ops", "pw"), timeout=5).json()
+    tasks = flower_tasks()
     assert any(eid in key for eid in ids for key in tasks), "Flower saw none of this test's tasks"
     assert any(t["state"] == "FAILURE" for t in tasks.values())
     leak_watch.add_text("flower /api/tasks (secrets module)", json.dumps(tasks), kind="flower")

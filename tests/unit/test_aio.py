@@ -199,12 +199,23 @@ def test_a_refused_redis_spools_every_call_and_the_flusher_publishes_them(outage
         server.stop()
 
 
-def test_a_cancelled_caller_still_gets_its_event_spooled(outage_env, hung_redis):
+def test_a_cancelled_caller_still_gets_its_event_spooled(outage_env, hung_redis, monkeypatch):
     spool = outage_env(hung_redis)
+    from worker.publisher_async import AsyncPublisher
+
+    started = asyncio.Event()
+    real_publish = AsyncPublisher.publish
+
+    async def publish(self, *args, **kwargs):
+        started.set()
+        return await real_publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncPublisher, "publish", publish)
 
     async def scenario():
         call = asyncio.create_task(worker.aio.track("signed_up", email="jill@acme.co"))
-        await asyncio.sleep(0.01)  # the publish is under way, waiting on the hung Redis
+        await started.wait()  # the publish is under way (a positive signal, not a sleep), waiting on the hung Redis
+        await asyncio.sleep(0)  # ...and its caller waits for it
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

@@ -1,10 +1,12 @@
 """The per-vendor batcher: size cap, max wait, one token per request, per-item outcomes, splitting.
 
-No assertion here depends on how fast a loaded machine runs: where a test used to time
-something short, it now waits for a positive signal (a barrier all concurrent requests
-must reach, the gather never waiting on its condition, an injected sleep that waits until
-the items joined) or gives a bound that is many times what the product needs and far
-below what a broken product would take.
+No assertion here depends on how fast a loaded machine runs, nor on every thread submitting
+within ``max_wait``: a batch that must hold several items is triggered by its size (``size``
+equal to the number of items, ``max_wait`` far longer than the test), or the batcher's clock
+stands still until every item is waiting; where a test used to time something, it now waits
+for a positive signal (a barrier all concurrent requests must reach, the gather's condition
+waits and how each ended, an injected sleep that waits until the items joined). The only
+duration asserted is a lower bound (waiting out ``max_wait``), which load cannot break.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from worker import batching
 from worker.batching import Batcher, BatchError, Sent
 from worker.limits.ratelimit import RateLimiter, Reservation, Unlimited
 from worker.limits.throttle import Throttled
@@ -81,23 +84,12 @@ def submit_all(batcher: Batcher, items, stagger: float = 0.0) -> list:
         return [f.result(timeout=30) for f in futures]
 
 
-def test_a_lone_item_goes_after_max_wait_in_a_request_of_its_own():
-    send = Recorder()
-    b = Batcher("v", Unlimited(), send, size=50, max_wait=0.2)
-    t0 = time.monotonic()
-    result = b.submit("a")
-    took = time.monotonic() - t0
-    assert result.outcome.verdict is Verdict.DELIVERED and result.batch == 1
-    assert send.requests == [["a"]]
-    assert took >= 0.19  # it did wait max_wait (a lower bound: load only makes it longer)
-    assert took < 20.0  # ...and then went, rather than waiting for company (100x max_wait: no flake)
-
-
 class WaitSpy:
-    """Wraps the batcher's condition; records every timed wait the gathering does."""
+    """Wraps the batcher's condition; records every timed wait the gathering does, and how it ended
+    (True: notified, False: timed out)."""
 
     def __init__(self, condition: threading.Condition) -> None:
-        self.condition, self.waits = condition, []
+        self.condition, self.waits, self.ended = condition, [], []
 
     def __getattr__(self, name):
         return getattr(self.condition, name)
@@ -110,7 +102,24 @@ class WaitSpy:
 
     def wait(self, timeout=None):
         self.waits.append(timeout)
-        return self.condition.wait(timeout)
+        self.ended.append(self.condition.wait(timeout))
+        return self.ended[-1]
+
+
+def test_a_lone_item_goes_after_max_wait_in_a_request_of_its_own():
+    send = Recorder()
+    b = Batcher("v", Unlimited(), send, size=50, max_wait=0.2)
+    b._more = spy = WaitSpy(b._more)
+    t0 = time.monotonic()
+    result = b.submit("a")
+    took = time.monotonic() - t0
+    assert result.outcome.verdict is Verdict.DELIVERED and result.batch == 1
+    assert send.requests == [["a"]]
+    assert took >= 0.19  # it did wait max_wait (a lower bound: load only makes it longer)
+    # ...and then went, rather than waiting for company: every wait of the gathering was for what was left of
+    # max_wait, and the last one ran out (nobody notified it).
+    assert spy.waits and all(w is not None and 0 < w <= 0.2 for w in spy.waits), spy.waits
+    assert spy.ended[-1] is False
 
 
 def test_max_wait_zero_sends_at_once():
@@ -122,10 +131,25 @@ def test_max_wait_zero_sends_at_once():
     assert spy.waits == [], "with max_wait=0 the leader sends without waiting for more items"
 
 
-def test_items_arriving_within_max_wait_share_one_request_and_one_token():
+class StillClock:
+    """The batcher's ``time`` while ``items`` items are being submitted: its clock stands still until they are
+    all waiting (as if they arrived at once), then jumps past any ``max_wait``. So "items that arrive within
+    max_wait" does not depend on how fast a loaded machine starts the submitting threads."""
+
+    def __init__(self, batcher: Batcher, items: int) -> None:
+        self.batcher, self.items = batcher, items
+
+    def monotonic(self) -> float:
+        # Called by the batcher under its lock: read the queue without taking it.
+        return 0.0 if len(self.batcher._pending) < self.items else 1e6
+
+    sleep = staticmethod(time.sleep)
+
+
+def test_items_arriving_within_max_wait_share_one_request_and_one_token(monkeypatch):
     send, limiter = Recorder(), CountingLimiter()
-    # 10 items 10 ms apart arrive within ~0.1 s; max_wait 3 s leaves a loaded machine 30x that.
-    b = Batcher("v", limiter, send, size=50, max_wait=3.0)
+    b = Batcher("v", limiter, send, size=50, max_wait=0.2)
+    monkeypatch.setattr(batching, "time", StillClock(b, 10))
     results = submit_all(b, list(range(10)), stagger=0.01)
     assert len(send.requests) == 1 and sorted(send.requests[0]) == list(range(10))
     assert limiter.taken == 1
@@ -135,18 +159,18 @@ def test_items_arriving_within_max_wait_share_one_request_and_one_token():
 
 def test_no_request_carries_more_than_size_and_a_full_batch_does_not_wait():
     send, limiter = Recorder(), CountingLimiter()
-    # 12 items, size 4: three full batches. A batcher that waited out max_wait (60 s) for a full batch
-    # would blow the 20 s bound (and submit_all's 30 s); the real one needs milliseconds.
-    b = Batcher("v", limiter, send, size=4, max_wait=60.0)
-    t0 = time.monotonic()
+    # 12 items, size 4: three full batches. max_wait is far longer than the test: every gathering wait must
+    # end by a notification (a full batch), none by running out. A batcher that waited out max_wait for a full
+    # batch would make submit_all give up (30 s) and fail.
+    b = Batcher("v", limiter, send, size=4, max_wait=600.0)
+    b._more = spy = WaitSpy(b._more)
     results = submit_all(b, list(range(12)))
-    took = time.monotonic() - t0
     sizes = [len(r) for r in send.requests]
     assert sizes == [4, 4, 4]
     assert sorted(i for r in send.requests for i in r) == list(range(12))
     assert limiter.taken == len(send.requests), "one token per request"
     assert all(isinstance(r, Sent) for r in results)
-    assert took < 20.0, "a full batch goes without waiting out max_wait"
+    assert False not in spy.ended, "a full batch goes without waiting out max_wait"
 
 
 def test_waiting_for_a_token_lets_more_items_join():
@@ -188,7 +212,7 @@ def test_each_item_gets_its_own_outcome():
     verdicts = {"ok": Outcome(Verdict.DELIVERED, 200), "later": Outcome(Verdict.RETRY, 503, 2.0),
                 "bad": Outcome(Verdict.REJECTED, 404)}
     send = Recorder(lambda items: [verdicts[i] for i in items])
-    b = Batcher("v", Unlimited(), send, size=50, max_wait=0.3)
+    b = Batcher("v", Unlimited(), send, size=3, max_wait=600.0)  # one batch of all three, triggered by its size
     results = dict(zip(["ok", "later", "bad"], submit_all(b, ["ok", "later", "bad"]), strict=True))
     assert len(send.requests) == 1
     assert {k: (r.outcome.verdict, r.outcome.status) for k, r in results.items()} == {
@@ -217,7 +241,7 @@ def silent_rejection(items):
 
 def test_a_422_naming_bad_items_rejects_only_them_and_sends_the_rest_again_in_one_request():
     send, limiter = Recorder(named_rejection), CountingLimiter()
-    b = Batcher("v", limiter, send, size=50, max_wait=0.3)
+    b = Batcher("v", limiter, send, size=10, max_wait=600.0)  # one batch of all ten, triggered by its size
     items = [f"ok{i}" for i in range(8)] + ["bad1", "bad2"]
     results = dict(zip(items, submit_all(b, items), strict=True))
     assert {k for k, r in results.items() if r.outcome.verdict is Verdict.REJECTED} == {"bad1", "bad2"}
@@ -229,7 +253,7 @@ def test_a_422_naming_bad_items_rejects_only_them_and_sends_the_rest_again_in_on
 
 def test_a_422_without_per_item_errors_is_split_until_only_the_bad_item_is_rejected():
     send, limiter = Recorder(silent_rejection), CountingLimiter()
-    b = Batcher("v", limiter, send, size=50, max_wait=0.3)
+    b = Batcher("v", limiter, send, size=16, max_wait=600.0)  # one batch of all sixteen, triggered by its size
     items = [f"ok{i}" for i in range(15)] + ["bad"]
     results = dict(zip(items, submit_all(b, items), strict=True))
     assert [k for k, r in results.items() if r.outcome.verdict is Verdict.REJECTED] == ["bad"]
@@ -247,7 +271,7 @@ def test_a_split_that_cannot_get_a_token_throttles_the_unsettled_items():
             return super().acquire(max_wait)
 
     send = Recorder(named_rejection)
-    b = Batcher("v", OneToken(), send, size=50, max_wait=0.3)
+    b = Batcher("v", OneToken(), send, size=2, max_wait=600.0)  # one batch of both, triggered by its size
     results = dict(zip(["ok", "bad"], submit_all(b, ["ok", "bad"]), strict=True))
     assert results["bad"].outcome.verdict is Verdict.REJECTED
     assert isinstance(results["ok"], Throttled), "not stored and no token: back on the queue"

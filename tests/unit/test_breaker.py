@@ -72,7 +72,7 @@ def test_threshold_zero_turns_it_off(client, prefix):
     for _ in range(20):
         b.record("loops", ok=False)
     assert not b.is_open("loops") and evalsha_calls(client) == before
-    assert OPEN != CLOSED
+    assert b.poll("loops").state == CLOSED and not b.poll("loops").open  # every process sees it closed
 
 
 # -- the pause for refused credentials (state auth_failed) ---------------------

@@ -146,6 +146,12 @@ def test_the_mapping_agrees_with_the_sandbox():
 
 
 # -- the pipeline, through the batcher --------------------------------------------
+# A test that needs its items in one bulk request sets the batch size to their number and a max wait far longer
+# than the test: the batch goes when the last item joins, however slowly a loaded machine starts the threads.
+
+#: Longer than any test: a batch here is triggered by its size, never by its max wait.
+NEVER = 600.0
+
 
 @pytest.fixture
 def store(redis_server, request):
@@ -195,7 +201,8 @@ def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_
     events[3] = identify("u3", tags="not-an-object")
     events[7] = identify("u7", tags={"add": "vip"})
     with httpx.HTTPTransport() as http:
-        results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.5), events)
+        results = deliver_all(make_pipeline(store, http, conveyour_batch_size=10, conveyour_batch_max_wait=NEVER),
+                              events)
     assert isinstance(bodies[0], list) and len(bodies[0]) == 10, "one bulk request for all ten"
     assert len(bodies) == 2
     assert sorted(b["id"] for b in bodies[1]) == sorted(f"u{i}" for i in range(10) if i not in (3, 7))
@@ -243,7 +250,7 @@ def test_a_failed_bulk_request_retries_every_item(store, answer):
     route = respx.post(f"{BASE}/analytics/identify")
     route.mock(side_effect=[answer]) if isinstance(answer, Exception) else route.mock(return_value=answer)
     with httpx.HTTPTransport() as http:
-        results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3),
+        results = deliver_all(make_pipeline(store, http, conveyour_batch_size=5, conveyour_batch_max_wait=NEVER),
                               [identify(f"u{i}") for i in range(5)])
     assert route.call_count == 1
     assert all(isinstance(r, RetryLater) and r.attempt == 1 for r in results)
@@ -265,7 +272,8 @@ def test_a_bulk_429_penalizes_the_bucket_once_and_every_item_honours_retry_after
     limiter = Penalties()
     respx.post(f"{BASE}/analytics/identify").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
     with httpx.HTTPTransport() as http:
-        results = deliver_all(make_pipeline(store, http, limiter, conveyour_batch_max_wait=0.3),
+        results = deliver_all(make_pipeline(store, http, limiter, conveyour_batch_size=4,
+                                            conveyour_batch_max_wait=NEVER),
                               [identify(f"u{i}") for i in range(4)])
     assert limiter.penalties == [5.0]
     assert all(isinstance(r, RetryLater) and 5 <= r.countdown <= 5.5 for r in results)
