@@ -30,7 +30,7 @@ SITECUSTOMIZE = textwrap.dedent('''
         "breaker": ("worker.retries.breaker", "Breaker", "is_open", "redis.exceptions:TimeoutError"),
         "schedule": ("worker.retries.schedule", "RetrySchedule", "add", "redis.exceptions:OutOfMemoryError"),
         "deadletters": ("worker.deadletters", "DeadLetterStore", "add", "redis.exceptions:OutOfMemoryError"),
-        "order": ("worker.ordering", "PersonLog", "claim", "redis.exceptions:ConnectionError"),
+        "order": ("worker.ordering", "PersonLog", "finish", "redis.exceptions:ConnectionError"),
         "vendor": ("worker.vendors.loops", "Loops", "build", "builtins:KeyError"),
     }
     spec = os.environ.get("VDW_TEST_FAULT")

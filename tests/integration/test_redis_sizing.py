@@ -83,7 +83,8 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
         # Held by a worker (taken, not yet acknowledged): the queue's entries moved to kombu's unacked record.
         before = _used(client)
         for _ in range(N):
-            client.execute_command("EVAL", _TAKE, 3, "loops", UNACKED, UNACKED_INDEX, repr(time.time()), "loops")
+            client.execute_command("EVAL", _TAKE, 3, "loops", UNACKED, UNACKED_INDEX, repr(time.time()), "vdw", 35000,
+                                   "loops")
         assert client.llen("loops") == 0 and client.hlen(UNACKED) == N
         held = (_used(client) - before + queued * N) / N  # the delta is net of the queue entries it freed
         held_keys = (client.memory_usage(UNACKED, samples=0) + client.memory_usage(UNACKED_INDEX, samples=0)) / N
