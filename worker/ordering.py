@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -232,7 +232,6 @@ class Turn:
     holder: str = ""
     outcome: str = ""
     unparked: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _text(value: bytes | str) -> str:

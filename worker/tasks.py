@@ -90,6 +90,14 @@ def _retry_message(vendor: str, event: dict[str, Any], task_id: str, retries: in
     return _templates().retry(vendor, event, task_id, retries, headers)
 
 
+def _schedule(pipeline: Pipeline, vendor: str, event: dict[str, Any], task_id: str, retries: int,
+              result: RetryLater, tag: str | None, person: str | None) -> None:
+    """Put the next attempt on the vendor's retry schedule and acknowledge message ``tag``, in one script."""
+    message = _retry_message(vendor, event, task_id, retries + 1, result.state, person)
+    assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
+    pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+
+
 def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str | None, retries: int,
             probe: bool = False, person: Any = None) -> Delivered | RetryLater | Merged | Parked | Yielded:
     """One attempt; a retry is on the schedule (and message ``tag`` acknowledged) when this returns.
@@ -111,9 +119,7 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
                               park=lambda: _retry_message(vendor, event, task_id, retries, state, person),
                               defer=defer, claimed=transport.take_claim(tag) if person is not None else None)
     if isinstance(result, RetryLater):
-        message = _retry_message(vendor, event, task_id, retries + 1, result.state, person)
-        assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
-        pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+        _schedule(pipeline, vendor, event, task_id, retries, result, tag, person)
         if person is not None:  # the person's later calls wait for this retry: the turn lasts until it is due
             pipeline.order(vendor).extend(person, task_id, result.countdown + pipeline.settings.visibility_timeout)
         ticker.poke()
@@ -134,9 +140,7 @@ def _unexpected(vendor: Any, event: Any, headers: dict[str, Any], request: Any, 
     person = person if isinstance(person, str) and person else None
     try:
         result = pipeline.unexpected(vendor, event, state.next_attempt, request.id, state.first_failure, error)
-        message = _retry_message(vendor, event, request.id, request.retries + 1, result.state, person)
-        assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
-        pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+        _schedule(pipeline, vendor, event, request.id, request.retries, result, tag, person)
     except DeadLettered:
         raise
     except Exception:
