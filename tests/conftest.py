@@ -14,12 +14,7 @@ import uuid
 import pytest
 import redis
 
-from worker.localstack import (
-    VENDOR_ENV_PREFIXES,
-    RedisServer,
-    WorkerProcess,
-    sandbox_env,
-)
+from worker.dev.localstack import VENDOR_ENV_PREFIXES, RedisServer, WorkerProcess, sandbox_env
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient
 
 from .helpers import stop_workers
@@ -54,7 +49,7 @@ def _celery_app_on_the_test_redis(redis_server):
     Celery reads its configuration once, on first use; without this a test that touched the app
     before ``product_env`` set REDIS_URL would point it at the machine's shared Redis for the session.
     """
-    from worker.app import app
+    from worker.broker.app import app
 
     app.conf.broker_url = redis_server.url
     yield
@@ -90,8 +85,8 @@ def base_env(redis_server, sandbox, tmp_path_factory) -> dict[str, str]:
 def product_env(base_env, monkeypatch, redis_server):
     """Point this process (producer, CLI, pipeline) at the test Redis and sandbox."""
     from worker import clients
-    from worker.pipeline import Pipeline
-    from worker.publisher import Publisher
+    from worker.delivery.pipeline import Pipeline
+    from worker.producer.publisher import Publisher
     from worker.settings import get_settings
 
     for key in list(os.environ):
@@ -115,7 +110,7 @@ def product_env(base_env, monkeypatch, redis_server):
 @pytest.fixture
 def store(product_env):
     """The dead-letter store the product uses, empty before and after the test."""
-    from worker.deadletters import DeadLetterStore
+    from worker.delivery.deadletters import DeadLetterStore
 
     s = DeadLetterStore.default()
     s.purge()

@@ -44,7 +44,7 @@ def wait_idle(redis_url: str, timeout: float = 30.0, queues: tuple[str, ...] = Q
     """
     import redis
 
-    from worker.localstack import wait_until
+    from worker.dev.localstack import wait_until
 
     client = redis.Redis.from_url(redis_url)
     try:

@@ -4,7 +4,7 @@ The same calls as :mod:`worker.producer` — same arguments, validation
 (:class:`~worker.errors.InvalidEvent`), event ids, fan-out, messages, bounded
 wait (``PUBLISH_TIMEOUT``) and local spool — but they never block the event
 loop, not even while Redis is down or hangs: Redis is written through
-``redis.asyncio`` (:mod:`worker.publisher_async`) and the spool's file write
+``redis.asyncio`` (:mod:`worker.producer.publisher_async`) and the spool's file write
 runs in a thread.
 
 A publish, once started, finishes (queued or spooled) even if the calling task
@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from . import producer
-from .producer import Prepared
-from .publisher_async import AsyncPublisher
+from .producer import api as producer
+from .producer.api import Prepared
+from .producer.publisher_async import AsyncPublisher
 
 log = logging.getLogger(__name__)
 

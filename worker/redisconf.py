@@ -196,19 +196,19 @@ class RedisTarget:
         """Celery's settings for this Redis: ``broker_url``, ``broker_transport``, extra transport options and
         ``broker_use_ssl`` (which Flower's broker view reads too). ``timeout`` bounds each Sentinel query."""
         if not self.is_sentinel:
-            return {"broker_url": self.url, "broker_transport": "worker.transport:Transport",
+            return {"broker_url": self.url, "broker_transport": "worker.broker.transport:Transport",
                     "transport_options": {},
                     "broker_use_ssl": _celery_ssl(self.tls) if self.tls is not None else None}
         auth = ""
         if self.username or self.password:
             auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
         hosts = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels]
-        # One Sentinel in the URL, all of them in an option: see worker.transport.SentinelChannel for why.
+        # One Sentinel in the URL, all of them in an option: see worker.broker.transport.SentinelChannel for why.
         url = f"sentinel://{auth}{hosts[0]}/{self.db}"
         options = {"master_name": self.master, "sentinels": [f"sentinel://{h}" for h in hosts],
                    "sentinel_kwargs": self.sentinel_kwargs({"socket_connect_timeout": timeout,
                                                             "socket_timeout": timeout})}
-        return {"broker_url": url, "broker_transport": "worker.transport:SentinelTransport",
+        return {"broker_url": url, "broker_transport": "worker.broker.transport:SentinelTransport",
                 "transport_options": options,
                 "broker_use_ssl": _celery_ssl(self.tls) if self.tls is not None else None}
 

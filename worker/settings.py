@@ -18,7 +18,6 @@ from functools import lru_cache
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .limits.throttle import DEFAULT_MAX_TOTAL
 from .redisconf import RedisTarget
 
 #: Broker, limiter state and dead letters all live here by default.
@@ -50,7 +49,7 @@ DEFAULT_AUTH_FAILURE_THRESHOLD = 3
 #: Seconds between probes of a vendor paused for refused credentials (one real delivery each).
 DEFAULT_AUTH_PROBE_INTERVAL = 30.0
 #: Seconds a delivery thread may wait for rate-limit tokens in all before its message is requeued.
-TOKEN_WAIT_MAX = DEFAULT_MAX_TOTAL
+TOKEN_WAIT_MAX = 5.0
 #: Seconds past the longest a delivery can take before a message a silent worker held is redelivered.
 VISIBILITY_MARGIN = 15.0
 #: Seconds for a whole HTTP exchange with a vendor.
@@ -127,7 +126,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
     #: Share of a worker process's threads one vendor's deliveries (messages taken, not yet ended) may hold
     #: when the worker consumes several queues; at it, the worker stops taking that queue until one ends
-    #: (worker/limits/bulkhead.py). A worker of one queue lets it have every thread. 1 turns it off.
+    #: (worker/broker/bulkhead.py). A worker of one queue lets it have every thread. 1 turns it off.
     bulkhead_share: float = Field(DEFAULT_BULKHEAD_SHARE, gt=0, le=1)
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
     #: Replicas that must confirm a producer's write (Redis WAIT) before the call counts as queued; 0: none.
@@ -139,7 +138,7 @@ class Settings(BaseSettings):
     #: Seconds before an unacknowledged message is handed to another worker;
     #: default: the longest one delivery can take, plus a margin (see :attr:`visibility_timeout`).
     broker_visibility_timeout: float | None = Field(None, gt=0)
-    #: Keep each person's calls in order at each vendor, merging waiting updates (worker/ordering.py). Off is
+    #: Keep each person's calls in order at each vendor, merging waiting updates (worker/delivery/ordering.py). Off is
     #: for measuring what ordering costs (make bench): producers then queue calls without their order.
     ordering: bool = True
     #: Count deliveries, 429s and request durations for ``python -m worker metrics`` (worker/metrics/).

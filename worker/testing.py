@@ -37,9 +37,9 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from . import producer
 from .events import iso_utc
-from .producer import Prepared
+from .producer import api as producer
+from .producer.api import Prepared
 from .settings import Settings, get_settings
 from .vendors import VENDORS
 

@@ -10,7 +10,7 @@ the rows show the median p50 / p99 of the runs with their range.
 - baseline: the fastest honest equivalent with redis-py's general API — the three
   messages the product wrote for one such call (same bytes, same queues' sizes),
   ``Redis.lpush``-ed through one ``pipeline(transaction=False)``: one round trip, as
-  the product's hand-packed write (``worker/publisher.py``) makes.
+  the product's hand-packed write (``worker/producer/publisher.py``) makes.
 - reference: ``noop.delay()`` — plain Celery publishing of a no-op task.
 
 Example::
@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 
 from .stack import BenchError, BenchStack, Row, Sizes, percentile
 
@@ -78,7 +78,7 @@ def run(stack: BenchStack, sizes: Sizes) -> list[Row]:
     messages = product_messages(
         stack, lambda: worker.track("bench_event", email="bench@example.com", properties=properties))
     baseline_messages = [(BASELINE_PREFIX + q, m) for q, m in messages]
-    # The product also writes each call's place in its person's order (worker/ordering.py: an RPUSH and an HSET
+    # The product also writes each call's place in its person's order (worker/delivery/ordering.py: an RPUSH and an HSET
     # per vendor, in one MULTI with the messages): the baseline writes the same, so both do the same work.
     baseline_order = [("RPUSH", f"{BASELINE_PREFIX}order:{q}", f"id.{q}", "HSET", f"{BASELINE_PREFIX}order:{q}:ev",
                        f"id.{q}", m.decode()[:200]) for q, m in messages]

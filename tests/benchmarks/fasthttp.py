@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from worker.pipeline import Pipeline
+from worker.delivery.pipeline import Pipeline
 
 _local = threading.local()
 

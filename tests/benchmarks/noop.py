@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-from worker.app import app
+from worker.broker.app import app
 
 #: Queue the no-op tasks go to (one of the product's queues: task_create_missing_queues is off).
 NOOP_QUEUE = "convertloop"

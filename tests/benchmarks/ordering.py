@@ -59,7 +59,7 @@ PLANS = ("free", "starter", "pro", "enterprise")
 @contextmanager
 def producer_ordering(on: bool) -> Iterator[None]:
     """This process (the producer) publishes with ``ORDERING`` on or off; restored afterwards."""
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
     from worker.settings import get_settings
 
     old = os.environ.get("ORDERING")
@@ -125,11 +125,11 @@ def _settle(stack: BenchStack, n: int, timeout: float, poll: float = 0.01) -> tu
 
     The start is the first poll that sees fewer than ``n`` messages on the queue.
     """
-    from worker import ordering
+    from worker import keys
     from worker.settings import get_settings
 
     prefix = get_settings().key_prefix
-    events, base = ordering.keys(prefix, VENDOR)
+    events, base = keys.order_keys(prefix, VENDOR)
     retries, held = f"{prefix}:retries:{VENDOR}", f"{base}:held"
     start, polls = None, 0
     deadline = time.monotonic() + timeout

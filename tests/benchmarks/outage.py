@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from worker.localstack import RedisServer
+from worker.dev.localstack import RedisServer
 
 from .stack import REPO, BenchError, BenchStack, Row, Sizes
 
@@ -38,7 +38,7 @@ PUBLISH_TIMEOUT = 0.25
 WEB_PROCESS = """
 import json, sys, time
 import worker
-from worker.publisher import Publisher
+from worker.producer.publisher import Publisher
 
 seconds, interval = float(sys.argv[1]), float(sys.argv[2])
 worker.track("outage_probe", email="warm@example.com")   # connection pooled, code paths warm

@@ -11,7 +11,7 @@ import logging
 
 from celery import signals
 
-QUIET = ("httpx", "worker.pipeline", "celery.app.trace", "celery.worker.strategy")
+QUIET = ("httpx", "worker.delivery.pipeline", "celery.app.trace", "celery.worker.strategy")
 
 
 def _quiet(**_: object) -> None:

@@ -78,11 +78,10 @@ def recovery(stack: BenchStack, sizes: Sizes) -> Row:
 
 def _fill_schedule(stack: BenchStack, n: int, per_second: float) -> None:
     """``n`` ConvertLoop retries in the schedule, the i-th due i/per_second seconds from now."""
-    from worker.app import app
-    from worker.publisher import TaskMessages
+    from worker.envelope import TaskMessages
     from worker.retries.attempts import RetryState
 
-    messages = TaskMessages(app)
+    messages = TaskMessages()
     seconds, micros = stack.r.time()
     now = seconds + micros / 1e6
     pipe = stack.r.pipeline(transaction=False)

@@ -39,15 +39,8 @@ from typing import Any
 
 import redis
 
-from worker import ordering
-from worker.localstack import (
-    VENDOR_ENV_PREFIXES,
-    RedisServer,
-    WorkerProcess,
-    sandbox_env,
-    terminate,
-    wait_until,
-)
+from worker import keys
+from worker.dev.localstack import VENDOR_ENV_PREFIXES, RedisServer, WorkerProcess, sandbox_env, terminate, wait_until
 from worker.sandbox import SandboxClient, base_urls
 from worker.vendors import VENDORS
 
@@ -515,13 +508,13 @@ class BenchStack:
                                   "argsrepr": repr(tuple(call_args))}
             message["properties"] = {**template["properties"], "correlation_id": task_id,
                                      "delivery_tag": str(uuid.uuid4())}
-            if is_delivery and ordering.HEADER in template["headers"]:
+            if is_delivery and keys.HEADER in template["headers"]:
                 # As the producer does: each copy in its person's order, in the same MULTI as its message.
                 key = VENDORS[args[0]].person_key(event["identity"])
-                person = ordering.person_id(key) if key else None
-                message["headers"][ordering.HEADER] = person
+                person = keys.person_id(key) if key else None
+                message["headers"][keys.HEADER] = person
                 if person:
-                    order.extend(ordering.order_commands(self.env.get("KEY_PREFIX", "vdw"), args[0], person,
+                    order.extend(keys.order_commands(self.env.get("KEY_PREFIX", "vdw"), args[0], person,
                                                          task_id, json.dumps(event)))
             batch.append(json.dumps(message))
             ids.append(task_id)

@@ -157,7 +157,8 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
         quiet = _mid(got["quiet"])
         rows.append(Row.repeated("(diagnosis) deliveries/s without per-delivery INFO lines, vs no-op tasks/s",
                                  _per_second(got["quiet"]), _per_second(got["base"]), "/s",
-                                 notes="loggers httpx, worker.pipeline, celery.app.trace, celery.worker.strategy "
+                                 notes="loggers httpx, worker.delivery.pipeline, celery.app.trace, "
+                                       "celery.worker.strategy "
                                        f"at WARNING; worker CPU per message {quiet['cpu_ms_per_message']['worker']} "
                                        "ms (median run)",
                                  ours=got["quiet"]))

@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from worker.localstack import AppServer, RedisServer, wait_until
+from worker.dev.localstack import AppServer, RedisServer, wait_until
 
 from .stack import REPO, BenchError, BenchStack, Row, Sizes, percentile
 

@@ -11,7 +11,7 @@ import pytest
 
 import worker
 from tests.helpers import max_in_window, stop_workers
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ import pytest
 
 import worker
 from worker import clients
-from worker.localstack import RedisServer, SentinelStack, make_tls_files, wait_until
-from worker.publisher import Publisher
+from worker.dev.localstack import RedisServer, SentinelStack, make_tls_files, wait_until
+from worker.producer.publisher import Publisher
 from worker.settings import get_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -12,7 +12,7 @@ import redis
 import worker
 from tests.helpers import email_of as _email
 from tests.helpers import locate, wait_idle
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

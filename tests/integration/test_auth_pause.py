@@ -19,9 +19,9 @@ import pytest
 
 import worker
 from tests.helpers import wait_idle
-from worker.cli import vendor_status
-from worker.deadletters import DeadLetterStore
-from worker.localstack import wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import wait_until
+from worker.ops.status import vendor_status
 from worker.sandbox import SANDBOX_CREDENTIALS
 
 from .test_sentry import SentryStub

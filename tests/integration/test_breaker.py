@@ -15,9 +15,9 @@ import redis
 
 import worker
 from tests.helpers import breaker_open, email_of, max_in_window
-from worker.cli import main as cli
-from worker.deadletters import DeadLetterStore
-from worker.localstack import wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import wait_until
+from worker.ops.cli import main as cli
 from worker.retries.breaker import Breaker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -23,7 +23,7 @@ from collections import Counter
 
 import pytest
 
-from worker.localstack import RedisServer, wait_until
+from worker.dev.localstack import RedisServer, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,7 +35,7 @@ HANG = 5.0
 WEB_PROCESS = """
 import json, sys, time
 import worker
-from worker.publisher import Publisher
+from worker.producer.publisher import Publisher
 
 tag, seconds, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 print("ready", flush=True)
@@ -147,7 +147,7 @@ def _outage_run(server, consumer, product_env, sandbox_client, tag, tmp_path):
 def test_full_spool_refuses_with_enqueue_error(product_env, monkeypatch, tmp_path):
     """Broker down and spool full: the call raises EnqueueError naming SPOOL_MAX_BYTES; nothing is dropped silently."""
     import worker
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
     from worker.settings import get_settings
 
     server = RedisServer().start()
@@ -179,8 +179,8 @@ def test_an_operator_flushes_a_spool_a_dead_process_left(product_env, monkeypatc
     import redis
 
     import worker
-    from worker.cli import main
-    from worker.publisher import Publisher
+    from worker.ops.cli import main
+    from worker.producer.publisher import Publisher
     from worker.settings import get_settings
 
     server = RedisServer(persist=True).start()

@@ -1,5 +1,5 @@
 """A bulkhead per vendor: in a worker consuming every vendor queue, a slow vendor never holds more than its
-share of the threads while another vendor has work waiting (worker/limits/bulkhead.py)."""
+share of the threads while another vendor has work waiting (worker/broker/bulkhead.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 import worker
 from tests.helpers import max_in_window, wait_idle
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 from worker.settings import DEFAULT_BULKHEAD_SHARE, DEFAULT_WORKER_CONCURRENCY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,7 +26,7 @@ def mine(sandbox_client, vendor, tag):
 
 def test_a_slow_vendor_holds_only_its_share_of_the_threads(worker_factory, redis_server, product_env,
                                                            sandbox_client, unique_email):
-    from worker.limits.bulkhead import thread_share
+    from worker.broker.bulkhead import thread_share
 
     threads = DEFAULT_WORKER_CONCURRENCY
     queues = ("convertloop", "loops", "conveyour")

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from worker.deadletters import DeadLetter
-from worker.localstack import wait_until
+from worker.delivery.deadletters import DeadLetter
+from worker.dev.localstack import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_list_error_column_has_the_vendors_message_on_one_line_without_secrets(s
 def test_no_dead_letters_under_this_key_prefix_names_the_prefixes_that_have_some(product_env, unique_email):
     import redis
 
-    from worker.deadletters import DeadLetterStore
+    from worker.delivery.deadletters import DeadLetterStore
 
     elsewhere = f"cli-demo-{unique_email[1:9]}"
     other = DeadLetterStore(redis.Redis.from_url(product_env["REDIS_URL"]), elsewhere)
@@ -130,7 +130,8 @@ def test_help_is_plain_text():
         out = subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "usage: python -m worker" in out.stdout
         assert "`" not in out.stdout, out.stdout
-    out = subprocess.run([sys.executable, "-m", "worker.demo", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "worker.dev.demo", "--help"], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0 and "--flower-port" in out.stdout and "`" not in out.stdout, out.stdout
 
 

@@ -20,15 +20,14 @@ def test_status_shows_waiting_retries_breaker_and_dead_letters_and_release_makes
                                                                                           unique_email):
     import redis
 
-    from worker.app import app
-    from worker.publisher import TaskMessages
+    from worker.envelope import TaskMessages
     from worker.retries.attempts import RetryState
     from worker.retries.breaker import Breaker
     from worker.retries.schedule import RetrySchedule
 
     r = redis.Redis.from_url(product_env["REDIS_URL"])
     r.delete("loops", "vdw:retries:loops", "vdw:breaker:loops")
-    schedule, messages = RetrySchedule(r, "vdw"), TaskMessages(app)
+    schedule, messages = RetrySchedule(r, "vdw"), TaskMessages()
     scheduled = time.time()  # the retries are due 120, 300 and 900 s after a moment after this one
     for i, delay in enumerate((120, 300, 900)):
         event = {"id": f"st{i}", "operation": "identify", "created_at": "2026-01-01T00:00:00Z",
@@ -82,8 +81,9 @@ def test_status_and_a_scrape_cost_the_same_redis_work_with_100000_dead_letters_a
     import redis
     from prometheus_client import generate_latest
 
-    from worker.cli import main, vendor_status
-    from worker.metrics.export import registry
+    from worker.ops.cli import main
+    from worker.ops.export import registry
+    from worker.ops.status import vendor_status
 
     r = redis.Redis.from_url(product_env["REDIS_URL"])
     keys = (store.hash_key, store.index_key, store.counts_key)

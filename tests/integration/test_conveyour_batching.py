@@ -14,8 +14,8 @@ import pytest
 
 import worker
 from tests.helpers import wait_idle
-from worker.deadletters import DeadLetterStore
-from worker.localstack import wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,9 @@ import redis
 
 import worker
 from tests.helpers import email_of
-from worker.app import app
-from worker.deadletters import DeadLetterStore
-from worker.localstack import RedisServer, wait_until
-from worker.publisher import TaskMessages
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import RedisServer, wait_until
+from worker.envelope import TaskMessages
 from worker.retries.attempts import RetryState
 from worker.retries.schedule import UNACKED, RetrySchedule
 
@@ -85,7 +84,7 @@ def test_the_schedule_survives_a_redis_restart_and_is_delivered(start_worker, pr
     w = None
     try:
         client = redis.Redis.from_url(server.url)
-        schedule, messages = RetrySchedule(client, "vdw"), TaskMessages(app)
+        schedule, messages = RetrySchedule(client, "vdw"), TaskMessages()
         for i in range(50):
             event = {"id": f"{i:032x}", "operation": "identify", "created_at": "2026-01-01T00:00:00Z",
                      "identity": {"email": f"{i}-{unique_email}"}, "traits": {}}

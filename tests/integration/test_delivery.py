@@ -6,9 +6,9 @@ import pytest
 
 import worker
 from tests.helpers import wait_idle
-from worker.deadletters import DeadLetterStore
-from worker.localstack import wait_until
-from worker.producer import publish
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import wait_until
+from worker.producer.api import publish
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_retries_exhausted_are_dead_lettered(env, sandbox_client, unique_email):
 
 
 def test_replay_sends_to_that_vendor_only(env, sandbox_client, unique_email):
-    from worker.cli import main
+    from worker.ops.cli import main
 
     sandbox_client.configure("loops", fail_next=[422])
     event_id = worker.track("made_sale", email=unique_email)
@@ -188,7 +188,7 @@ def test_loops_idempotency_conflict_counts_as_delivered(env, sandbox_client, uni
     payload_id = worker.track("signup", email=unique_email, vendors=["loops"])
     wait_until(lambda: received(sandbox_client, "loops", body_has(unique_email), 200))
     # The same event again (e.g. a redelivery after a crash): Loops answers 409, which is success.
-    from worker.producer import publish as republish
+    from worker.producer.api import publish as republish
     entry = received(sandbox_client, "loops", body_has(unique_email), 200)[0]
     payload = {"id": payload_id, "operation": "track", "created_at": "2026-01-01T00:00:00Z",
                "identity": {"email": unique_email}, "event": "signup", "properties": {}, "occurred_at": None}

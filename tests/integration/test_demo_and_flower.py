@@ -24,9 +24,9 @@ import pytest
 import redis
 
 import worker
-from worker.deadletters import DeadLetterStore
-from worker.demo import DEMO_KEY_PREFIX, READY_LINE
-from worker.localstack import FlowerProcess, free_port, wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.demo import DEMO_KEY_PREFIX, READY_LINE
+from worker.dev.localstack import FlowerProcess, free_port, wait_until
 from worker.sandbox import SandboxClient
 
 #: Generous: how long the demo may take to get somewhere on a loaded 2-core machine (it takes a few seconds).
@@ -113,7 +113,7 @@ def kill_leftovers(tmp: Path) -> None:
 
 @dataclass
 class Demo:
-    """``python -m worker.demo`` as a subprocess in its own session, its stdout read line by line."""
+    """``python -m worker.dev.demo`` as a subprocess in its own session, its stdout read line by line."""
 
     args: tuple[str, ...]
     tmp: Path
@@ -127,7 +127,7 @@ class Demo:
         env["TMPDIR"] = str(self.tmp)  # the demo's log directory goes here
         self.stderr = self.tmp / "stderr.txt"
         with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker.demo", *self.args], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker.dev.demo", *self.args], env=env,
                                          stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
         return self

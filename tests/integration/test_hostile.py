@@ -12,8 +12,8 @@ import pytest
 import redis
 
 import worker
-from worker.deadletters import DeadLetterStore
-from worker.localstack import RedisServer, wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
 

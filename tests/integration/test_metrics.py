@@ -13,8 +13,8 @@ import pytest
 
 import worker
 from tests.helpers import metric, metric_values, stop_workers, wait_idle
-from worker.deadletters import REASONS
-from worker.localstack import MetricsExporterProcess, wait_until
+from worker.dev.localstack import MetricsExporterProcess, wait_until
+from worker.errors import REASONS
 from worker.metrics.schema import BUCKET_LABELS, OUTCOMES
 from worker.vendors import VENDORS
 

@@ -11,12 +11,13 @@ import pytest
 import redis
 
 from tests.helpers import metric, metric_values
-from worker.deadletters import REASONS, DeadLetter
+from worker.delivery.deadletters import DeadLetter
+from worker.dev.localstack import MetricsExporterProcess
+from worker.errors import REASONS
 from worker.limits.ratelimit import limiter_for
-from worker.localstack import MetricsExporterProcess
+from worker.producer.spool import Spool
 from worker.retries.breaker import Breaker
 from worker.retries.schedule import UNACKED, RetrySchedule
-from worker.spool import Spool
 from worker.vendors import VENDORS
 
 pytestmark = pytest.mark.integration

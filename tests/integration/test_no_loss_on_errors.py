@@ -15,7 +15,7 @@ import pytest
 
 import worker
 from tests.helpers import wait_idle
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,8 +29,8 @@ SITECUSTOMIZE = textwrap.dedent('''
         "limiter": ("worker.limits.throttle", "Throttle", "wait", "redis.exceptions:ConnectionError"),
         "breaker": ("worker.retries.breaker", "Breaker", "is_open", "redis.exceptions:TimeoutError"),
         "schedule": ("worker.retries.schedule", "RetrySchedule", "add", "redis.exceptions:OutOfMemoryError"),
-        "deadletters": ("worker.deadletters", "DeadLetterStore", "add", "redis.exceptions:OutOfMemoryError"),
-        "order": ("worker.ordering", "PersonLog", "finish", "redis.exceptions:ConnectionError"),
+        "deadletters": ("worker.delivery.deadletters", "DeadLetterStore", "add", "redis.exceptions:OutOfMemoryError"),
+        "order": ("worker.delivery.ordering", "PersonLog", "finish", "redis.exceptions:ConnectionError"),
         "vendor": ("worker.vendors.loops", "Loops", "build", "builtins:KeyError"),
     }
     spec = os.environ.get("VDW_TEST_FAULT")
@@ -117,7 +117,7 @@ def test_a_segment_this_worker_cannot_carry_is_a_dead_letter_naming_the_setting(
     assert dead.reason == "configuration" and "LOOPS_MAILING_LISTS" in dead.error and dead.replayable
     assert not [r for r in sandbox_client.requests(vendor="loops") if r["body"].get("email") == unique_email]
     fixed = worker_factory("drift-fixed", ("-Q", "loops"), LOOPS_MAILING_LISTS=lists)
-    from worker.cli import main
+    from worker.ops.cli import main
 
     assert main(["deadletters", "replay", dead.id]) == 0
     wait_until(lambda: sandbox_client.state("loops", unique_email), timeout=30, message="the replayed delivery")

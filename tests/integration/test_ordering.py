@@ -17,8 +17,8 @@ import redis
 import worker
 from tests.conftest import MAILING_LISTS
 from tests.helpers import wait_idle
-from worker.localstack import wait_until
-from worker.ordering import PersonLog
+from worker.delivery.ordering import PersonLog
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import pytest
 
 import worker
 from tests.helpers import breaker_open, max_in_window
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

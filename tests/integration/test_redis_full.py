@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 from worker.redisconf import REDIS_FULL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,7 +34,7 @@ EVENTS = 40
 def test_a_full_redis_loses_no_event_and_kills_no_worker(worker_factory, product_env, sandbox_client, redis_server,
                                                           store, unique_email, monkeypatch, tmp_path):
     import worker
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
     from worker.settings import get_settings
 
     monkeypatch.setenv("SPOOL_DIR", str(tmp_path / "spool"))  # this test's own spool, empty

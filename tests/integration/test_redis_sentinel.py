@@ -10,7 +10,7 @@
   its events is delivered; a producer without it, sending next to it, is measured (and printed), not asserted
   on: whether it loses anything depends on how fast the workers are.
 * With the first Sentinel down, every Redis user asks the others.
-* The workers take messages with this product's atomic take (``worker/transport.py``) under Sentinel too.
+* The workers take messages with this product's atomic take (``worker/broker/transport.py``) under Sentinel too.
 * A master name the Sentinels do not monitor is a configuration error for the producer, the CLI and a
   worker alike.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import email_of
-from worker.localstack import SentinelStack, terminate, wait_until
+from worker.dev.localstack import SentinelStack, terminate, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ VENDORS = ("convertloop", "loops", "conveyour")
 WEB_PROCESS = """
 import json, os, sys, time
 import worker
-from worker.publisher import Publisher
+from worker.producer.publisher import Publisher
 
 tag, interval, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 outcomes = []
@@ -197,7 +197,7 @@ def test_an_unknown_master_name_is_a_configuration_error_everywhere(stack, senti
     env = {**sentinel_env, "REDIS_SENTINEL_MASTER": "not-monitored", "SPOOL_DIR": str(tmp_path / "spool")}
     expected = "REDIS_SENTINEL_MASTER='not-monitored' is not a master the Sentinels at 127.0.0.1:"
     producer = subprocess.run(
-        [sys.executable, "-c", "import worker; from worker.publisher import Publisher\n"
+        [sys.executable, "-c", "import worker; from worker.producer.publisher import Publisher\n"
                                f"try:\n    worker.track('x', email={unique_email!r})\nexcept Exception as exc:\n"
                                "    print(type(exc).__name__, exc, Publisher.default().spool.pending())"],
         env=env, capture_output=True, text=True, timeout=60)
@@ -231,7 +231,7 @@ def test_a_sentinel_down_is_no_matter(stack, sentinel_env, start_worker, sandbox
         env = {**sentinel_env, "SPOOL_DIR": str(tmp_path / "spool")}
         emails = [f"{i}-{unique_email}" for i in range(3)]
         producer = subprocess.run(
-            [sys.executable, "-c", "import sys, worker; from worker.publisher import Publisher\n"
+            [sys.executable, "-c", "import sys, worker; from worker.producer.publisher import Publisher\n"
                                    "for e in sys.argv[1:]: worker.track('one_down', email=e, vendors=['loops'])\n"
                                    "print(Publisher.default().spool.pending())", *emails],
             env=env, capture_output=True, text=True, timeout=60)
@@ -270,7 +270,7 @@ def test_master_killed_under_steady_traffic_loses_nothing(stack, sentinel_env, w
     expected = {c[3] for c in calls}
     wait_delivered(sandbox_client, tag, expected, workers)
     finished = time.monotonic()
-    # Under Sentinel the workers still take each message with the atomic take script (worker/transport.py),
+    # Under Sentinel the workers still take each message with the atomic take script (worker/broker/transport.py),
     # on the promoted master too: never kombu's BRPOP.
     commands = stack.nodes[new].client().info("commandstats")
     assert commands.get("cmdstat_eval", {}).get("calls", 0) > 0 and "cmdstat_brpop" not in commands, \

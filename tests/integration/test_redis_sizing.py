@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.localstack import RedisServer
+from worker.dev.localstack import RedisServer
 
 pytestmark = [pytest.mark.integration]
 
@@ -36,12 +36,12 @@ def _used(client) -> int:
 def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatch, tmp_path):
     import worker
     from worker import clients
-    from worker.publisher import Publisher, TaskMessages
+    from worker.broker.transport import _TAKE
+    from worker.envelope import TaskMessages
+    from worker.producer.publisher import Publisher
     from worker.retries.attempts import RetryState
     from worker.retries.schedule import UNACKED, UNACKED_INDEX, RetrySchedule
     from worker.settings import get_settings
-    from worker.tasks import deliver
-    from worker.transport import _TAKE
 
     server = RedisServer().start()
     try:
@@ -66,7 +66,7 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
         message_bytes = sum(len(m) for m in client.lrange("loops", 0, -1)) / N
 
         # The same deliveries waiting to retry: each the whole message, as the task writes it to the schedule.
-        messages = TaskMessages(deliver.app)
+        messages = TaskMessages()
         entries = []
         for raw in client.lrange("loops", 0, -1):
             envelope = json.loads(raw)

@@ -17,10 +17,10 @@ import redis
 
 import worker
 from worker import clients
+from worker.delivery.pipeline import Pipeline
+from worker.dev.localstack import RedisServer, SentinelStack, make_tls_files, wait_until
 from worker.errors import EnqueueError
-from worker.localstack import RedisServer, SentinelStack, make_tls_files, wait_until
-from worker.pipeline import Pipeline
-from worker.publisher import Publisher
+from worker.producer.publisher import Publisher
 from worker.settings import get_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

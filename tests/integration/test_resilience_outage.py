@@ -13,8 +13,8 @@ import pytest
 import worker
 from tests.helpers import breaker_open, max_in_window
 from tests.helpers import email_of as _email
-from worker.deadletters import DeadLetterStore
-from worker.localstack import wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -15,10 +15,10 @@ import redis
 import worker
 from tests.helpers import max_in_window
 from worker import clients
-from worker.deadletters import DeadLetterStore
-from worker.localstack import RedisServer, wait_until
-from worker.pipeline import Pipeline
-from worker.publisher import Publisher
+from worker.delivery.deadletters import DeadLetterStore
+from worker.delivery.pipeline import Pipeline
+from worker.dev.localstack import RedisServer, wait_until
+from worker.producer.publisher import Publisher
 from worker.settings import get_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -17,8 +17,8 @@ import statistics
 import pytest
 
 import worker
-from worker.deadletters import DeadLetterStore
-from worker.localstack import wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import wait_until
 from worker.retries.backoff import RETRY_AFTER_SPREAD, RETRY_AFTER_SPREAD_MAX
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,7 +29,7 @@ MAX = 4.0
 EVENTS = 8
 #: The worker logs each wait it chose with two decimals.
 ROUNDING = 0.005
-#: "retrying <vendor> event=<id> status=<status> attempt=<n> in <wait>s ..." (worker/pipeline.py)
+#: "retrying <vendor> event=<id> status=<status> attempt=<n> in <wait>s ..." (worker/delivery/pipeline.py)
 RETRYING = re.compile(r"retrying \w+ event=(\S+) status=\S+ attempt=(\d+) in ([0-9.]+)s")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import worker
 from tests.helpers import wait_idle
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 from worker.sandbox import SANDBOX_CREDENTIALS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -13,7 +13,7 @@ import redis
 
 import worker
 from tests.helpers import UNACKED, locate, wait_idle
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,8 +18,8 @@ import redis
 
 import worker
 from tests.helpers import wait_idle
-from worker.deadletters import DeadLetterStore
-from worker.localstack import FlowerProcess, wait_until
+from worker.delivery.deadletters import DeadLetterStore
+from worker.dev.localstack import FlowerProcess, wait_until
 from worker.settings import get_settings
 
 from ..conftest import TEST_CREDENTIALS

@@ -15,11 +15,11 @@ import pytest
 import redis
 
 import worker
-from worker import producer
-from worker.localstack import RedisServer, free_port, wait_until
-from worker.publisher import Publisher
+from worker.dev.localstack import RedisServer, free_port, wait_until
+from worker.producer import api as producer
+from worker.producer.publisher import Publisher
+from worker.producer.spool import Spool
 from worker.settings import get_settings
-from worker.spool import Spool
 from worker.vendors import VENDORS
 
 
@@ -201,7 +201,7 @@ def test_a_refused_redis_spools_every_call_and_the_flusher_publishes_them(outage
 
 def test_a_cancelled_caller_still_gets_its_event_spooled(outage_env, hung_redis, monkeypatch):
     spool = outage_env(hung_redis)
-    from worker.publisher_async import AsyncPublisher
+    from worker.producer.publisher_async import AsyncPublisher
 
     started = asyncio.Event()
     real_publish = AsyncPublisher.publish
@@ -290,7 +290,7 @@ def test_bad_input_is_still_invalid_event_when_no_vendor_is_enabled(no_vendors):
 
 
 def test_the_check_command_names_the_vendors_or_fails_without_one(no_vendors, product_env, capsys, monkeypatch):
-    from worker.cli import main
+    from worker.ops.cli import main
 
     assert main(["check", "--timeout", "5"]) == 2
     assert "no vendor is enabled" in capsys.readouterr().err

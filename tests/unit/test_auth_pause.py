@@ -10,11 +10,11 @@ import pytest
 import respx
 
 from worker import observability
-from worker.deadletters import DeadLetterStore
+from worker.delivery.deadletters import DeadLetterStore
+from worker.delivery.pipeline import Delivered, Pipeline, VendorAuthFailed, VendorDown
 from worker.errors import DeadLettered
 from worker.limits.ratelimit import Unlimited
 from worker.limits.throttle import Throttle
-from worker.pipeline import Delivered, Pipeline, VendorAuthFailed, VendorDown
 from worker.retries.breaker import AUTH_FAILED, CLOSED, Breaker
 from worker.retries.schedule import RetrySchedule
 from worker.sandbox import SANDBOX_CREDENTIALS
@@ -77,7 +77,7 @@ def test_a_run_of_401s_pauses_the_vendor_and_only_the_first_answers_are_dead_let
     for i in (1, 2):  # fewer than AUTH_FAILURE_THRESHOLD in a row: rejected, as any 4xx
         with pytest.raises(DeadLettered):
             p.deliver("loops", track(i))
-    with caplog.at_level(logging.ERROR, logger="worker.pipeline"), pytest.raises(VendorAuthFailed) as paused:
+    with caplog.at_level(logging.ERROR, logger="worker.delivery.pipeline"), pytest.raises(VendorAuthFailed) as paused:
         p.deliver("loops", track(3))  # the third pauses the vendor: this delivery goes back
     assert "LOOPS_API_KEY" in str(paused.value)
     for i in (4, 5):  # in flight when the pause began (sent before this process saw it): back too, not dead

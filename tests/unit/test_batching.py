@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker import batching
-from worker.batching import Batcher, BatchError, Sent
+from worker.delivery import batching
+from worker.delivery.batching import Batcher, BatchError, Sent
 from worker.limits.ratelimit import RateLimiter, Reservation, Unlimited
 from worker.limits.throttle import Throttled
 from worker.vendors import Outcome, Verdict

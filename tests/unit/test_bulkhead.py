@@ -1,5 +1,5 @@
-"""The bulkhead's counting and decisions (worker/limits/bulkhead.py), and how the queue gate combines its stops
-with throttle pauses and circuit-breaker holds (worker/limits/gate.py), on a stand-in consumer."""
+"""The bulkhead's counting and decisions (worker/broker/bulkhead.py), and how the queue gate combines its stops
+with throttle pauses and circuit-breaker holds (worker/broker/gate.py), on a stand-in consumer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from celery import signals
 
-from worker.limits import bulkhead, gate
-from worker.limits.bulkhead import RECONCILE_GRACE, Bulkhead, thread_share
+from worker.broker import bulkhead, gate
+from worker.broker.bulkhead import RECONCILE_GRACE, Bulkhead, thread_share
 
 
 @pytest.mark.parametrize(("concurrency", "queues", "share", "expected"), [

@@ -12,12 +12,12 @@ import pytest
 import redis
 import respx
 
-from worker.deadletters import DeadLetterStore
+from worker.delivery.deadletters import DeadLetterStore
+from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
 from worker.errors import DeadLettered
 from worker.events import IdentifyEvent, Identity, SegmentEvent, TrackEvent
 from worker.limits.ratelimit import RateLimiter, Reservation, Unlimited
 from worker.limits.throttle import Throttle
-from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.sandbox.conveyour import ConveYourAPI
 from worker.settings import (

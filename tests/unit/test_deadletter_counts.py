@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from worker.deadletters import DeadLetter, DeadLetterStore, _decode_counts
+from worker.delivery.deadletters import DeadLetter, DeadLetterStore, _decode_counts
 
 
 @pytest.fixture

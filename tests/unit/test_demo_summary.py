@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
-from worker import cli, demo
-from worker.deadletters import DeadLetter, vendor_message
+from worker.delivery.deadletters import DeadLetter, vendor_message
+from worker.dev import demo
+from worker.ops import cli
 
 VENDORS = ["convertloop", "loops", "conveyour"]
 

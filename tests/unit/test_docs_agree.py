@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import demo
+from worker.dev import demo
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text(encoding="utf-8")

@@ -12,15 +12,15 @@ import respx
 from prometheus_client import generate_latest
 
 from tests.helpers import metric, metric_values
+from worker.delivery.pipeline import Pipeline, RetryLater
+from worker.dev.localstack import free_port
 from worker.errors import DeadLettered
 from worker.limits.ratelimit import Unlimited
 from worker.limits.throttle import Throttle
-from worker.localstack import free_port
 from worker.metrics import DEAD_LETTERED, DELIVERED, RETRIED
 from worker.metrics.collect import Flusher, Recorder
-from worker.metrics.export import FAMILIES, VendorCollector, exposed_names
 from worker.metrics.schema import BUCKET_LABELS, counters_key
-from worker.pipeline import Pipeline, RetryLater
+from worker.ops.export import FAMILIES, VendorCollector, exposed_names
 from worker.settings import Settings
 from worker.vendors import VENDORS
 

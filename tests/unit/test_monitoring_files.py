@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker.metrics.export import DEFAULT_PORT, exposed_names
+from worker.ops.export import DEFAULT_PORT, exposed_names
 from worker.vendors import VENDORS
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"

@@ -18,10 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 
 import worker
-from worker import producer
-from worker.localstack import free_port
+from worker.dev.localstack import free_port
 from worker.oncommit import sqlalchemy as sa_events
-from worker.publisher import Publisher
+from worker.producer import api as producer
+from worker.producer.publisher import Publisher
 from worker.settings import get_settings
 from worker.vendors import VENDORS
 

@@ -1,4 +1,4 @@
-"""Per-person order: the producer's writes, the turn, parking and the sweep (worker/ordering.py) on a real Redis;
+"""Per-person order: the producer's writes, the turn, parking and the sweep (worker/delivery/ordering.py) on real Redis;
 merging (worker/events.py) and merged requests (worker/vendors)."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import threading
 
 import pytest
 
-from worker import ordering
+from worker.delivery import ordering
+from worker.delivery.ordering import CLAIMED, DONE, PARKED, PersonLog
+from worker.envelope import TaskMessages
 from worker.events import IdentifyEvent, Identity, SegmentEvent, TrackEvent, merge
-from worker.ordering import CLAIMED, DONE, PARKED, PersonLog, person_id
-from worker.publisher import TaskMessages, wire
+from worker.keys import HEADER, order_commands, person_id
+from worker.producer.publisher import ordered, wire
 from worker.settings import Settings
 from worker.vendors import VENDORS
 
@@ -20,7 +22,7 @@ P = person_id("email:jill@acme.co")
 
 def queue_calls(client, prefix: str, vendor: str, person: str, ids: list[str]) -> None:
     for task_id in ids:
-        for command in ordering.order_commands(prefix, vendor, person, task_id, json.dumps({"id": task_id})):
+        for command in order_commands(prefix, vendor, person, task_id, json.dumps({"id": task_id})):
             client.execute_command(*command)
 
 
@@ -131,14 +133,13 @@ def test_only_one_of_many_threads_takes_the_turn(redis_server, prefix):
 
 
 def test_the_producer_queues_a_call_and_its_place_in_one_multi(client, prefix):
-    from worker.app import app
 
     payload = {"id": "ev1", "operation": "identify", "created_at": "2026-01-01T00:00:00Z",
                "identity": {"email": "jill@acme.co"}, "traits": {"plan": "pro"}}
-    messages = TaskMessages(app).ordered(payload, ["loops", "conveyour"], prefix)
+    messages = ordered(TaskMessages(), payload, ["loops", "conveyour"], prefix)
     queues = [m for m in messages if m[0]]
     assert [q for q, _ in queues] == ["loops", "conveyour"]
-    headers = [json.loads(m)["headers"][ordering.HEADER] for _, m in queues]
+    headers = [json.loads(m)["headers"][HEADER] for _, m in queues]
     assert headers == [person_id("email:jill@acme.co"), person_id("id:jill@acme.co")]
     data, replies = wire(messages)
     assert data.startswith(b"*1\r\n$5\r\nMULTI\r\n") and data.endswith(b"*1\r\n$4\r\nEXEC\r\n")

@@ -9,11 +9,11 @@ import pytest
 import redis
 import respx
 
-from worker.deadletters import DeadLetterStore
+from worker.delivery.deadletters import DeadLetterStore
+from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
 from worker.errors import DeadLettered
 from worker.limits.ratelimit import Unlimited
 from worker.limits.throttle import Throttle
-from worker.pipeline import Delivered, Pipeline, RetryLater
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.settings import Settings
 from worker.vendors import VENDORS
@@ -136,7 +136,7 @@ def test_disabled_vendor_is_dead_lettered_for_later_replay(pipeline, store):
 def test_the_retry_window_ends_in_retries_exhausted_with_first_and_last_failure(pipeline, store, monkeypatch):
     import time
 
-    from worker import pipeline as pipeline_module
+    from worker.delivery import pipeline as pipeline_module
     from worker.events import utc_iso
     from worker.retries.attempts import RetryState
 
@@ -186,7 +186,7 @@ def test_a_429_never_counts_an_attempt_nor_ends_the_window(pipeline, store):
 def test_an_open_breaker_sends_nothing_but_the_probe(pipeline, redis_server):
     import uuid
 
-    from worker.pipeline import VendorDown
+    from worker.delivery.pipeline import VendorDown
     from worker.retries.breaker import Breaker
 
     pipeline.breaker = Breaker(redis.Redis.from_url(redis_server.url), f"unit-{uuid.uuid4().hex[:8]}", threshold=2)

@@ -11,8 +11,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import worker
-from worker import producer
 from worker.events import parse_event
+from worker.producer import api as producer
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.settings import get_settings
 

@@ -7,8 +7,8 @@ import json
 
 import redis
 
-from worker.publisher import TaskMessages
-from worker.tasks import deliver
+from worker.broker.tasks import deliver
+from worker.envelope import TaskMessages
 
 PAYLOAD = {"id": "e" * 32, "operation": "track", "event": "sale", "identity": {"email": "a@b.co"},
            "properties": {"amount": 5, "note": "100% \"quoted\" ünïcode"}, "created_at": "2026-01-01T00:00:00Z"}
@@ -28,7 +28,7 @@ def test_messages_match_what_apply_async_writes(product_env, redis_server):
         deliver.apply_async(args=("loops", PAYLOAD), queue="loops", task_id=f"{PAYLOAD['id']}.loops",
                             connection=connection)
     celery_env, celery_body = _decode(client.rpop("loops"))
-    ((queue, ours),) = TaskMessages(deliver.app).build(PAYLOAD, ["loops"])
+    ((queue, ours),) = TaskMessages().build(PAYLOAD, ["loops"])
     our_env, our_body = _decode(ours)
 
     assert queue == "loops"
@@ -46,7 +46,7 @@ def test_messages_match_what_apply_async_writes(product_env, redis_server):
 
 def test_every_message_has_its_own_task_id_and_delivery_tag(product_env):
     # product_env first: Celery reads its configuration (the broker URL) on first use, for the whole session.
-    messages = TaskMessages(deliver.app).build(PAYLOAD, ["convertloop", "loops", "conveyour"], ".replay-1")
+    messages = TaskMessages().build(PAYLOAD, ["convertloop", "loops", "conveyour"], ".replay-1")
     envelopes = [_decode(m)[0] for _, m in messages]
     assert [q for q, _ in messages] == ["convertloop", "loops", "conveyour"]
     assert [e["headers"]["id"] for e in envelopes] == [f"{PAYLOAD['id']}.{v}.replay-1"

@@ -368,7 +368,7 @@ def test_a_pause_or_a_cut_revokes_slots_reserved_before_it(client, key):
 
 def test_redis_away_after_a_slot_was_granted_does_not_fail_the_delivery(redis_server, key):
     """A waiter's check after its sleep, and observing an answer, survive a Redis restart."""
-    from worker.localstack import RedisServer
+    from worker.dev.localstack import RedisServer
 
     own = RedisServer().start()
     c = redis.Redis.from_url(own.url)

@@ -14,7 +14,7 @@ import logging
 import pytest
 import redis
 
-from worker.localstack import RedisServer, wait_until
+from worker.dev.localstack import RedisServer, wait_until
 from worker.redisconf import REDIS_FULL
 
 
@@ -36,7 +36,7 @@ def full_redis():
 def producer_on(product_env, monkeypatch, tmp_path):
     """Point this process's producer at ``server`` (a fresh publisher, a spool of its own)."""
     from worker import clients
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
     from worker.settings import get_settings
 
     def point(server: RedisServer, **env: str) -> None:
@@ -59,16 +59,16 @@ def producer_on(product_env, monkeypatch, tmp_path):
 
 def test_a_full_redis_spools_the_event_and_the_log_says_redis_is_full(full_redis, producer_on, caplog):
     import worker
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
 
     producer_on(full_redis)
     full_redis.fill()
-    with caplog.at_level(logging.WARNING, logger="worker.publisher"):
+    with caplog.at_level(logging.WARNING, logger="worker.producer.publisher"):
         event_id = worker.track("sale", email="a@example.com", properties={"amount": 1})
     assert event_id
     spool = Publisher.default().spool
     assert spool is not None and spool.pending() == 1
-    lines = [r.getMessage() for r in caplog.records if r.name == "worker.publisher"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.producer.publisher"]
     assert any(line.startswith(f"{REDIS_FULL}, spooling events to ") and "until it has room" in line
                for line in lines), lines
     assert not any("broker unreachable" in line for line in lines), lines
@@ -77,7 +77,7 @@ def test_a_full_redis_spools_the_event_and_the_log_says_redis_is_full(full_redis
 
 def test_the_flusher_keeps_trying_until_redis_has_room(full_redis, producer_on, caplog):
     import worker
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
 
     producer_on(full_redis)
     full_redis.fill()
@@ -99,7 +99,7 @@ def test_the_flusher_keeps_trying_until_redis_has_room(full_redis, producer_on, 
     publisher._push = counted  # type: ignore[method-assign]
     wait_until(lambda: len(refused) >= 3, timeout=15, message="the flusher to try again, and again, while full")
     assert publisher.spool.pending() == 3
-    with caplog.at_level(logging.WARNING, logger="worker.publisher"):
+    with caplog.at_level(logging.WARNING, logger="worker.producer.publisher"):
         full_redis.room()
         wait_until(lambda: publisher.spool.pending() == 0, timeout=15, message="the flusher to publish the spool")
         wait_until(lambda: "Redis has room again; spool drained" in caplog.text, timeout=15,
@@ -121,7 +121,7 @@ def test_with_the_spool_off_the_error_names_a_full_redis(full_redis, producer_on
 
 def test_the_asyncio_api_spools_on_a_full_redis_too(full_redis, producer_on, caplog):
     import worker
-    from worker.publisher import Publisher
+    from worker.producer.publisher import Publisher
 
     producer_on(full_redis)
     full_redis.fill()
@@ -129,7 +129,7 @@ def test_the_asyncio_api_spools_on_a_full_redis_too(full_redis, producer_on, cap
     async def call() -> str:
         return await worker.aio.track("sale", email="a@example.com", vendors=["loops"])
 
-    with caplog.at_level(logging.WARNING, logger="worker.publisher"):
+    with caplog.at_level(logging.WARNING, logger="worker.producer.publisher"):
         assert asyncio.run(call())
     spool = Publisher.default().spool
     assert spool is not None and spool.pending() == 1
@@ -146,7 +146,7 @@ def _envelope(tag: str, queue: str = "q") -> dict:
 
 def test_a_take_refused_by_a_full_redis_leaves_the_message_on_its_queue(full_redis):
     """The take records before it pops: a full Redis refuses its first write and nothing changes."""
-    from worker.transport import _TAKE
+    from worker.broker.transport import _TAKE
 
     client = full_redis.client()
     message = json.dumps(_envelope("t1"))
@@ -166,7 +166,7 @@ def test_a_take_refused_by_a_full_redis_leaves_the_message_on_its_queue(full_red
 def _channel(server: RedisServer):
     from kombu import Connection
 
-    conn = Connection(server.url, transport="worker.transport:Transport")
+    conn = Connection(server.url, transport="worker.broker.transport:Transport")
     return conn, conn.channel()
 
 
@@ -253,7 +253,7 @@ def test_a_probe_claims_nothing_from_a_full_redis(full_redis):
 
 
 def test_check_fails_on_a_full_redis_and_warns_near_it(full_redis, producer_on, capsys):
-    from worker.cli import main
+    from worker.ops.cli import main
 
     producer_on(full_redis)
     assert main(["check"]) == 0
@@ -274,8 +274,8 @@ def test_check_fails_on_a_full_redis_and_warns_near_it(full_redis, producer_on, 
 
 def test_status_and_the_exporter_show_redis_memory_and_full(full_redis, producer_on, capsys):
     from tests.helpers import metric, metric_values
-    from worker.cli import main
-    from worker.metrics.export import registry
+    from worker.ops.cli import main
+    from worker.ops.export import registry
 
     producer_on(full_redis)
     full_redis.fill()

@@ -9,7 +9,7 @@ import redis
 from pydantic import ValidationError
 from redis.sentinel import SentinelConnectionPool
 
-from worker.publisher import Publisher
+from worker.producer.publisher import Publisher
 from worker.redisconf import RedisConfigError, RedisTarget, config_problem
 from worker.settings import Settings
 
@@ -22,7 +22,7 @@ def test_a_plain_url_is_used_as_it_always_was():
     kwargs = t.client(socket_timeout=1).connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["socket_timeout"]) == ("127.0.0.1", 6390, 3, 1)
     assert t.celery() == {"broker_url": "redis://:pw@127.0.0.1:6390/3",
-                          "broker_transport": "worker.transport:Transport",
+                          "broker_transport": "worker.broker.transport:Transport",
                           "transport_options": {}, "broker_use_ssl": None}
     assert "pw" not in t.describe() and "6390" in t.describe()
 
@@ -58,7 +58,7 @@ def test_a_sentinel_url_names_every_sentinel_and_the_master():
     assert celery["broker_url"] == "sentinel://:redispw@10.0.0.1:26379/2"
     assert celery["transport_options"]["sentinels"] == ["sentinel://10.0.0.1:26379", "sentinel://10.0.0.2:26379",
                                                         "sentinel://[fd00::3]:26380"]
-    assert celery["broker_transport"] == "worker.transport:SentinelTransport"
+    assert celery["broker_transport"] == "worker.broker.transport:SentinelTransport"
     assert celery["transport_options"]["master_name"] == "mymaster"
     assert celery["transport_options"]["sentinel_kwargs"]["password"] == "spw"
     assert celery["broker_use_ssl"] is None
@@ -134,7 +134,6 @@ def test_wait_replicas_spools_what_no_replica_confirmed(product_env, redis_serve
     """The test Redis has no replica: with PUBLISH_WAIT_REPLICAS=1 the master takes the messages, the call
     counts them as not safe and spools them too, and the flusher does not publish the spool again while no
     replica confirms (it would only make another copy each round)."""
-    from worker.app import app
     from worker.settings import get_settings
 
     monkeypatch.setenv("PUBLISH_WAIT_REPLICAS", "1")
@@ -142,7 +141,7 @@ def test_wait_replicas_spools_what_no_replica_confirmed(product_env, redis_serve
     get_settings.cache_clear()
     client = redis.Redis.from_url(redis_server.url)
     client.delete("loops")
-    publisher = Publisher(get_settings(), app)
+    publisher = Publisher(get_settings())
     try:
         payload = {"id": "f" * 32, "operation": "track", "event": "e", "identity": {"email": "a@b.co"}}
         assert publisher.publish(payload, ["loops"]) == "spooled"
@@ -157,7 +156,7 @@ def test_wait_replicas_spools_what_no_replica_confirmed(product_env, redis_serve
 
 def test_a_sentinel_that_does_not_answer_is_passed_over_at_once():
     """redis-py retries a refused connection three times with backoff (seconds); a Sentinel client must not."""
-    from worker.localstack import free_port
+    from worker.dev.localstack import free_port
 
     t = RedisTarget.parse(f"sentinel://127.0.0.1:{free_port()}/0", master="m")
     manager = t.client(socket_connect_timeout=1).connection_pool.sentinel_manager

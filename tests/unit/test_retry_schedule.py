@@ -11,8 +11,8 @@ from collections import Counter
 import redis
 from kombu.transport import redis as kombu_redis
 
-from worker.app import app
-from worker.publisher import TaskMessages
+from worker.broker.app import app
+from worker.envelope import TaskMessages
 from worker.retries.attempts import RetryState
 from worker.retries.schedule import CHUNK, UNACKED, UNACKED_INDEX, RetrySchedule, Waiting
 
@@ -23,7 +23,7 @@ def event(i: int = 0) -> dict:
 
 
 def message(queue: str, i: int = 0, retries: int = 1) -> str:
-    return TaskMessages(app).retry(queue, event(i), f"ev{i}.{queue}", retries, RetryState(retries, 1.0).header())
+    return TaskMessages().retry(queue, event(i), f"ev{i}.{queue}", retries, RetryState(retries, 1.0).header())
 
 
 def test_add_acknowledges_the_held_message_in_the_same_step(client, prefix):

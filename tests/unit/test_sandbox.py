@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.localstack import wait_until
+from worker.dev.localstack import wait_until
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient, base_urls
 from worker.sandbox.state import RATE_LIMIT_MODES, FixedWindow, SandboxState, SlidingWindow, TokenBucket
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from worker.spool import Spool, SpoolFull
+from worker.producer.spool import Spool, SpoolFull
 
 
 def test_entries_drain_oldest_first_and_are_removed(tmp_path):

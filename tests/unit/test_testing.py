@@ -25,11 +25,11 @@ from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmake
 
 import worker
 import worker.testing
-from worker import producer
-from worker.localstack import VENDOR_ENV_PREFIXES, free_port
+from worker.dev.localstack import VENDOR_ENV_PREFIXES, free_port
 from worker.oncommit import sqlalchemy as sa_events
-from worker.publisher import Publisher
-from worker.publisher_async import AsyncPublisher
+from worker.producer import api as producer
+from worker.producer.publisher import Publisher
+from worker.producer.publisher_async import AsyncPublisher
 from worker.settings import get_settings
 from worker.testing import FAKE_CREDENTIALS, Call
 from worker.vendors import VENDORS
@@ -502,7 +502,7 @@ def test_the_pytest_plugin_gives_the_fixture_and_imports_nothing_heavy_at_start(
 
 
         def test_fixture_is_stopped_after_each_test():
-            from worker import producer
+            from worker.producer import api as producer
 
             assert producer.recording is None
     """))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.localstack import VENDOR_ENV_PREFIXES, free_port
+from worker.dev.localstack import VENDOR_ENV_PREFIXES, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Each example's tests, and how many there are (a test file that stopped being collected fails here too).

@@ -7,7 +7,7 @@ from kombu import Connection
 
 
 def test_a_channel_keeps_its_redis_address_after_the_transport_lets_go(redis_server):
-    conn = Connection(redis_server.url, transport="worker.transport:Transport")
+    conn = Connection(redis_server.url, transport="worker.broker.transport:Transport")
     channel = conn.channel()
     try:
         # What Connection.collect() does when Celery handles a lost broker connection ...
@@ -30,7 +30,7 @@ def test_a_message_popped_as_redis_goes_away_goes_back_on_its_queue(redis_server
     import redis
     from kombu.transport import redis as kombu_redis
 
-    from worker import transport
+    from worker.broker import transport
 
     envelope = {"body": "e30=", "headers": {"id": "lost-1"}, "properties": {"delivery_info": {}},
                 "content-type": "application/json"}
@@ -39,7 +39,7 @@ def test_a_message_popped_as_redis_goes_away_goes_back_on_its_queue(redis_server
         raise redis.ConnectionError("Connection closed by server.")
 
     monkeypatch.setattr(kombu_redis.Transport, "_deliver", redis_gone)
-    conn = Connection(redis_server.url, transport="worker.transport:Transport")
+    conn = Connection(redis_server.url, transport="worker.broker.transport:Transport")
     try:
         with pytest.raises(redis.ConnectionError):
             conn.transport._deliver(envelope, "orphans-q")
@@ -58,7 +58,7 @@ def test_the_installed_kombu_is_one_the_transport_knows(monkeypatch):
     import kombu
     from kombu.transport import redis as kombu_redis
 
-    from worker.transport import check_kombu
+    from worker.broker.transport import check_kombu
 
     check_kombu()
     monkeypatch.setattr(kombu, "__version__", "5.6.2")
@@ -75,10 +75,10 @@ def test_a_channel_of_several_queues_watches_briefly_while_the_gate_leaves_it_on
     hold, the bulkhead) watches the one left for WATCH_EACH only, so a queue given back is taken at once."""
     from types import SimpleNamespace
 
-    from worker import transport
+    from worker.broker import transport
 
     def watch(consume: list[str], cancel: list[str]) -> list:
-        conn = Connection(redis_server.url, transport="worker.transport:Transport")
+        conn = Connection(redis_server.url, transport="worker.broker.transport:Transport")
         try:
             channel = conn.channel()
             for q in consume:

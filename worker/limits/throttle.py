@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from ..settings import TOKEN_WAIT_MAX
 from .ratelimit import RateLimiter
 
 #: Threads per process that may wait for one vendor's tokens at a time.
@@ -40,8 +41,8 @@ RESUME_LEAD = 0.25
 #: A waiter that keeps waking too late takes at most this many new slots, then sends anyway.
 MAX_LATE_RETAKES = 3
 #: Seconds a thread may wait for a token in all; then its message is requeued (:class:`Throttled`), so no
-#: delivery holds its message longer than the broker's visibility timeout allows for.
-DEFAULT_MAX_TOTAL = 5.0
+#: delivery holds its message longer than the broker's visibility timeout allows for (the settings count it in).
+DEFAULT_MAX_TOTAL = TOKEN_WAIT_MAX
 
 
 class Throttled(Exception):

@@ -7,7 +7,7 @@ add to this process's in-memory counts (:class:`~worker.metrics.collect.Recorder
 a worker process runs a flusher thread (:func:`start`, from a Celery signal in
 :mod:`worker.app`) that adds them to Redis about once a second, and
 :func:`stop` flushes the rest on a clean shutdown. ``python -m worker metrics``
-(:mod:`worker.metrics.export`) serves the totals and the live gauges to Prometheus.
+(:mod:`worker.ops.export`) serves the totals and the live gauges to Prometheus.
 
 Example::
 

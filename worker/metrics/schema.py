@@ -1,7 +1,7 @@
 """What the metrics are called, which label values they take, and how their counts are kept in Redis.
 
 Workers add to the counts (:mod:`worker.metrics.collect`), the exporter reads
-them (:mod:`worker.metrics.export`); both go through this module, so the two
+them (:mod:`worker.ops.export`); both go through this module, so the two
 sides cannot disagree. Counts live in ONE Redis hash, ``<KEY_PREFIX>:metrics:counters``,
 one field per series:
 
@@ -30,7 +30,7 @@ from typing import Final
 
 from prometheus_client.utils import floatToGoString
 
-from ..deadletters import REASONS
+from ..errors import REASONS
 from ..vendors import VENDORS
 
 #: Prefix of every metric name.
@@ -40,7 +40,7 @@ NAMESPACE: Final = "vdw"
 DELIVERED: Final = "delivered"
 RETRIED: Final = "retried"
 DEAD_LETTERED: Final = "dead_lettered"
-#: Delivered inside another call's request (a person's waiting updates merged: worker/ordering.py); a merged
+#: Delivered inside another call's request (a person's waiting updates merged: worker/delivery/ordering.py); a merged
 #: request of k calls counts 1 delivered and k - 1 merged.
 MERGED: Final = "merged"
 OUTCOMES: Final = (DELIVERED, RETRIED, DEAD_LETTERED, MERGED)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 
-from .. import aio, producer
-from ..producer import Prepared
+from .. import aio
+from ..producer import api as producer
+from ..producer.api import Prepared
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from django.db import transaction
 
-from .. import producer
-from ..producer import Prepared
+from ..producer import api as producer
+from ..producer.api import Prepared
 from . import send_committed
 
 

@@ -34,8 +34,8 @@ from typing import Any
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
-from .. import producer
-from ..producer import Prepared
+from ..producer import api as producer
+from ..producer.api import Prepared
 from . import asend_committed, send_committed
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ retryable failure) ends the pause like it closes an open breaker.
 
 State lives in one Redis hash per vendor; every change is one Lua script on
 Redis' clock. Each process keeps a local view, refreshed by its
-:class:`~worker.retries.ticker.Ticker` and by its own results, so a healthy
+:class:`~worker.broker.ticker.Ticker` and by its own results, so a healthy
 delivery costs no Redis write: only a success after failures writes.
 
 Example::

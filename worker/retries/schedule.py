@@ -20,17 +20,23 @@ Example::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import redis
-from kombu.transport import redis as kombu_redis
+
+from ..keys import UNACKED, UNACKED_INDEX
 
 #: Entries one script call moves; a larger backlog takes several calls, so Redis never blocks long.
 CHUNK = 500
 
-#: kombu's Redis transport records every message a worker holds here (tag -> [message, exchange, queue]).
-UNACKED = kombu_redis.Channel.unacked_key
-UNACKED_INDEX = kombu_redis.Channel.unacked_index_key
+#: Set when this process puts a retry on the schedule: its ticker looks again at once (see :func:`poke`).
+WAKE = threading.Event()
+
+
+def poke() -> None:
+    """A retry was just scheduled here: let this process's ticker recompute when the next one is due."""
+    WAKE.set()
 
 _NOW = """
 local t = redis.call('TIME')
@@ -69,7 +75,7 @@ return {#due, tostring(wait)}
 # KEYS: schedule, queue, unacked, unacked_index. Takes ONE message for a probe: the earliest waiting retry,
 # else the next message on the queue, and records it as held (as kombu does for a consumed message), so a
 # probe whose process dies is redelivered like any other. Returns the message, or false.
-# As the consumer's take (worker/transport.py, _TAKE): read, record (HSET, the first write: a full Redis
+# As the consumer's take (worker/broker/transport.py, _TAKE): read, record (HSET, the first write: a full Redis
 # refuses the script whole, nothing taken), then remove. Redis checks maxmemory at a script's first write only.
 _CLAIM_ONE = _NOW + """
 local m = redis.call('ZRANGE', KEYS[1], 0, 0)[1]

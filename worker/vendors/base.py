@@ -1,7 +1,7 @@
 """The small contract every vendor module fulfils: build requests, classify responses.
 
 A vendor module is pure: no I/O, no Celery, no Redis. The delivery pipeline
-(:mod:`worker.pipeline`) does the sending. Credentials only ever appear in
+(:mod:`worker.delivery.pipeline`) does the sending. Credentials only ever appear in
 :meth:`Vendor.auth_headers`, which the pipeline adds at send time, so built
 requests can be logged and dead-lettered safely.
 
@@ -9,7 +9,7 @@ A vendor that accepts several calls in one request (ConveYour's bulk identify)
 also says which events may share a request (:meth:`Vendor.batchable`), builds
 that request (:meth:`Vendor.build_batch`) and maps its answer onto one
 :class:`Outcome` per event (:meth:`Vendor.classify_batch`); the defaults mean
-"no batching". :mod:`worker.batching` does the gathering.
+"no batching". :mod:`worker.delivery.batching` does the gathering.
 
 Example::
 

@@ -5,7 +5,7 @@ call from any delivery thread) hands the work to the consumer's own loop,
 which stops fetching from the queue and resumes after ``seconds``. :func:`hold`
 stops fetching until :func:`release` (a vendor whose circuit breaker is open);
 :func:`limit` until :func:`unlimit` (the vendor's deliveries hold their share of
-the worker's threads: :mod:`worker.limits.bulkhead`). A queue is fetched from
+the worker's threads: :mod:`worker.broker.bulkhead`). A queue is fetched from
 again only when none of the three stops it: ending one never resumes a queue
 another still stops. Outside a worker (e.g. a test calling the pipeline) they do
 nothing.

@@ -10,7 +10,7 @@ which returns the tail without removing it, then takes. With one queue that
 wait is as long as BRPOP's; with several it watches each for at most
 :data:`WATCH_EACH` seconds in turn, and every take looks at all of them. A
 worker of several queues keeps to :data:`WATCH_EACH` also while the queue gate
-(:mod:`worker.limits.gate`: a throttle pause, an open breaker, the bulkhead)
+(:mod:`worker.broker.gate`: a throttle pause, an open breaker, the bulkhead)
 leaves it one queue to take: a queue the gate gives back is taken within that
 time, not after a long wait on the other one.
 
@@ -33,7 +33,7 @@ so it rose out of the event loop ("Unrecoverable error") and the worker process 
   :data:`FULL_PAUSE` with a ``BRPOP`` on a key nothing writes (blocking pops are allowed at maxmemory;
   ``BLMOVE``, the empty-queue watch, is not) and takes again, until Redis has room;
 - a delivery whose outcome Redis cannot record (its retry, its dead letter) is never acknowledged: the
-  task rejects it with requeue (``worker.tasks.RedisFull``), and a requeue — kombu's WATCH/MULTI/EXEC that
+  task rejects it with requeue (``worker.broker.tasks.RedisFull``), and a requeue — kombu's WATCH/MULTI/EXEC that
   moves the message from the ``unacked`` hash back onto its queue — is refused whole by a full Redis. The
   channel then leaves it held (its record in ``unacked``) and forgets it locally, so it is delivered
   again: as soon as Redis takes writes again (:meth:`Channel._restore_kept`), at the latest after
@@ -51,13 +51,13 @@ module's channel takes messages from it.
 Example::
 
     >>> from kombu import Connection
-    >>> Connection("redis://127.0.0.1:6379/0", transport="worker.transport:Transport").transport_cls
-    'worker.transport:Transport'
-    >>> Connection("sentinel://10.0.0.1:26379/0", transport="worker.transport:SentinelTransport",
+    >>> Connection("redis://127.0.0.1:6379/0", transport="worker.broker.transport:Transport").transport_cls
+    'worker.broker.transport:Transport'
+    >>> Connection("sentinel://10.0.0.1:26379/0", transport="worker.broker.transport:SentinelTransport",
     ...            transport_options={"master_name": "mymaster",
     ...                               "sentinels": ["sentinel://10.0.0.1:26379", "sentinel://10.0.0.2:26379"]}
     ...            ).transport_cls
-    'worker.transport:SentinelTransport'
+    'worker.broker.transport:SentinelTransport'
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from . import ordering
-from .redisconf import REDIS_FULL
-from .settings import get_settings
+from ..delivery import ordering
+from ..redisconf import REDIS_FULL
+from ..settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def keep_unacked(tag: str | None) -> None:
 
 
 # Delivery tags whose acknowledgement is a function of the task's (a delivery's end and its ack in one round
-# trip: worker/ordering.py PersonLog.finish with ``ack``).
+# trip: worker/delivery/ordering.py PersonLog.finish with ``ack``).
 _acks: dict[str, Callable[[], object]] = {}
 
 
@@ -189,8 +189,9 @@ FULLNESS = _Fullness()
 
 def quarantine(queue: str, raw: str, error: str) -> None:
     """Keep a message the worker cannot even decode, as a dead letter an operator can see and purge."""
-    from . import metrics
-    from .deadletters import MALFORMED, DeadLetter, DeadLetterStore
+    from .. import metrics
+    from ..delivery.deadletters import DeadLetter, DeadLetterStore
+    from ..errors import MALFORMED
 
     log.error("malformed message on queue %s dead-lettered: %s", queue, error)
     try:
@@ -233,7 +234,7 @@ WATCH_EACH = 0.1
 # So the message is read (LINDEX), recorded (HSET: the first write; refused whole when Redis is full,
 # nothing changed, the message still on its queue), and only then popped (RPOP of the same, tail, element).
 #
-# A delivery kept in its person's order (the ``vdw_order`` header: worker/ordering.py) is claimed for its person
+# A delivery kept in its person's order (``vdw_order`` header: worker/delivery/ordering.py) is claimed for its person
 # in the same step (``vdw_claim``, ARGV: the key prefix and the turn's lease): the claim's answer follows the
 # record flag, and the task starts from it instead of asking Redis again.
 _TAKE = ordering.CLAIM_FN + """

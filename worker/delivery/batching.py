@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Generic, TypeVar
 
-from .limits.ratelimit import RateLimiter
-from .limits.throttle import DEFAULT_HORIZON, Throttled
-from .vendors.base import Outcome, Verdict
+from ..limits.ratelimit import RateLimiter
+from ..limits.throttle import DEFAULT_HORIZON, Throttled
+from ..vendors.base import Outcome, Verdict
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ arrived:
 
 - ``<prefix>:order:<vendor>:<person>``: a list of the person's pending task
   ids, oldest first (the producer appends in the same MULTI as it queues the
-  message: :func:`order_commands`);
+  message: :func:`worker.keys.order_commands`);
 - ``<prefix>:order:<vendor>:events``: task id -> the call's event JSON.
 
 A worker that takes any of a person's messages asks for the person's *turn*
@@ -38,46 +38,21 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
-from kombu.transport import redis as kombu_redis
 
-#: The message header naming the (vendor's) person a delivery is ordered under.
-HEADER = "vdw_order"
+from ..keys import UNACKED, UNACKED_INDEX, order_keys
+
 #: Pending calls one claim (or one round of a turn) reads: a merged request carries at most this many.
 MAX_ENTRIES = 100
 
 #: Parked messages one step puts back on the queue (a turn's end, a sweep): Redis never blocks long on a flood.
 UNPARK_MAX = 500
 
-UNACKED = kombu_redis.Channel.unacked_key
-UNACKED_INDEX = kombu_redis.Channel.unacked_index_key
 
 CLAIMED, DONE, BUSY, PARKED = "turn", "done", "busy", "parked"
-
-
-def person_id(key: str) -> str:
-    """The short, fixed-size name a person's keys carry (no identity in key names).
-
-    >>> person_id("email:jill@acme.co")
-    '97c7ecbe6d21ea08207e320a'
-    """
-    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
-
-
-def keys(prefix: str, vendor: str) -> tuple[str, str]:
-    """The vendor's events hash and the prefix of its per-person keys."""
-    base = f"{prefix}:order:{vendor}"
-    return f"{base}:events", base
-
-
-def order_commands(prefix: str, vendor: str, person: str, task_id: str, event_json: str) -> list[tuple[str, ...]]:
-    """The producer's writes that put one call in its person's order (sent in the MULTI that queues it)."""
-    events, base = keys(prefix, vendor)
-    return [("RPUSH", f"{base}:{person}", task_id), ("HSET", events, task_id, event_json)]
 
 
 #: The claim, as a Lua function the scripts here and the transport's take share: ``vdw_claim(list, events, turn,
@@ -258,7 +233,7 @@ class PersonLog:
         self.client = client
         self.vendor = vendor
         self.queue = queue or vendor
-        self.events, self.base = keys(prefix, vendor)
+        self.events, self.base = order_keys(prefix, vendor)
         self.outcome = f"{self.base}:outcome"
         self.held = f"{self.base}:held"
         self._claim = client.register_script(_CLAIM)

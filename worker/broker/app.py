@@ -1,5 +1,9 @@
 """The Celery application. ``celery -A worker worker`` finds it as ``worker.app``.
 
+Its configuration is :mod:`worker.broker.config`; ``CELERY_CONFIG_MODULE=mymodule`` applies a deployment's
+overrides on top (each lower-case name of that module is a Celery setting). The task module is imported by
+the worker at start (``imports``), never by a producer.
+
 Example::
 
     $ celery -A worker worker              # every vendor queue
@@ -8,26 +12,44 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
+import types
 
 import redis
 from celery import Celery, signals
 
-from . import metrics
-from .limits.bulkhead import BulkheadStep
-from .limits.gate import QueueGate
-from .observability import init_sentry
-from .redisconf import RedisConfigError
-from .retries.ticker import TickerStep
-from .settings import get_settings
+from .. import metrics
+from ..observability import init_sentry
+from ..redisconf import RedisConfigError
+from ..settings import get_settings
+from .bulkhead import BulkheadStep
+from .gate import QueueGate
+from .ticker import TickerStep
 
 log = logging.getLogger(__name__)
 #: Seconds a starting worker waits for Redis (and each Sentinel) to answer its configuration check.
 STARTUP_CHECK_TIMEOUT = 5.0
 
+#: The environment variable naming a deployment's module of Celery setting overrides (optional).
+OVERRIDES_ENV = "CELERY_CONFIG_MODULE"
+
 app = Celery("worker")
-app.config_from_object("celeryconfig")
+app.config_from_object("worker.broker.config")
+
+
+def _overrides(name: str | None) -> dict[str, object]:
+    """The Celery settings (lower-case names) of the module ``name``; none without one."""
+    if not name:
+        return {}
+    module = importlib.import_module(name)
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k.islower()
+            and not isinstance(v, types.ModuleType | types.FunctionType | type)}
+
+
+app.conf.update(_overrides(os.environ.get(OVERRIDES_ENV)))
 app.steps["consumer"].add(QueueGate)
 app.steps["consumer"].add(BulkheadStep)
 app.steps["consumer"].add(TickerStep)

@@ -2,11 +2,11 @@
 
 A producer call fans out to up to three vendor queues. Publishing each message
 through ``apply_async`` costs a web handler three Celery publishes; this module
-builds the same Celery (protocol 2) messages from a template that Celery itself
-makes once per process, and sends all of them in one pipelined write to Redis.
+builds the same Celery (protocol 2) messages (:mod:`worker.envelope`, without importing Celery)
+and sends all of them in one pipelined write to Redis.
 
 The caller is never held longer than ``PUBLISH_TIMEOUT``. When Redis cannot
-take the messages in that time they go to the local :class:`~worker.spool.Spool`
+take the messages in that time they go to the local :class:`~worker.producer.spool.Spool`
 and a background thread publishes them once Redis answers again. While Redis is
 known to be down, calls go straight to the spool without waiting on it. If the
 spool is disabled or full the call raises :class:`~worker.errors.EnqueueError`.
@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -45,16 +44,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
-from . import ordering
-from .errors import EnqueueError
-from .redisconf import REDIS_FULL, config_problem, is_full
-from .settings import Settings, get_settings
-from .spool import Message, Spool, SpoolFull
-from .vendors import VENDORS
+from ..envelope import Message, TaskMessages
+from ..errors import EnqueueError
+from ..keys import order_commands, person_id
+from ..redisconf import REDIS_FULL, config_problem, is_full
+from ..settings import Settings, get_settings
+from ..vendors import VENDORS
+from .spool import Spool, SpoolFull
 
 log = logging.getLogger(__name__)
 
-DELIVER_TASK = "worker.deliver"
 #: Seconds between the spool flusher's attempts to reach Redis.
 FLUSH_INTERVAL = 0.5
 #: Share of PUBLISH_TIMEOUT one connect or write may take: two tries fit, with room for the spool.
@@ -65,94 +64,21 @@ FLUSH_BATCH = 500
 QUEUED = "queued"
 SPOOLED = "spooled"
 
-# Markers in the message template, replaced per message.
-_TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR = "@@task_id@@", "@@queue@@", "@@tag@@", "@@body@@", "@@argsrepr@@"
-_ORDER = "@@order@@"
-
-
-def _template(envelope: dict[str, Any]) -> str:
-    """The envelope's JSON with its markers as %-format fields."""
-    template = json.dumps(envelope).replace("%", "%%")
-    for marker in (_TASK_ID, _QUEUE, _TAG, _BODY, _ARGSREPR, _ORDER):
-        template = template.replace(marker, f"%({marker.strip('@')})s")
-    return template
-
-
-class TaskMessages:
-    """Serialized ``worker.deliver`` messages, as Celery and kombu's Redis transport would write them.
-
-    The headers come from Celery (``app.amqp.as_task_v2``) once per process;
-    each message only fills in its task id, queue, delivery tag and body (and, for a call kept in its
-    person's order, the person: :mod:`worker.ordering`).
-    """
-
-    def __init__(self, app: Any) -> None:
-        m = app.amqp.as_task_v2(_TASK_ID, DELIVER_TASK, args=(), kwargs={}, argsrepr=_ARGSREPR, kwargsrepr="{}")
-        envelope = {
-            "body": _BODY,
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": m.headers,
-            "properties": {
-                **m.properties,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": _QUEUE},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": _TAG,
-            },
-        }
-        self._template = _template(envelope)
-        self._ordered = _template({**envelope, "headers": {**m.headers, ordering.HEADER: _ORDER}})
-        self._embed = json.dumps(m.body[2])
-
-    def build(self, payload: dict[str, Any], vendors: list[str], task_id_suffix: str = "",
-              event_json: str | None = None, persons: dict[str, str] | None = None) -> list[Message]:
-        """One (queue, message) per vendor; the task arguments are ``(vendor, payload)``. ``persons``: vendor ->
-        person id, for the vendors whose message is kept in its person's order (the header says whose)."""
-        event_json = event_json or json.dumps(payload)
-        event_id, operation = payload["id"], payload["operation"]
-        persons = persons or {}
-        out: list[Message] = []
-        for vendor in vendors:
-            body = f'[[{json.dumps(vendor)}, {event_json}], {{}}, {self._embed}]'
-            task_id = f"{event_id}.{vendor}{task_id_suffix}"
-            person = persons.get(vendor)
-            out.append((vendor, (self._template if person is None else self._ordered) % {
-                "task_id": task_id,
-                "queue": vendor,
-                "tag": os.urandom(16).hex(),
-                "body": base64.b64encode(body.encode()).decode(),
-                "argsrepr": f"('{vendor}', <{operation} {event_id}>)",
-                "order": person,
-            }))
-        return out
-
-    def ordered(self, payload: dict[str, Any], vendors: list[str], prefix: str, task_id_suffix: str = "",
-                event_json: str | None = None) -> list[Message]:
-        """As :meth:`build`, each message kept in its person's order: the messages, then the writes that put
-        each call in its person's order (``("", command, ...)``; :func:`_push` sends them all in one MULTI)."""
-        event_json = event_json or json.dumps(payload)
-        persons = {}
-        for vendor in vendors:
-            key = VENDORS[vendor].person_key(payload["identity"]) if vendor in VENDORS else None
-            if key is not None:
-                persons[vendor] = ordering.person_id(key)
-        out = self.build(payload, vendors, task_id_suffix, event_json, persons)
-        for vendor, person in persons.items():
-            task_id = f"{payload['id']}.{vendor}{task_id_suffix}"
-            out.extend(("", *command) for command in ordering.order_commands(prefix, vendor, person, task_id,
-                                                                              event_json))
-        return out
-
-    def retry(self, vendor: str, payload: dict[str, Any], task_id: str, retries: int,
-              headers: dict[str, Any]) -> str:
-        """The message that runs ``task_id`` again: same task id, ``retries`` as Celery counts them, a new
-        delivery tag, and ``headers`` added (what the next attempt must know)."""
-        ((_, message),) = self.build(payload, [vendor])
-        envelope = json.loads(message)
-        envelope["headers"].update(headers, id=task_id, retries=retries)
-        return json.dumps(envelope)
+def ordered(messages: TaskMessages, payload: dict[str, Any], vendors: list[str], prefix: str,
+            task_id_suffix: str = "", event_json: str | None = None) -> list[Message]:
+    """As :meth:`TaskMessages.build`, each message kept in its person's order: the messages, then the writes that
+    put each call in its person's order (``("", command, ...)``; :func:`_push` sends them all in one MULTI)."""
+    event_json = event_json or json.dumps(payload)
+    persons = {}
+    for vendor in vendors:
+        key = VENDORS[vendor].person_key(payload["identity"]) if vendor in VENDORS else None
+        if key is not None:
+            persons[vendor] = person_id(key)
+    out = messages.build(payload, vendors, task_id_suffix, event_json, persons)
+    for vendor, person in persons.items():
+        task_id = f"{payload['id']}.{vendor}{task_id_suffix}"
+        out.extend(("", *command) for command in order_commands(prefix, vendor, person, task_id, event_json))
+    return out
 
 
 def _lpush(queue: str, message: str) -> bytes:
@@ -226,9 +152,9 @@ def _push(client: redis.Redis, messages: list[Message], replicas: int = 0, wait_
 class Publisher:
     """Publishes fan-out messages for one process; thread-safe."""
 
-    def __init__(self, settings: Settings, app: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.messages = TaskMessages(app)
+        self.messages = TaskMessages()
         attempt = settings.publish_timeout * ATTEMPT_SHARE
         self.target = settings.redis_target()
         # Under Sentinel, finding the master shares the same budget (redisconf: split among the Sentinels).
@@ -262,9 +188,7 @@ class Publisher:
         """The process's publisher (made anew in a forked child)."""
         with cls._default_lock:
             if cls._default is None or cls._default_pid != os.getpid():
-                from .app import app
-
-                cls._default, cls._default_pid = cls(get_settings(), app), os.getpid()
+                cls._default, cls._default_pid = cls(get_settings()), os.getpid()
             return cls._default
 
     @classmethod
@@ -300,7 +224,7 @@ class Publisher:
                 event_json: str | None = None) -> list[Message]:
         """The messages (and, with ORDERING on, the writes that keep each call in its person's order)."""
         if self.settings.ordering:
-            return self.messages.ordered(payload, vendors, self.settings.key_prefix, task_id_suffix, event_json)
+            return ordered(self.messages, payload, vendors, self.settings.key_prefix, task_id_suffix, event_json)
         return self.messages.build(payload, vendors, task_id_suffix, event_json)
 
     @property

@@ -38,24 +38,17 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from .events import utc_now
-from .scrub import scrub
+from ..errors import (
+    MALFORMED,
+)
+from ..events import utc_now
+from ..scrub import scrub
 
 #: A vendor's response body is kept up to this many characters.
 MAX_BODY_CHARS = 2048
 #: A malformed message's raw text is kept up to this many characters.
 MAX_RAW_CHARS = 4096
 
-# Reasons an entry was dead-lettered.
-REJECTED = "rejected"  # the vendor answered a permanent 4xx
-RETRIES_EXHAUSTED = "retries_exhausted"  # transient failures for RETRY_WINDOW (or RETRY_MAX_ATTEMPTS attempts)
-PROPERTY_CAP = "property_cap"  # more than EVENT_PROPERTY_CAP properties; never sent
-MALFORMED = "malformed"  # the queue message was not a valid delivery
-VENDOR_DISABLED = "vendor_disabled"  # the vendor's credentials are not set on this worker
-REQUEST_ERROR = "request_error"  # the request could not be made (e.g. a bad base URL)
-CONFIGURATION = "configuration"  # this worker's settings cannot carry it (e.g. no LOOPS_MAILING_LISTS entry)
-#: Every reason, in the order operators read them (metrics label values).
-REASONS = (REJECTED, RETRIES_EXHAUSTED, PROPERTY_CAP, MALFORMED, VENDOR_DISABLED, REQUEST_ERROR, CONFIGURATION)
 
 
 class DeadLetter(BaseModel):
@@ -228,8 +221,8 @@ class DeadLetterStore:
     @classmethod
     def default(cls) -> DeadLetterStore:
         """The store the settings name: the process's Redis client, KEY_PREFIX, the credentials to scrub."""
-        from . import clients
-        from .settings import get_settings
+        from .. import clients
+        from ..settings import get_settings
 
         s = get_settings()
         return cls(clients.redis_client(), s.key_prefix, s.secrets())

@@ -7,12 +7,12 @@ starts it for the vendor queues that worker consumes). Each round, per vendor:
    chunk; any number of processes may do it at once);
 2. read the vendor's circuit breaker: while it is open (or the vendor is
    paused because it refuses the credentials), stop taking the
-   queue's messages (:func:`~worker.limits.gate.hold`) and, when a probe is
+   queue's messages (:func:`~worker.broker.gate.hold`) and, when a probe is
    due and this process wins the lease, start one probe
-   (:func:`~worker.retries.probe.run_probe`); once it is closed, take them again;
+   (:func:`~worker.broker.probe.run_probe`); once it is closed, take them again;
 3. every :data:`SWEEP_EVERY` seconds, put back on the queue the messages parked
    behind a person's turn that nobody holds any more (its holder's lease ran out:
-   :meth:`~worker.ordering.PersonLog.sweep`).
+   :meth:`~worker.delivery.ordering.PersonLog.sweep`).
 
 It sleeps until the next retry is due, at most ``interval`` seconds.
 
@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterable
 
 from celery import bootsteps
 
-from ..ordering import PersonLog
-from .breaker import Breaker
+from ..delivery.ordering import PersonLog
+from ..retries.breaker import Breaker
+from ..retries.schedule import WAKE, RetrySchedule
 from .probe import run_probe
-from .schedule import RetrySchedule
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +47,13 @@ MIN_SLEEP = 0.02
 #: Seconds between sweeps of parked messages whose person's turn nobody holds.
 SWEEP_EVERY = 5.0
 
-#: Set when this process puts a retry on the schedule: the ticker looks again at once (see :func:`poke`).
-_wake = threading.Event()
-
-
-def poke() -> None:
-    """A retry was just scheduled here: let this process's ticker recompute when the next one is due."""
-    _wake.set()
-
-
 class Ticker(threading.Thread):
     def __init__(self, vendors: Iterable[str], schedule: RetrySchedule, breaker: Breaker, lease: float = 60.0,
                  hold: Callable[[str], None] | None = None, release: Callable[[str], None] | None = None,
                  interval: float = INTERVAL, orders: dict[str, PersonLog] | None = None,
                  sweep_after: float = 60.0) -> None:
         super().__init__(name="retry-ticker", daemon=True)
-        from ..limits import gate
+        from . import gate
 
         self.vendors = list(vendors)
         self.schedule = schedule
@@ -80,11 +71,11 @@ class Ticker(threading.Thread):
 
     def stop(self) -> None:
         self._stop.set()
-        _wake.set()
+        WAKE.set()
 
     def run(self) -> None:
         while not self._stop.is_set():
-            _wake.clear()
+            WAKE.clear()
             sleep = self.interval
             if time.monotonic() - self._swept >= SWEEP_EVERY:
                 self._swept = time.monotonic()
@@ -94,7 +85,7 @@ class Ticker(threading.Thread):
                     sleep = min(sleep, self.tick(vendor))
                 except Exception as exc:  # noqa: BLE001 - Redis away or restarting: the next round tries again
                     log.debug("retry ticker: %s: %s", vendor, exc)
-            _wake.wait(max(MIN_SLEEP, sleep))
+            WAKE.wait(max(MIN_SLEEP, sleep))
 
     def sweep(self) -> None:
         """Unpark people whose turn nobody holds (parked longer than ``sweep_after``)."""
@@ -147,7 +138,7 @@ class TickerStep(bootsteps.StartStopStep):
     def start(self, c) -> None:
         if self.ticker is not None and self.ticker.is_alive():
             return
-        from ..pipeline import Pipeline
+        from ..delivery.pipeline import Pipeline
         from ..settings import get_settings
         from ..vendors import VENDORS
 

@@ -9,7 +9,7 @@ waiting for a token.
 Here each worker process counts the deliveries it holds per queue: a message counts from the moment the
 consumer receives it (with prefetch it holds messages before a thread runs them) until its task has ended
 (delivered, on the retry schedule, dead-lettered, or put back on its queue). When a queue's count reaches its
-share of the threads, the consumer stops taking that queue (:func:`worker.limits.gate.limit`, before its next
+share of the threads, the consumer stops taking that queue (:func:`worker.broker.gate.limit`, before its next
 take); when one of those deliveries ends, it takes the queue again — unless a throttle pause or an open
 circuit breaker still stops it. A message already taken when the queue stops still runs, and nothing is
 acknowledged any earlier: the bulkhead only decides what the consumer takes next.
@@ -142,7 +142,7 @@ class BulkheadStep(bootsteps.StartStopStep):
     """Consumer bootstep: sizes the process's :class:`Bulkhead` for the queues the consumer takes, and after a
     reconnection stops again the queues still at their share (the new consumer takes every queue)."""
 
-    requires = {"worker.limits.gate:QueueGate"}
+    requires = {"worker.broker.gate:QueueGate"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -186,7 +186,7 @@ def _reconcile() -> None:
             gate.unlimit(queue)
 
 
-@signals.task_received.connect(dispatch_uid="worker.limits.bulkhead.received")
+@signals.task_received.connect(dispatch_uid="worker.broker.bulkhead.received")
 def _received(request: Any = None, **_: Any) -> None:
     b = _bulkhead
     if b is None or request is None:
@@ -205,11 +205,11 @@ def _ended(task_id: str | None) -> None:
         gate.unlimit(queue)
 
 
-@signals.task_postrun.connect(dispatch_uid="worker.limits.bulkhead.postrun")
+@signals.task_postrun.connect(dispatch_uid="worker.broker.bulkhead.postrun")
 def _postrun(task_id: str | None = None, **_: Any) -> None:
     _ended(task_id)
 
 
-@signals.task_revoked.connect(dispatch_uid="worker.limits.bulkhead.revoked")
+@signals.task_revoked.connect(dispatch_uid="worker.broker.bulkhead.revoked")
 def _revoked(request: Any = None, **_: Any) -> None:
     _ended(getattr(request, "id", None))

@@ -1,4 +1,4 @@
-"""python -m worker.demo: the whole product on this machine, with sample traffic.
+"""python -m worker.dev.demo: the whole product on this machine, with sample traffic.
 
 It starts a private ``redis-server`` (or uses ``--redis-url``), the vendor sandbox,
 a Celery worker and Flower (on a free port unless ``--flower-port`` names one),
@@ -10,8 +10,8 @@ worker, Flower, the sandbox and Redis, in that order.
 
 Example::
 
-    $ python -m worker.demo --exit-after 0     # show the outcome, then stop
-    $ python -m worker.demo --flower-port 5555 # Flower there (an error if the port is taken)
+    $ python -m worker.dev.demo --exit-after 0     # show the outcome, then stop
+    $ python -m worker.dev.demo --flower-port 5555 # Flower there (an error if the port is taken)
 """
 
 from __future__ import annotations
@@ -247,11 +247,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace, stack: Stack, signals: StopSignals) -> None:
-    from . import clients
+    from .. import clients
+    from ..sandbox import Sandbox, SandboxClient
+    from ..settings import get_settings
+    from ..vendors import VENDORS
     from .localstack import FlowerProcess, RedisServer, WorkerProcess
-    from .sandbox import Sandbox, SandboxClient
-    from .settings import get_settings
-    from .vendors import VENDORS
 
     if args.redis_url:
         redis_url = args.redis_url
@@ -313,8 +313,8 @@ def _show(args: argparse.Namespace, stack: Stack, signals: StopSignals) -> None:
     loops_tries = [r["status"] for r in event_report(records, ["loops"], retried)["loops"]]
     _say(f"retried:   event {retried} (track upgraded) to loops: {attempts_text(loops_tries)}")
     conveyour_tries = [r["status"] for r in event_report(records, ["conveyour"], REJECTED_MARK)["conveyour"]]
-    from .cli import error_text
-    from .cli import main as cli
+    from ..ops.cli import error_text
+    from ..ops.cli import main as cli
 
     for entry in dead:
         _say(f"dead letter: event {rejected} (identify jack) to {entry.vendor}: answered "
@@ -367,13 +367,13 @@ def _check_redis(url: str) -> None:
 
 
 def _dead_letters_of(event_id: str) -> list:
-    from .deadletters import DeadLetterStore
+    from ..delivery.deadletters import DeadLetterStore
 
     return DeadLetterStore.default().find(event_id)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m worker.demo", description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog="python -m worker.dev.demo", description=DESCRIPTION)
     p.add_argument("--redis-url", help="use this Redis instead of starting a private redis-server")
     p.add_argument("--flower-port", type=int, default=None,
                    help="Flower's port (default: a free one; the demo prints it); an error if it is in use")

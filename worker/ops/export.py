@@ -5,7 +5,7 @@ A :class:`VendorCollector` (a prometheus_client custom collector) answers each s
 - counters and the request-duration histogram: the totals every worker process
   flushed to Redis (:mod:`worker.metrics.collect`; one HGETALL);
 - gauges, read live: what ``python -m worker status`` shows
-  (:func:`worker.cli.vendor_status`: queue lengths, messages workers hold,
+  (:func:`worker.ops.cli.vendor_status`: queue lengths, messages workers hold,
   waiting retries, breakers and pauses for refused credentials, rates, stored
   dead letters, from their counts), Redis' memory (``INFO memory``: used and
   ``maxmemory``, 0 when unlimited) and the spool in
@@ -35,10 +35,9 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ..deadletters import REASONS
-from ..settings import Settings, get_settings
-from ..vendors import VENDORS
-from .schema import (
+from .. import clients
+from ..errors import REASONS
+from ..metrics.schema import (
     BUCKET_LABELS,
     DEAD_LETTERS,
     DELIVERIES,
@@ -48,6 +47,9 @@ from .schema import (
     SEP,
     counters_key,
 )
+from ..settings import Settings, get_settings
+from ..vendors import VENDORS
+from .status import vendor_status
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,6 @@ class VendorCollector(Collector):
     def __init__(self, client: Callable[[], redis.Redis] | None = None,
                  settings: Callable[[], Settings] = get_settings,
                  status: Callable[[], dict[str, Any]] | None = None) -> None:
-        from .. import clients
-        from ..cli import vendor_status
-
         self.client = client or clients.redis_client
         self.settings = settings
         self.status = status or vendor_status
@@ -195,7 +194,7 @@ class VendorCollector(Collector):
 
 
 def _spool_only(s: Settings) -> dict[str, Any]:
-    from ..spool import Spool
+    from ..producer.spool import Spool
 
     spool = Spool(s.spool_dir, s.spool_max_bytes)
     return {"events": spool.pending(), "bytes": spool.size()}

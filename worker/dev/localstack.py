@@ -509,7 +509,7 @@ def sandbox_env(redis_url: str, base_urls: dict[str, str], **overrides: str) -> 
 
     The caller's own vendor variables are dropped, so real credentials never reach a local stack.
     """
-    from .sandbox import SANDBOX_CREDENTIALS
+    from ..sandbox import SANDBOX_CREDENTIALS
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(VENDOR_ENV_PREFIXES)}
     env.update(SANDBOX_CREDENTIALS)

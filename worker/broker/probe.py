@@ -3,7 +3,7 @@
 The probe takes ONE message (the earliest waiting retry, else the next on the
 vendor's queue) and records it as held, as kombu does, so it is redelivered if
 this process dies. It delivers it through the same
-:func:`~worker.tasks.attempt` as the task, then acknowledges it (delivered, or
+:func:`~worker.broker.attempt.attempt` as the task, then acknowledges it (delivered, or
 dead-lettered: the vendor answered), or finds it already on the retry schedule
 (failed again: the breaker spaces the next probe further), or puts it back
 untouched (no token, or no answer to judge by; or the vendor still refuses the
@@ -23,23 +23,31 @@ import logging
 
 import redis
 
+from ..delivery.pipeline import (
+    Delivered,
+    Merged,
+    Parked,
+    Pipeline,
+    RetryLater,
+    VendorAuthFailed,
+    VendorDown,
+    Yielded,
+)
 from ..errors import DeadLettered
+from ..keys import HEADER
 from ..limits.throttle import Throttled
-from .attempts import RetryState
-from .breaker import Breaker
-from .schedule import RetrySchedule
+from ..redisconf import REDIS_FULL
+from ..retries.attempts import RetryState
+from ..retries.breaker import Breaker
+from ..retries.schedule import RetrySchedule
+from .attempt import attempt
+from .transport import FULLNESS, quarantine
 
 log = logging.getLogger(__name__)
 
 
 def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
     """Probe ``vendor`` once (the caller holds the probe lease); returns what became of the probe."""
-    from ..ordering import HEADER
-    from ..pipeline import Delivered, Merged, Parked, RetryLater, VendorAuthFailed, VendorDown, Yielded
-    from ..redisconf import REDIS_FULL
-    from ..tasks import attempt
-    from ..transport import FULLNESS, quarantine
-
     failed = False
     try:
         raw = schedule.claim_one(vendor)
@@ -108,8 +116,6 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
 def _close_connections() -> None:
     """A probe runs in a thread of its own, which ends now: close its HTTP connections (a day-long outage
     starts thousands of probes)."""
-    from ..pipeline import Pipeline
-
     http = Pipeline.default().http
     close = getattr(http, "close_thread", None)
     if callable(close):

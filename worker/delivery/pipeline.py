@@ -3,7 +3,7 @@
     parse -> cap -> limiter -> send -> classify -> delivered | retry | dead letter
 
 An event a vendor can send in bulk (ConveYour identify/segment) goes through
-the vendor's :class:`~worker.batching.Batcher` instead (limiter and send are
+the vendor's :class:`~worker.delivery.batching.Batcher` instead (limiter and send are
 shared by the batch); its own outcome is settled here like any other.
 
 No Celery here: :meth:`Pipeline.deliver` returns :class:`Delivered` or
@@ -38,33 +38,31 @@ from typing import Any, NoReturn
 import httpx
 import pydantic
 
-from . import clients, metrics, observability, ordering
-from .batching import Batcher, Sent
-from .deadletters import (
+from .. import clients, metrics, observability
+from ..errors import (
     CONFIGURATION,
     MALFORMED,
-    MAX_RAW_CHARS,
     PROPERTY_CAP,
     REJECTED,
     REQUEST_ERROR,
     RETRIES_EXHAUSTED,
     VENDOR_DISABLED,
-    DeadLetter,
-    DeadLetterStore,
-    error_text,
+    DeadLettered,
 )
-from .errors import DeadLettered
-from .events import check_encodable, merge, parse_event, utc_iso
-from .limits.ratelimit import RateLimiter, limiter_for
-from .limits.throttle import Throttle
+from ..events import check_encodable, merge, parse_event, utc_iso
+from ..limits.ratelimit import RateLimiter, limiter_for
+from ..limits.throttle import Throttle
+from ..retries import backoff
+from ..retries.attempts import RetryState
+from ..retries.breaker import Breaker
+from ..retries.schedule import RetrySchedule
+from ..settings import Settings, get_settings
+from ..vendors import VENDORS, Outcome, Request, Vendor, Verdict
+from ..vendors.base import AnyEvent
+from . import ordering
+from .batching import Batcher, Sent
+from .deadletters import MAX_RAW_CHARS, DeadLetter, DeadLetterStore, error_text
 from .ordering import Entry, PersonLog
-from .retries import backoff
-from .retries.attempts import RetryState
-from .retries.breaker import Breaker
-from .retries.schedule import RetrySchedule
-from .settings import Settings, get_settings
-from .vendors import VENDORS, Outcome, Request, Vendor, Verdict
-from .vendors.base import AnyEvent
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +230,11 @@ class Pipeline:
         """Deliver ``payload`` to ``vendor_name``: attempt number ``attempt`` (counted failures so far + 1).
 
         ``probe``: this delivery tests an open breaker, so it goes even though the breaker is open (alone,
-        never in a batch). ``person`` (the message's :data:`~worker.ordering.HEADER`): the call is kept in that
+        never in a batch). ``person`` (the message's :data:`~worker.delivery.ordering.HEADER`): the call is kept in that
         person's order (:meth:`_turn`); ``park`` makes the message that runs this task again if it must wait,
         ``tag`` is its delivery tag; ``defer(end)``, when given, has the message's acknowledgement call
         ``end(tag)`` instead: the turn's end and the ack in one round trip; ``claimed``: the claim of the person's
-        turn the message's take made already (worker/transport.py), if it did.
+        turn the message's take made already (worker/broker/transport.py), if it did.
         """
         try:
             return self._deliver(vendor_name, payload, attempt, task_id, first_failure, probe, person, park, tag,
@@ -303,7 +301,7 @@ class Pipeline:
     # -- per-person order -------------------------------------------------------
 
     def order(self, vendor: str) -> PersonLog:
-        """The vendor's per-person order in Redis (worker/ordering.py)."""
+        """The vendor's per-person order in Redis (worker/delivery/ordering.py)."""
         log_ = self._orders.get(vendor)
         if log_ is None:
             log_ = self._orders[vendor] = PersonLog(self.store.client, self.settings.key_prefix, vendor)

@@ -2,7 +2,7 @@
 
 Each call returns the event id (also the Idempotency-Key) once one message per
 target vendor is on that vendor's queue, or, while Redis is unreachable, in the
-local spool (:mod:`worker.publisher`). Nothing is enqueued when the input is
+local spool (:mod:`worker.producer.publisher`). Nothing is enqueued when the input is
 bad (:class:`~worker.errors.InvalidEvent`); when neither Redis nor the spool can
 take it the call raises :class:`~worker.errors.EnqueueError`; when no vendor is
 enabled it raises :class:`~worker.errors.ConfigurationError` (unless
@@ -30,22 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
+from ..errors import ConfigurationError, InvalidEvent
+from ..events import IdentifyEvent, SegmentEvent, TrackEvent, encode, iso_utc, to_json, utc_now
+from ..settings import Settings, get_settings
+from ..vendors import VENDORS
 from . import publisher
-from .errors import ConfigurationError, InvalidEvent
-from .events import (
-    IdentifyEvent,
-    SegmentEvent,
-    TrackEvent,
-    encode,
-    iso_utc,
-    to_json,
-    utc_now,
-)
-from .settings import Settings, get_settings
-from .vendors import VENDORS
 
 if TYPE_CHECKING:
-    from .testing import Recorder
+    from ..testing import Recorder
 
 log = logging.getLogger(__name__)
 

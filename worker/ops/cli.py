@@ -15,7 +15,7 @@ Example::
     $ python -m worker deadletters recount   # the counts status and metrics read, afresh from every dead letter
     $ python -m worker retries release --vendor loops   # waiting retries due now
     $ python -m worker spool flush      # publish what a producer left in SPOOL_DIR
-    $ python -m worker metrics --port 9808   # serve /metrics to Prometheus (worker/metrics/export.py)
+    $ python -m worker metrics --port 9808   # serve /metrics to Prometheus (worker/ops/export.py)
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from .deadletters import DeadLetter, DeadLetterStore, error_text, other_prefixes
-from .errors import EnqueueError
-from .redisconf import NEARLY_FULL, REDIS_FULL, Memory, RedisConfigError, memory
-from .vendors import VENDORS
+from ..delivery.deadletters import DeadLetter, DeadLetterStore, error_text, other_prefixes
+from ..errors import EnqueueError
+from ..redisconf import NEARLY_FULL, REDIS_FULL, Memory, RedisConfigError, memory
+from ..vendors import VENDORS
+from .status import vendor_status
 
 #: Plain text for --help (argparse prints it as is).
 DESCRIPTION = "The operator's commands: status, deadletters, retries, spool."
@@ -45,7 +46,7 @@ def _summary(e: DeadLetter) -> dict:
 
 def prefix_hint(store: DeadLetterStore) -> str | None:
     """When this KEY_PREFIX has no dead letters but others in the same Redis do: a line that says so."""
-    from .settings import get_settings
+    from ..settings import get_settings
 
     if store.count():
         return None
@@ -102,7 +103,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .producer import publish
+    from ..producer.api import publish
 
     store = DeadLetterStore.default()
     if args.all:
@@ -157,89 +158,12 @@ def cmd_recount(args: argparse.Namespace) -> int:
     return 0
 
 
-def vendor_status() -> dict:
-    """Everything ``status`` shows, as one JSON-able dict."""
-    from collections import Counter
-
-    from . import clients
-    from .events import utc_iso
-    from .ordering import PersonLog
-    from .retries.breaker import Breaker
-    from .retries.schedule import UNACKED, RetrySchedule
-    from .settings import get_settings
-    from .spool import Spool
-
-    s = get_settings()
-    r = clients.redis_client()
-    schedule = RetrySchedule(r, s.key_prefix)
-    breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max,
-                      auth_threshold=s.auth_failure_threshold, auth_interval=s.auth_probe_interval)
-    held: Counter[str] = Counter()
-    for raw in r.hvals(UNACKED):
-        try:
-            held[json.loads(raw)[2]] += 1
-        except (ValueError, IndexError, TypeError):
-            held["?"] += 1
-    dead = DeadLetterStore.default().counts()  # kept by vendor and reason: one round trip, however many
-    out: dict = {"vendors": {}}
-    for name, vendor in VENDORS.items():
-        waiting = schedule.waiting(name)
-        b = breaker.poll(name)
-        configured = vendor.rate_limit(s)
-        order = PersonLog(r, s.key_prefix, name)
-        out["vendors"][name] = {
-            "enabled": vendor.enabled(s),
-            "queued": r.llen(name),
-            "in_flight": held.get(name, 0),
-            "retries_waiting": waiting.count,
-            "next_retry_in": None if waiting.next_due_in is None else round(waiting.next_due_in, 1),
-            "breaker": b.state if breaker.enabled else "off",
-            "breaker_since": None if b.since is None else utc_iso(b.since),
-            "failures_in_a_row": b.failures,
-            "auth_failed": b.auth_failed,
-            "auth_failures_in_a_row": b.auth_failures,
-            "credential_env": vendor.credential_env,
-            "rate_limit": configured or None,
-            "effective_rate": _effective_rate(r, s, name, configured),
-            "dead_letters": dict(sorted(dead.get(name, {}).items())),
-            # Calls still in some person's order (queued, in flight, waiting to retry or parked), and people
-            # with calls parked behind an earlier call of theirs (delivering, or waiting to retry).
-            "ordered_pending": order.pending(),
-            "people_held": order.held_people(),
-        }
-    spool = Spool(s.spool_dir, s.spool_max_bytes)
-    out["spool"] = {"dir": s.spool_dir, "enabled": s.spool_enabled, "events": spool.pending(), "bytes": spool.size()}
-    out["redis"] = _redis_status(r)
-    return out
-
-
-def _redis_status(client: redis.Redis) -> dict[str, Any]:
-    """Redis' memory as ``status`` shows it: used and max bytes (0: no maxmemory), policy, FULL or not."""
-    try:
-        m = memory(client)
-    except redis.ResponseError as exc:  # INFO refused (a managed Redis may rename or forbid it)
-        return {"used_memory": None, "maxmemory": None, "maxmemory_policy": None, "full": None,
-                "error": f"INFO memory refused: {exc}"}
-    return {"used_memory": m.used, "maxmemory": m.max, "maxmemory_policy": m.policy, "full": m.full,
-            "used_share": None if m.share is None else round(m.share, 4)}
-
-
 def _redis_line(r: dict[str, Any]) -> str:
     """The ``redis:`` line of ``status``: ``redis: 1.9 MiB used of 2.0 MiB maxmemory (95%, noeviction) FULL``."""
     if r.get("error"):
         return f"redis: memory unknown ({r['error']})"
     line = "redis: " + Memory(r["used_memory"], r["maxmemory"], r["maxmemory_policy"]).describe()
     return line + (f"  FULL ({REDIS_FULL}: it refuses new events)" if r["full"] else "")
-
-
-def _effective_rate(client, s, vendor: str, configured: float) -> float | None:
-    """The rate the limiter currently allows (the configured one unless it adapts)."""
-    from .limits.ratelimit import limiter_for
-
-    limiter = limiter_for(client, f"{s.key_prefix}:ratelimit:{vendor}", configured)
-    rate = getattr(limiter, "effective_rate", None)
-    value = rate() if callable(rate) else None
-    return round(value, 2) if value is not None else (configured or None)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -272,7 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retries_release(args: argparse.Namespace) -> int:
-    from .retries.schedule import RetrySchedule
+    from ..retries.schedule import RetrySchedule
 
     schedule = RetrySchedule.default()
     for name in [args.vendor] if args.vendor else list(VENDORS):
@@ -281,8 +205,8 @@ def cmd_retries_release(args: argparse.Namespace) -> int:
 
 
 def cmd_spool_status(args: argparse.Namespace) -> int:
-    from .settings import get_settings
-    from .spool import Spool
+    from ..producer.spool import Spool
+    from ..settings import get_settings
 
     s = get_settings()
     spool = Spool(s.spool_dir, s.spool_max_bytes)
@@ -293,7 +217,7 @@ def cmd_spool_status(args: argparse.Namespace) -> int:
 
 
 def cmd_spool_flush(args: argparse.Namespace) -> int:
-    from .publisher import Publisher
+    from ..producer.publisher import Publisher
 
     publisher = Publisher.default()
     if publisher.spool is None:
@@ -308,16 +232,16 @@ def cmd_spool_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from .metrics.export import serve
+    from .export import serve
 
     serve(args.port, args.host)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .errors import ConfigurationError
-    from .producer import check_configuration
-    from .settings import get_settings
+    from ..errors import ConfigurationError
+    from ..producer.api import check_configuration
+    from ..settings import get_settings
 
     try:
         vendors = check_configuration()
@@ -414,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
     ssub.add_parser("status", help="how many events wait in SPOOL_DIR").set_defaults(func=cmd_spool_status)
     ssub.add_parser("flush", help="publish them now").set_defaults(func=cmd_spool_flush)
 
-    from .metrics.export import DEFAULT_HOST, DEFAULT_PORT
+    from .export import DEFAULT_HOST, DEFAULT_PORT
 
     mt = sub.add_parser("metrics", help="serve /metrics to Prometheus: every worker's counts and live gauges")
     mt.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
@@ -435,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except redis.RedisError as exc:
-        from .settings import get_settings
+        from ..settings import get_settings
 
         target = get_settings().redis_target()
         where, problem = target.describe(), target.explain(exc)

@@ -1,10 +1,10 @@
-"""The asyncio side of :mod:`worker.publisher`: the same messages, bounds and spool, never blocking the loop.
+"""The asyncio side of :mod:`worker.producer.publisher`: the same messages, bounds and spool, never blocking the loop.
 
-:class:`AsyncPublisher` writes the messages :class:`~worker.publisher.TaskMessages`
+:class:`AsyncPublisher` writes the messages :class:`~worker.producer.publisher.TaskMessages`
 builds in one pipelined write through ``redis.asyncio``, each attempt bounded by
 the same share of ``PUBLISH_TIMEOUT`` as the blocking publisher's (and by
 ``asyncio.timeout`` around the whole attempt: connect, write, read). Everything
-else is the process's blocking :class:`~worker.publisher.Publisher`: its
+else is the process's blocking :class:`~worker.producer.publisher.Publisher`: its
 "Redis is down" state, its spool and its flusher thread. What blocks — creating
 that publisher (it imports Celery's app), writing a spool file (``fsync``) —
 runs in a thread of its own, so the event loop only ever awaits.
@@ -39,8 +39,8 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..envelope import Message
 from .publisher import QUEUED, NotReplicated, Publisher, _check_replicated, wire
-from .spool import Message
 
 #: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
 #: thread more contends with the event loop for the GIL (with four, the loop stalled several times longer

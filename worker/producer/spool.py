@@ -30,11 +30,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..envelope import Message
+
 log = logging.getLogger(__name__)
 
-#: (queue name, serialized broker message) — what a spool entry holds, one per vendor; or ("", command, ...):
-#: a write that goes with them (worker.publisher.wire: a call's place in its person's order).
-Message = tuple[str, ...]
 
 #: File suffix of a complete entry waiting to be published.
 READY = ".json"
