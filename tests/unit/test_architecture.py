@@ -194,3 +194,12 @@ def test_lower_layers_import_no_celery(layer):
             if name.split(".")[0] in {"celery", "kombu", "billiard"}:
                 offenders.append(f"{module}: {name}")
     assert not offenders, offenders
+
+
+def test_key_names_shared_with_kombu_are_kombus():
+    """worker.keys names kombu's record of held messages without importing kombu: the names must match."""
+    from kombu.transport import redis as kombu_redis
+
+    from worker.keys import UNACKED, UNACKED_INDEX
+
+    assert (UNACKED, UNACKED_INDEX) == (kombu_redis.Channel.unacked_key, kombu_redis.Channel.unacked_index_key)
