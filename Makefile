@@ -27,19 +27,19 @@ lock:
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m worker.dev.demo
+	$(PY) -m worker.demo
 
 # The web examples (examples/), each under its real server on 127.0.0.1:8000, against a private Redis,
-# the sandbox and a worker (python -m worker.dev.devstack); Ctrl-C stops everything.
+# the sandbox and a worker (python -m worker.devstack); Ctrl-C stops everything.
 example-flask: $(STAMP)
-	$(PY) -m worker.dev.devstack -- $(abspath $(VENV))/bin/gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
+	$(PY) -m worker.devstack -- $(abspath $(VENV))/bin/gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
 
 example-fastapi: $(STAMP)
-	$(PY) -m worker.dev.devstack -- $(abspath $(VENV))/bin/uvicorn --app-dir examples/fastapi_app --port 8000 main:app
+	$(PY) -m worker.devstack -- $(abspath $(VENV))/bin/uvicorn --app-dir examples/fastapi_app --port 8000 main:app
 
 example-django: $(STAMP)
 	cd examples/django_project && $(abspath $(PY)) manage.py migrate --verbosity 0 && \
-	  $(abspath $(PY)) -m worker.dev.devstack -- $(abspath $(PY)) manage.py runserver --noreload 127.0.0.1:8000
+	  $(abspath $(PY)) -m worker.devstack -- $(abspath $(PY)) manage.py runserver --noreload 127.0.0.1:8000
 
 test: $(STAMP)
 	$(PY) -m pytest

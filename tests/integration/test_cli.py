@@ -130,7 +130,7 @@ def test_help_is_plain_text():
         out = subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "usage: python -m worker" in out.stdout
         assert "`" not in out.stdout, out.stdout
-    out = subprocess.run([sys.executable, "-m", "worker.dev.demo", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "worker.demo", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--flower-port" in out.stdout and "`" not in out.stdout, out.stdout
 

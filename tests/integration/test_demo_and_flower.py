@@ -113,7 +113,7 @@ def kill_leftovers(tmp: Path) -> None:
 
 @dataclass
 class Demo:
-    """``python -m worker.dev.demo`` as a subprocess in its own session, its stdout read line by line."""
+    """``python -m worker.demo`` as a subprocess in its own session, its stdout read line by line."""
 
     args: tuple[str, ...]
     tmp: Path
@@ -127,7 +127,7 @@ class Demo:
         env["TMPDIR"] = str(self.tmp)  # the demo's log directory goes here
         self.stderr = self.tmp / "stderr.txt"
         with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker.dev.demo", *self.args], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker.demo", *self.args], env=env,
                                          stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
         return self

@@ -5,7 +5,7 @@ private Redis and the sandbox; the deliveries are found at the sandbox. A signup
 transaction rolls back (its team name is taken: an IntegrityError after the calls were
 made) delivers nothing: the same person's later, committed signup is delivered and the
 workers go idle, and then each vendor holds exactly one signup for that person — the
-committed one. ``python -m worker.dev.devstack`` (the examples' one command) runs a command
+committed one. ``python -m worker.devstack`` (the examples' one command) runs a command
 against a stack of its own.
 """
 
@@ -156,7 +156,7 @@ while time.monotonic() < deadline:
         break
     time.sleep(0.1)
 """
-    done = subprocess.run([sys.executable, "-m", "worker.dev.devstack", "--", sys.executable, "-c", script],
+    done = subprocess.run([sys.executable, "-m", "worker.devstack", "--", sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "delivered ['convertloop', 'conveyour', 'loops']" in done.stdout, done.stdout + done.stderr[-3000:]

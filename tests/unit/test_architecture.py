@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2] / "worker"
 
 #: Each module's role, by its name (first match wins).
 ROLES = [
-    ("worker.dev", "dev"), ("worker.sandbox", "dev"),
+    ("worker.dev", "dev"), ("worker.sandbox", "dev"), ("worker.demo", "dev"), ("worker.devstack", "dev"),
     ("worker.ops", "ops"), ("worker.__main__", "ops"),
     ("worker.broker", "broker"),
     ("worker.delivery", "delivery"),

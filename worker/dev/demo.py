@@ -1,4 +1,4 @@
-"""python -m worker.dev.demo: the whole product on this machine, with sample traffic.
+"""python -m worker.demo: the whole product on this machine, with sample traffic.
 
 It starts a private ``redis-server`` (or uses ``--redis-url``), the vendor sandbox,
 a Celery worker and Flower (on a free port unless ``--flower-port`` names one),
@@ -10,8 +10,8 @@ worker, Flower, the sandbox and Redis, in that order.
 
 Example::
 
-    $ python -m worker.dev.demo --exit-after 0     # show the outcome, then stop
-    $ python -m worker.dev.demo --flower-port 5555 # Flower there (an error if the port is taken)
+    $ python -m worker.demo --exit-after 0     # show the outcome, then stop
+    $ python -m worker.demo --flower-port 5555 # Flower there (an error if the port is taken)
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def _dead_letters_of(event_id: str) -> list:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m worker.dev.demo", description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog="python -m worker.demo", description=DESCRIPTION)
     p.add_argument("--redis-url", help="use this Redis instead of starting a private redis-server")
     p.add_argument("--flower-port", type=int, default=None,
                    help="Flower's port (default: a free one; the demo prints it); an error if it is in use")

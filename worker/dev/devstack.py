@@ -1,4 +1,4 @@
-"""``python -m worker.dev.devstack -- COMMAND ...``: run your web app against a private stack on this machine.
+"""``python -m worker.devstack -- COMMAND ...``: run your web app against a private stack on this machine.
 
 Starts a private ``redis-server``, the vendor sandbox and one Celery worker,
 runs COMMAND (your app's server) with their settings in its environment —
@@ -10,7 +10,7 @@ of your shell are never passed on: no real vendor is ever called.
 
 Example::
 
-    $ python -m worker.dev.devstack -- gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
+    $ python -m worker.devstack -- gunicorn --chdir examples/flask_app -b 127.0.0.1:8000 app:app
     redis    redis://127.0.0.1:40211/0  (private redis-server)
     sandbox  http://127.0.0.1:40212
     worker   celery -A worker worker  (log: /tmp/vdw-dev-x1y2/dev.log)
@@ -113,7 +113,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m worker.dev.devstack", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m worker.devstack", description=__doc__.splitlines()[0])
     p.add_argument("--quiet", action="store_true", help="do not print the requests the vendors receive")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     args = p.parse_args(argv)
