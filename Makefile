@@ -1,5 +1,6 @@
 # Two commands: `make demo` (everything, on this machine) and `make test`.
 # `make bench` measures the product against its baselines (tests/benchmarks/); `make bench-smoke` is CI's small run.
+# `make docs` builds the docs site (docs/, mkdocs.yml) into var/site; `make doctest` runs the docstring examples.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Every package the product, its tests and examples use, pinned: make, CI and the Docker image install from it.
 LOCK   := requirements.lock
 
-.PHONY: demo test test-fast lint install compose-check clean bench bench-smoke lock example-flask example-fastapi example-django
+.PHONY: demo test test-fast lint docs doctest install compose-check clean bench bench-smoke lock example-flask example-fastapi example-django
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,17 +50,28 @@ test-fast: $(STAMP)
 
 # ruff (lint only, never `ruff format`) and mypy, as configured in pyproject.toml; CI runs it before the tests.
 lint: $(STAMP)
-	$(PY) -m ruff check worker tests examples celeryconfig.py
+	$(PY) -m ruff check worker tests examples celeryconfig.py docs
 	$(PY) -m mypy
 
+# The docs site: mkdocs.yml, docs/*.md, the Configuration page's table generated from worker/settings.py by
+# docs/hooks.py. --strict: a broken link or anchor, or a page missing from the nav, fails it. Output in var/site
+# (git-ignored); `$(VENV)/bin/mkdocs serve` shows it while you edit. CI runs it after `make lint`.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir var/site
+
+# The docstring examples: the package's (most are marked +SKIP: they need Redis, a worker or a vendor), the
+# benchmark helpers', docs/hooks.py's, and any `>>>` example in docs/*.md. A few seconds; CI runs it.
+doctest: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider --doctest-modules --doctest-glob='*.md' worker tests/benchmarks docs
+
 # Full sizes, noisy figures 3 runs each, about 31-36 minutes on 2 cores (28 measured before the 5-minute retries group and the 1-minute web group): table on stdout, JSON in bench-results.json,
-# and README.md's Performance table rewritten from that JSON (not with --only or --no-readme).
+# and docs/performance.md's Performance table rewritten from that JSON (not with --only or --no-table).
 # BENCH_ARGS e.g. --only enqueue, --profile var/profile. Again from a JSON: python -m tests.benchmarks.readme FILE
 bench: $(STAMP)
 	$(PY) -m tests.benchmarks --json bench-results.json $(BENCH_ARGS)
 
 # Small sizes, each figure once, about 4 minutes on 2 cores (213 s measured before the 11-second web group): fails only if something breaks (not on a missed target);
-# never touches README.md.
+# never touches docs/performance.md.
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)
 
@@ -72,4 +84,4 @@ compose-check:
 	FLOWER_BASIC_AUTH=user:password $$compose -f docker/compose.yaml config -q
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-*.json
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-*.json var/site

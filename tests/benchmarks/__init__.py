@@ -7,5 +7,5 @@ Targets are checked by reading the output, never by timed assertions.
 
 Figure groups, one module each: ``enqueue``, ``outage``, ``throughput``, ``ratelimit``, ``memory``,
 ``batching``; ``stack`` has what they share, ``noop`` the baseline Celery task, ``readme``
-the README table a full run writes.
+the docs' Performance table (docs/performance.md) a full run writes.
 """

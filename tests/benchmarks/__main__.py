@@ -1,9 +1,9 @@
-"""``python -m tests.benchmarks [--smoke] [--json PATH] [--only FIGURE...] [--profile DIR] [--strict] [--no-readme]``.
+"""``python -m tests.benchmarks [--smoke] [--json PATH] [--only FIGURE...] [--profile DIR] [--strict] [--no-table]``.
 
 Starts a private Redis and the sandbox, runs the figure groups, prints one table
 (figure, ours, baseline, ratio, target, met?) and writes it as JSON with the
-environment. A full run of every group also rewrites README.md's Performance table
-from that JSON (``readme.py``); ``--smoke``, ``--only`` and ``--no-readme`` never do.
+environment. A full run of every group also rewrites the Performance table in docs/performance.md
+from that JSON (``readme.py``); ``--smoke``, ``--only`` and ``--no-table`` never do.
 Exit status: 0 when every figure was produced (targets missed or not: the table says),
 1 when something broke (an exception, lost events, a figure missing); with ``--strict``
 also 2 when a target was missed.
@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", help="also profile a worker draining the throughput backlog "
                                                         "with py-spy; raw stacks go to DIR")
     parser.add_argument("--strict", action="store_true", help="exit 2 if a target is missed")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table (a full run "
-                                                                    "of every group does by default)")
+    parser.add_argument("--no-table", "--no-readme", dest="no_table", action="store_true",
+                        help="do not rewrite docs/performance.md's table (a full run of every group does by default)")
     parser.add_argument("--log-dir", help="keep worker and sandbox logs here (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json(json_path, rows, env, sizes, elapsed, errors)
     print(f"\n{len(rows)} rows in {elapsed:.0f}s on {env['cpu_count']} CPUs "
           f"(load average at start {env['load_average_at_start']}); JSON: {json_path}")
-    if args.smoke or args.only or args.no_readme:
-        print("README.md not touched (only a full run of every group writes its table)")
+    if args.smoke or args.only or args.no_table:
+        print("docs/performance.md not touched (only a full run of every group writes its table)")
     else:
-        changed = readme.update_readme(json_path)
-        print(f"README.md: Performance table {'rewritten' if changed else 'unchanged'} from {json_path}")
+        changed = readme.update_page(json_path)
+        print(f"docs/performance.md: Performance table {'rewritten' if changed else 'unchanged'} from {json_path}")
     if errors:
         print("\nBROKEN:", *errors, sep="\n  ", file=sys.stderr)
         return 1

@@ -1,9 +1,9 @@
-"""The README's Performance table, written from a benchmark JSON between two markers.
+"""The Performance page's table (``docs/performance.md``), written from a benchmark JSON between two markers.
 
-``make bench`` calls :func:`update_readme` with the JSON it just wrote; a later run's
+``make bench`` calls :func:`update_page` with the JSON it just wrote; a later run's
 JSON can be put in by hand::
 
-    python -m tests.benchmarks.readme bench-results.json [--readme README.md]
+    python -m tests.benchmarks.readme bench-results.json [--page docs/performance.md]
 
 Only the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` changes;
 a smoke-size JSON is refused (its numbers measure nothing). Example::
@@ -31,10 +31,12 @@ from .stack import REPO, format_value
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
+#: The page whose table a full ``make bench`` rewrites (README.md has no figures table of its own).
+PAGE = REPO / "docs" / "performance.md"
 
 
-class ReadmeError(ValueError):
-    """The README has no (or misplaced) markers, or the JSON cannot go in it."""
+class PageError(ValueError):
+    """The page has no (or misplaced) markers, or the JSON cannot go in it."""
 
 
 def _cell(text: str) -> str:
@@ -94,35 +96,35 @@ def replace_between(text: str, block: str) -> str:
     """``text`` with everything between the markers replaced by ``block``; the rest untouched."""
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < 0 or end < start or text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ReadmeError(f"the README needs exactly one {BEGIN} followed by one {END}")
+        raise PageError(f"the page needs exactly one {BEGIN} followed by one {END}")
     return text[: start + len(BEGIN)] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 
-def update_readme(json_path: str | Path, readme_path: str | Path = REPO / "README.md") -> bool:
-    """Rewrite the README's table from ``json_path``; returns whether the README changed."""
+def update_page(json_path: str | Path, page_path: str | Path = PAGE) -> bool:
+    """Rewrite the page's table from ``json_path``; returns whether the page changed."""
     doc = json.loads(Path(json_path).read_text())
     if doc.get("sizes", {}).get("smoke"):
-        raise ReadmeError(f"{json_path} is a smoke run: its figures do not go in the README")
-    readme = Path(readme_path)
-    before = readme.read_text()
+        raise PageError(f"{json_path} is a smoke run: its figures do not go in the docs")
+    page = Path(page_path)
+    before = page.read_text()
     after = replace_between(before, render_markdown(doc))
     if after != before:
-        readme.write_text(after)
+        page.write_text(after)
     return after != before
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.readme",
-                                     description="Rewrite the README's Performance table from a benchmark JSON.")
+                                     description="Rewrite the docs' Performance table from a benchmark JSON.")
     parser.add_argument("json", help="e.g. bench-results.json")
-    parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--page", default=str(PAGE), help="the page with the markers (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        changed = update_readme(args.json, args.readme)
-    except (ReadmeError, OSError, json.JSONDecodeError) as exc:
-        print(f"README not updated: {exc}", file=sys.stderr)
+        changed = update_page(args.json, args.page)
+    except (PageError, OSError, json.JSONDecodeError) as exc:
+        print(f"{args.page} not updated: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.readme}: table {'rewritten' if changed else 'already up to date'} from {args.json}")
+    print(f"{args.page}: table {'rewritten' if changed else 'already up to date'} from {args.json}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""How much Redis memory a backlog takes: README's "Sizing Redis" figures, measured.
+"""How much Redis memory a backlog takes: the "Sizing Redis" figures of docs/operations.md, measured.
 
 On a private, empty redis-server: 2,000 ``track`` calls with two properties queued for one vendor by the real
 producer, then 2,000 of them waiting on the retry schedule (as a failing delivery writes them), then 2,000 of them
@@ -7,8 +7,8 @@ divided by 2,000, and ``MEMORY USAGE`` of the key (``SAMPLES 0``: every element)
 
     .venv/bin/python -m pytest tests/integration/test_redis_sizing.py -s     # prints the table
 
-The test checks that README's figures are those measured here, within a factor of 1.5 (the allocator and Redis
-version move them a little; the README states the version it was measured on).
+The test checks that the page's figures are those measured here, within a factor of 1.5 (the allocator and Redis
+version move them a little; the page states the version it was measured on).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from worker.dev.localstack import RedisServer
 
 pytestmark = [pytest.mark.integration]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 N = 2000
 
 
@@ -102,10 +102,10 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
     print(f"{'waiting retry (retry schedule)':34} {waiting:>16,.0f} B {waiting_key:>11,.0f} B")
     print(f"{'held by a worker (unacked record)':34} {held:>16,.0f} B {held_keys:>11,.0f} B")
 
-    text = README.read_text()
-    section = text[text.index("### Sizing Redis"):]
+    text = OPERATIONS.read_text()
+    section = text[text.index("## Sizing Redis"):]
     stated = {name: float(re.search(rf"^\| a {name} .*\| ([\d,]+) \|$", section, re.M).group(1).replace(",", ""))
               for name in ("queued delivery", "waiting retry")}
     for name, measured in (("queued delivery", queued), ("waiting retry", waiting)):
         assert stated[name] / 1.5 <= measured <= stated[name] * 1.5, \
-            f"README says {stated[name]:.0f} bytes per {name}; measured {measured:.0f}: update Sizing Redis"
+            f"docs/operations.md says {stated[name]:.0f} bytes per {name}; measured {measured:.0f}: update Sizing Redis"

@@ -1,4 +1,5 @@
-"""The README table ``make bench`` writes: JSON -> markdown between the markers, nothing else touched."""
+"""The Performance table ``make bench`` writes into docs/performance.md: JSON -> markdown between the markers,
+nothing else touched."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from dataclasses import asdict
 
 import pytest
 
-from tests.benchmarks.readme import BEGIN, END, ReadmeError, main, render_markdown, replace_between, update_readme
+from tests.benchmarks.readme import BEGIN, END, PAGE, PageError, main, render_markdown, replace_between, update_page
 from tests.benchmarks.stack import Row, Sizes, spread
 
-README = f"""# product
+PAGE_TEXT = f"""# Performance
 
 Intro text | with a pipe.
 
@@ -77,47 +78,50 @@ def test_broken_groups_are_named_in_the_table():
 
 
 def test_only_the_text_between_the_markers_changes_and_a_second_run_changes_nothing(tmp_path):
-    readme, data = tmp_path / "README.md", tmp_path / "bench.json"
-    readme.write_text(README)
+    page, data = tmp_path / "performance.md", tmp_path / "bench.json"
+    page.write_text(PAGE_TEXT)
     data.write_text(json.dumps(bench_doc()))
-    assert update_readme(data, readme) is True
-    once = readme.read_text()
-    before, after = README.split(BEGIN)[0], README.split(END)[1]
+    assert update_page(data, page) is True
+    once = page.read_text()
+    before, after = PAGE_TEXT.split(BEGIN)[0], PAGE_TEXT.split(END)[1]
     assert once.startswith(before + BEGIN + "\n") and once.endswith(END + after)
     assert "hand-copied" not in once and "| 0.83 |" not in once
     assert once.split(BEGIN)[1].split(END)[0].strip() == render_markdown(bench_doc())
-    assert update_readme(data, readme) is False
-    assert readme.read_text() == once
+    assert update_page(data, page) is False
+    assert page.read_text() == once
     assert replace_between(once, render_markdown(bench_doc())) == once
 
 
-def test_a_smoke_json_or_a_readme_without_markers_is_refused(tmp_path, capsys):
-    readme, data = tmp_path / "README.md", tmp_path / "bench.json"
-    readme.write_text(README)
+def test_a_smoke_json_or_a_page_without_markers_is_refused(tmp_path, capsys):
+    page, data = tmp_path / "performance.md", tmp_path / "bench.json"
+    page.write_text(PAGE_TEXT)
     data.write_text(json.dumps(bench_doc(smoke=True)))
-    with pytest.raises(ReadmeError, match="smoke"):
-        update_readme(data, readme)
-    assert readme.read_text() == README
+    with pytest.raises(PageError, match="smoke"):
+        update_page(data, page)
+    assert page.read_text() == PAGE_TEXT
     data.write_text(json.dumps(bench_doc()))
-    for broken in (README.replace(END, ""), README.replace(BEGIN, ""), README + BEGIN,
-                   README.replace(BEGIN, "@@").replace(END, BEGIN).replace("@@", END)):
-        readme.write_text(broken)
-        assert main([str(data), "--readme", str(readme)]) == 1
-        assert readme.read_text() == broken
-    assert "README not updated" in capsys.readouterr().err
+    for broken in (PAGE_TEXT.replace(END, ""), PAGE_TEXT.replace(BEGIN, ""), PAGE_TEXT + BEGIN,
+                   PAGE_TEXT.replace(BEGIN, "@@").replace(END, BEGIN).replace("@@", END)):
+        page.write_text(broken)
+        assert main([str(data), "--page", str(page)]) == 1
+        assert page.read_text() == broken
+    assert "not updated" in capsys.readouterr().err
 
 
 def test_the_command_rewrites_the_table(tmp_path, capsys):
-    readme, data = tmp_path / "README.md", tmp_path / "bench.json"
-    readme.write_text(README)
+    page, data = tmp_path / "performance.md", tmp_path / "bench.json"
+    page.write_text(PAGE_TEXT)
     data.write_text(json.dumps(bench_doc()))
-    assert main([str(data), "--readme", str(readme)]) == 0
+    assert main([str(data), "--page", str(page)]) == 0
     assert "table rewritten" in capsys.readouterr().out
-    assert "300.0 /s (280.0–320.0)" in readme.read_text()
+    assert "300.0 /s (280.0–320.0)" in page.read_text()
 
 
-def test_the_real_readme_has_the_markers_once():
+def test_the_performance_page_has_the_markers_once_and_the_readme_none():
     from tests.benchmarks.stack import REPO
 
-    text = (REPO / "README.md").read_text()
+    assert PAGE == REPO / "docs" / "performance.md"
+    text = PAGE.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1 and text.index(BEGIN) < text.index(END)
+    readme = (REPO / "README.md").read_text()
+    assert BEGIN not in readme and END not in readme, "make bench writes the table in docs/performance.md only"

@@ -1,4 +1,4 @@
-"""README agrees with the Makefile (durations, compose) and with the demo's options; make compose-check picks
+"""README and docs/ agree with the Makefile (durations, compose) and with the demo's options; make compose-check picks
 Docker Compose v2, else v1, else says what is missing (run with stand-in docker CLIs that record their arguments).
 """
 
@@ -17,13 +17,16 @@ from worker.dev import demo
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+#: The README and every page of the docs site, one text.
+DOCS = "\n".join([README, *(p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md")))])
 MAKEFILE = (REPO / "Makefile").read_text(encoding="utf-8")
 DURATION = r"about ([0-9½.\-–]+) minutes"
 
 
-def readme_duration(command: str) -> str:
-    line = next(line for line in README.splitlines() if re.match(rf"{re.escape(command)}\s+#", line))
-    return re.search(DURATION, line).group(1)
+def documented_durations(command: str) -> set[str]:
+    """The durations the README and the docs state on a ``make ... # about N minutes`` line."""
+    lines = [line for line in DOCS.splitlines() if re.match(rf"{re.escape(command)}\s+#", line)]
+    return {re.search(DURATION, line).group(1) for line in lines if re.search(DURATION, line)}
 
 
 def makefile_duration(target: str) -> str:
@@ -39,20 +42,21 @@ def makefile_duration(target: str) -> str:
 
 
 @pytest.mark.parametrize("target", ["bench", "bench-smoke"])
-def test_readme_and_makefile_state_the_same_duration(target):
-    assert readme_duration(f"make {target}") == makefile_duration(target)
+def test_docs_and_makefile_state_the_same_duration(target):
+    assert documented_durations(f"make {target}") == {makefile_duration(target)}
 
 
-def test_readme_names_every_demo_option():
+def test_the_docs_name_every_demo_option():
     options = [o for action in demo.parser()._actions for o in action.option_strings if o.startswith("--")]
     assert "--flower-port" in options
-    missing = [o for o in options if o != "--help" and o not in README]
-    assert not missing, f"README does not mention {missing}"
+    page = (REPO / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    missing = [o for o in options if o != "--help" and o not in page]
+    assert not missing, f"docs/getting-started.md does not mention {missing}"
 
 
-def test_readme_runs_compose_v2():
-    assert "docker compose -f docker/compose.yaml up" in README
-    assert "docker-compose -f" not in README
+def test_the_docs_run_compose_v2():
+    assert "docker compose -f docker/compose.yaml up" in DOCS
+    assert "docker-compose -f" not in DOCS
 
 
 MAKE = shutil.which("make")

@@ -19,7 +19,7 @@ and every outcome, request duration and 429 the process's metrics
 Example::
 
     >>> result = Pipeline.default().deliver("loops", payload, attempt=1)  # doctest: +SKIP
-    >>> result
+    >>> result                                                            # doctest: +SKIP
     Delivered(vendor='loops', status=200, attempt=1, elapsed=0.012)
 """
 

@@ -273,12 +273,12 @@ def _check_memory(m: Memory) -> int:
                   "maxmemory", file=sys.stderr)
         else:
             print(f"error: {REDIS_FULL} ({m.describe()}): it refuses new events (producers spool them) and "
-                  "workers take no messages until memory is freed or maxmemory raised (README: Sizing Redis)",
+                  "workers take no messages until memory is freed or maxmemory raised (docs: Operations, Sizing Redis)",
                   file=sys.stderr)
         return 1
     if m.share is not None and m.share > NEARLY_FULL:
         print(f"warning: Redis memory above {NEARLY_FULL:.0%} of maxmemory ({m.describe()}): raise maxmemory "
-              "before it refuses events (README: Sizing Redis)", file=sys.stderr)
+              "before it refuses events (docs: Operations, Sizing Redis)", file=sys.stderr)
     if evicting:
         print(f"warning: maxmemory-policy is {m.policy}: at maxmemory Redis would evict queued events; "
               "use noeviction", file=sys.stderr)

@@ -44,7 +44,7 @@ from .publisher import QUEUED, NotReplicated, Publisher, _check_replicated, wire
 
 #: Threads that write spool files (and create the process's publisher) for asyncio callers. One: every
 #: thread more contends with the event loop for the GIL (with four, the loop stalled several times longer
-#: while they spooled; README, Performance); a spooled call waits for an fsync, not for Python.
+#: while they spooled; docs: Performance); a spooled call waits for an fsync, not for Python.
 SPOOL_THREADS = 1
 
 _executor: ThreadPoolExecutor | None = None

@@ -14,7 +14,7 @@ Example::
 
     >>> schedule = RetrySchedule(redis.Redis(), "vdw")                        # doctest: +SKIP
     >>> schedule.add("loops", message, delay=4.2, ack_tag="6f1c...")          # doctest: +SKIP
-    >>> schedule.promote("loops")   # later, from any worker: (moved, seconds until the next is due)
+    >>> schedule.promote("loops")  # later, from any worker: (moved, seconds until the next is due)  # doctest: +SKIP
     (1, None)
 """
 

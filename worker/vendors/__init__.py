@@ -3,7 +3,7 @@
 Example::
 
     >>> sorted(VENDORS)
-    ['conveyour', 'convertloop', 'loops']
+    ['convertloop', 'conveyour', 'loops']
 """
 
 from __future__ import annotations

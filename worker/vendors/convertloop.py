@@ -7,8 +7,9 @@ Example::
     >>> from worker.events import TrackEvent, Identity
     >>> e = TrackEvent(id="e1", created_at="2026-01-01T00:00:00Z", identity=Identity(email="j@a.co"),
     ...                event="made_sale", properties={"amount": 1000})
-    >>> ConvertLoop().build(e, None).json
-    {'name': 'made_sale', 'person': {'email': 'j@a.co'}, 'metadata': {'amount': 1000}}
+    >>> ConvertLoop().build(e, None).json  # doctest: +NORMALIZE_WHITESPACE
+    {'name': 'made_sale', 'person': {'email': 'j@a.co'}, 'metadata': {'amount': 1000},
+     'ocurred_at': '2026-01-01T00:00:00Z'}
 """
 
 from __future__ import annotations
