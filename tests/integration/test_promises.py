@@ -1,0 +1,202 @@
+"""README promises that had no test of their own (issue 16).
+
+Each test drives the product through its public entry points -- ``worker.track`` and ``worker.aio.track`` in a
+subprocess, ``python -m worker ...``, ``celery -A worker worker`` -- against real Redis (private redis-servers),
+real workers and the sandbox over HTTP. No assertion bounds a duration or a rate: where something must *not*
+happen, the test waits for a positive signal that comes after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import redis
+
+# Internal helpers: the private redis-server and the polling helper (dev tooling; fix these paths if it moves).
+from worker.localstack import RedisServer, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (a Redis that is away)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: A web process's calls, made in a fresh interpreter through the public API: two blocking calls and one
+#: ``worker.aio`` call, each either an event id or the exception it raised.
+PRODUCER = """
+import asyncio, json, sys
+import worker
+
+def outcome(call):
+    try:
+        return {"id": call()}
+    except Exception as exc:
+        return {"raised": type(exc).__name__, "enqueue_error": isinstance(exc, worker.EnqueueError),
+                "message": str(exc)}
+
+email = sys.argv[1]
+calls = [lambda: worker.track("promise", email=email, vendors=["loops"]),
+         lambda: worker.track("promise", email="2-" + email, vendors=["loops"]),
+         lambda: asyncio.run(worker.aio.track("promise", email="3-" + email, vendors=["loops"]))]
+print(json.dumps([outcome(call) for call in calls]))
+"""
+
+
+def produce(env: dict[str, str], email: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", PRODUCER, email], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# -- 3. an unwritable SPOOL_DIR ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)  # one subprocess of three calls against a Redis that refuses at once
+def test_an_unwritable_spool_dir_raises_enqueue_error_naming_it(product_env, unique_email, tmp_path):
+    """README: "If the spool is ... not writable, the call raises worker.EnqueueError saying which -- never a
+    silent drop." Redis is away (nothing listens on its port), so every call needs the spool; SPOOL_DIR lies
+    under a regular file, which no process -- root included -- can make a directory in. Every call, the
+    first (which tried Redis) and the later ones (Redis known to be down: straight to the spool), blocking and
+    asyncio, raises EnqueueError naming the cause and SPOOL_DIR; none returns an event id."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    spool_dir = blocker / "spool"
+    env = {**product_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "SPOOL_DIR": str(spool_dir)}
+    outcomes = produce(env, unique_email)
+    print("\n" + "\n".join(json.dumps(o)[:300] for o in outcomes))
+    for o in outcomes:
+        assert "id" not in o, f"a call returned an event id it could not have kept: {o}"
+        assert o["enqueue_error"], o
+        assert "broker unreachable" in o["message"] and "the spool cannot be written" in o["message"], o
+        assert f"SPOOL_DIR={spool_dir}" in o["message"], o
+    assert blocker.read_text() == "not a directory" and not spool_dir.exists()
+
+    # The spool is only for when Redis is away: with Redis up the same SPOOL_DIR costs the calls nothing.
+    server = RedisServer().start()
+    try:
+        outcomes = produce({**env, "REDIS_URL": server.url}, unique_email)
+        assert all("id" in o for o in outcomes), outcomes
+        queued = b"".join(server.client().lrange("loops", 0, -1)).decode()
+        assert all(o["id"] in queued for o in outcomes), "an event id the call returned is not queued"
+    finally:
+        server.stop()
+
+
+# -- 4. a refused Redis password ----------------------------------------------------------------------------
+
+#: What every Redis user says when Redis refuses the password (worker/redisconf.py: config_problem).
+REFUSED = "the password was refused"
+
+
+@pytest.fixture(scope="module")
+def password_redis():
+    """A private redis-server with ``requirepass``; yields it and its password."""
+    password = f"pw-{os.urandom(8).hex()}"
+    server = RedisServer(args=("--requirepass", password)).spawn()
+    client = redis.Redis(port=server.port, password=password, socket_connect_timeout=0.2)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            assert server.proc is not None and server.proc.poll() is None, "redis-server exited"
+            return False
+
+    wait_until(answers, timeout=10, message="the password-protected redis-server")
+    yield server, password
+    client.close()
+    server.stop()
+
+
+def refused_urls(server: RedisServer, password: str) -> dict[str, str]:
+    return {"wrong password": f"redis://:not-{password}@127.0.0.1:{server.port}/0",
+            "no password": f"redis://127.0.0.1:{server.port}/0"}
+
+
+@pytest.mark.timeout(180)  # two producer subprocesses against a Redis that answers at once
+def test_a_refused_password_fails_the_producer_with_enqueue_error_and_spools_nothing(
+        password_redis, product_env, unique_email, tmp_path):
+    """README: a Redis that refuses the configuration (password refused) makes the call raise EnqueueError --
+    "that is not an outage to spool through". Nothing is spooled and nothing reaches Redis; the message does
+    not show the password."""
+    server, password = password_redis
+    right = redis.Redis(port=server.port, password=password)
+    for case, url in refused_urls(server, password).items():
+        spool_dir = tmp_path / case.replace(" ", "-")
+        outcomes = produce({**product_env, "REDIS_URL": url, "SPOOL_DIR": str(spool_dir)}, f"{case[0]}{unique_email}")
+        print(f"\n{case}: " + "\n".join(json.dumps(o)[:300] for o in outcomes))
+        for o in outcomes:
+            assert "id" not in o, f"{case}: a call returned an event id: {o}"
+            assert o["enqueue_error"] and REFUSED in o["message"], (case, o)
+            assert password not in o["message"], f"{case}: the message shows the password"
+        assert not spool_dir.exists() or not any(spool_dir.iterdir()), f"{case}: events were spooled"
+    assert right.dbsize() == 0, "something reached Redis"
+
+
+@pytest.mark.timeout(180)  # six CLI subprocesses
+def test_a_refused_password_makes_the_cli_exit_2_saying_so(password_redis, product_env):
+    """README (Operating it): "Every command exits with status 2 and a `configuration error: ...` line when
+    Redis refuses the configuration (... password ...)"."""
+    server, password = password_redis
+    for case, url in refused_urls(server, password).items():
+        env = {**product_env, "REDIS_URL": url}
+        for command in (["status"], ["check"], ["deadletters", "list"]):
+            out = run(env, "-m", "worker", *command)
+            print(f"\n{case}: {' '.join(command)} -> {out.returncode}: {out.stderr.strip()[:200]}")
+            assert out.returncode == 2, (case, command, out.returncode, out.stdout, out.stderr)
+            assert out.stderr.startswith("configuration error: Redis (") and REFUSED in out.stderr, out.stderr
+            assert password not in out.stderr + out.stdout
+
+
+@pytest.mark.timeout(120)  # a worker that stops at startup (the test waits at most 30 s for it)
+def test_a_refused_password_stops_a_worker_at_startup_with_exit_2(password_redis, product_env):
+    """README: a Redis configuration that cannot work stops a worker at startup with a `configuration error`
+    line (exit status 2), instead of a worker retrying forever. The line is on stderr and hides the password."""
+    server, password = password_redis
+    env = {**product_env, "REDIS_URL": refused_urls(server, password)["wrong password"]}
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "loops",
+                             "--without-mingle", "--without-gossip", "-n", "refused@%h"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the worker did not stop at startup; its output:\n{(out + err)[-3000:]}")
+    print(f"\nworker exit {proc.returncode}: {err.strip()[-300:]}")
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    lines = [line for line in err.splitlines() if line.startswith("configuration error:")]
+    assert lines and REFUSED in lines[0], err[-3000:]
+    assert password not in out + err
+
+
+# -- 5. status with Redis away ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)  # three CLI subprocesses against a port that refuses at once
+def test_status_with_redis_away_exits_1_saying_redis_did_not_answer(product_env):
+    """README (Operating it): every command exits "1 with `error: Redis (...) did not answer: ...` when it is
+    away". Nothing listens on the Redis port."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**product_env, "REDIS_URL": url}
+    for command in (["status"], ["status", "--json"], ["deadletters", "list"]):
+        out = run(env, "-m", "worker", *command)
+        print(f"\n{' '.join(command)} -> {out.returncode}: {out.stderr.strip()[:200]}")
+        assert out.returncode == 1, (command, out.returncode, out.stdout, out.stderr)
+        assert out.stderr.startswith(f"error: Redis ({url}) did not answer: "), out.stderr
+        assert out.stdout == "", out.stdout
