@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 #: What a credential is replaced with.
@@ -15,10 +16,25 @@ FILTERED = "[Filtered]"
 
 
 def scrub(text: str, secrets: list[str]) -> str:
+    r"""``text`` with each secret replaced, also as an error message may quote it: escaped (``repr`` of the
+    string or its bytes, JSON) or without surrounding whitespace -- a key pasted with its newline is quoted
+    ``b'key\n'`` by the HTTP client that refuses to send it.
+
+    >>> scrub("Illegal header value b'abc123\\n'", ["abc123\n"])
+    "Illegal header value b'[Filtered]'"
+    """
     for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, FILTERED)
+        for form in _forms(secret):
+            if form in text:
+                text = text.replace(form, FILTERED)
     return text
+
+
+@lru_cache(maxsize=64)
+def _forms(secret: str) -> tuple[str, ...]:
+    """The ways ``secret`` may appear in a text, longest first."""
+    forms = {secret, secret.strip(), repr(secret)[1:-1], repr(secret.encode())[2:-1]}
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
 
 
 def scrub_obj(obj: Any, secrets: list[str]) -> Any:
