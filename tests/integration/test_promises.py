@@ -200,3 +200,60 @@ def test_status_with_redis_away_exits_1_saying_redis_did_not_answer(product_env)
         assert out.returncode == 1, (command, out.returncode, out.stdout, out.stderr)
         assert out.stderr.startswith(f"error: Redis ({url}) did not answer: "), out.stderr
         assert out.stdout == "", out.stdout
+
+
+# -- 2. the request_error dead letter -----------------------------------------------------------------------
+
+
+def dead_letters_of(env: dict[str, str], event_id: str) -> tuple[list[dict], str]:
+    """``python -m worker deadletters show EVENT_ID``: that event's dead letters, and the command's output."""
+    out = run(env, "-m", "worker", "deadletters", "show", event_id)
+    if out.returncode != 0:
+        return [], out.stdout + out.stderr
+    return json.loads(out.stdout), out.stdout
+
+
+@pytest.mark.timeout(120)  # one worker; the test waits at most 45 s for its two dead letters
+def test_a_request_that_cannot_be_made_is_a_request_error_dead_letter_holding_no_secret(
+        start_worker, product_env, sandbox_client, unique_email):
+    """README, Dead letters: reason ``request_error`` -- the request could not be made at all, so it is not
+    retried (worker/deadletters.py: "e.g. a bad base URL"). Two ways an operator gets there: a base URL without
+    its scheme (Loops), and a credential pasted with its trailing newline (ConveYour's token), which no HTTP
+    client can put in a header. Each delivery becomes one dead letter ``request_error`` after one attempt,
+    nothing reaches the vendor, the error says what went wrong -- and no credential is in the dead letter
+    (README: "No credential reaches ... logs, dead letters"), in the worker's log or in the CLI's output, not
+    even the one the error is about."""
+    import worker
+
+    loops_url = product_env["LOOPS_BASE_URL"].removeprefix("http://")
+    token = product_env["CONVEYOUR_TOKEN"] + "\n"
+    w = start_worker("request-error", ("-Q", "loops,conveyour"), LOOPS_BASE_URL=loops_url, CONVEYOUR_TOKEN=token)
+    events = {"loops": worker.track("promise", email=f"l-{unique_email}", vendors=["loops"]),
+              "conveyour": worker.track("promise", email=f"c-{unique_email}", vendors=["conveyour"])}
+    found = {v: wait_until(lambda e=e: dead_letters_of(product_env, e)[0], timeout=45, interval=0.2,
+                           message=f"the {v} dead letter (worker log {w.log_path})")
+             for v, e in events.items()}
+    shown = {v: dead_letters_of(product_env, e)[1] for v, e in events.items()}
+    listed = run(product_env, "-m", "worker", "deadletters", "list").stdout
+    for vendor, (entry,) in found.items():
+        print(f"\n{vendor}: {json.dumps(entry)[:600]}")
+        assert (entry["vendor"], entry["reason"], entry["attempts"], entry["status"]) == \
+            (vendor, "request_error", 1, None), entry
+        assert entry["request"]["json"] and entry["event"]["id"] == events[vendor] and entry["response_body"] is None
+    assert "UnsupportedProtocol" in found["loops"][0]["error"] and "'http://'" in found["loops"][0]["error"]
+    assert "LocalProtocolError" in found["conveyour"][0]["error"] and "header" in found["conveyour"][0]["error"]
+    # Nothing was sent, and nothing retried.
+    assert not [r for r in sandbox_client.requests() if unique_email in json.dumps(r["body"])]
+    log = w.log()
+    assert not [e for e in events.values() if f"retrying loops event={e}" in log or f"retrying conveyour event={e}"
+                in log]
+    # No credential anywhere: the raw values the worker had (the token with its newline, and without), and the
+    # forms an error message may quote them in (Python's repr of the bytes: "\\n" for the newline).
+    secrets = {k: v for k, v in product_env.items() if k.endswith(("_KEY", "_TOKEN", "_APPKEY", "_APP_ID"))}
+    forms = {s for v in secrets.values() for s in (v, v.strip(), repr(v.encode())[2:-1])}
+    assert token.strip() in forms
+    for name, text in {**{f"{v} dead letter": json.dumps(e) for v, e in found.items()},
+                       **{f"deadletters show ({v})": t for v, t in shown.items()},
+                       "deadletters list": listed, "worker log": log}.items():
+        leaked = sorted(s[:8] for s in forms if s in text)
+        assert not leaked, f"{name} holds a credential (first characters: {leaked})"
