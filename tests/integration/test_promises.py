@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -257,3 +258,77 @@ def test_a_request_that_cannot_be_made_is_a_request_error_dead_letter_holding_no
                        "deadletters list": listed, "worker log": log}.items():
         leaked = sorted(s[:8] for s in forms if s in text)
         assert not leaked, f"{name} holds a credential (first characters: {leaked})"
+
+
+# -- 1. timeouts: retried on the schedule, counted by the circuit breaker -------------------------------------
+
+#: "retrying <vendor> event=<id> status=<status> attempt=<n> in <wait>s (window left ...): <error>" (the pipeline)
+RETRYING = re.compile(r"retrying convertloop event=(\S+) status=(\S+) attempt=(\d+) in ([0-9.]+)s \([^)]*\): (.*)")
+
+
+def status_json(env: dict[str, str]) -> dict:
+    out = run(env, "-m", "worker", "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.timeout(180)  # its own waits: 60 s for the breaker, 60 s for the recovery
+def test_timeouts_are_retried_on_the_schedule_and_open_the_breaker_alone(start_worker, product_env, sandbox_client,
+                                                                          unique_email):
+    """README: "408, 5xx, timeouts and connection errors retried with exponential backoff and full jitter", and
+    the breaker opens after BREAKER_THRESHOLD "retryable failures in a row -- 5xx, 408, timeouts, connection
+    errors". ConvertLoop hangs: it answers 200, but only after 2 s, four times HTTP_TIMEOUT (0.5 s). One event: each
+    attempt times out, is put on the retry schedule with a wait within its backoff cap, and the next attempt
+    comes no earlier than that wait; after three timeouts in a row the breaker is open -- though every answer
+    the vendor gave (too late) was a 200, so the timeouts alone opened it. No dead letter. Once it answers
+    in time again, a probe delivers the event and the breaker closes."""
+    import worker
+    from tests.helpers import breaker_open
+
+    threshold, base, cap, http_timeout = 3, 0.2, 0.5, 0.5
+    w = start_worker("timeouts", ("-Q", "convertloop"), HTTP_TIMEOUT=http_timeout, BREAKER_THRESHOLD=threshold,
+                     BREAKER_PROBE_MAX=1, RETRY_MAX_ATTEMPTS=0, RETRY_BACKOFF_BASE=base, RETRY_BACKOFF_MAX=cap)
+    sandbox_client.configure("convertloop", latency_ms=2000)
+    event_id = worker.track("promise", email=unique_email, vendors=["convertloop"])
+
+    def sent() -> list[dict]:
+        return [r for r in sandbox_client.requests(vendor="convertloop")
+                if r["body"]["person"]["email"] == unique_email]
+
+    wait_until(lambda: breaker_open("convertloop") or len(sent()) >= 2 * threshold
+               or f"dead-lettered convertloop track event={event_id}" in w.log(),
+               timeout=60, interval=0.05, message=f"the breaker to open, or {2 * threshold} attempts")
+    assert breaker_open("convertloop"), \
+        f"{len(sent())} attempts timed out and the breaker is not open:\n{w.log()[-3000:]}"
+    before_open = sent()
+    shown = status_json(product_env)["vendors"]["convertloop"]
+    sandbox_client.configure("convertloop", latency_ms=None)  # ConvertLoop answers in time again
+    wait_until(lambda: "convertloop: circuit breaker probe: delivered" in w.log() and not breaker_open("convertloop"),
+               timeout=60, interval=0.1, message="a probe to deliver the event and close the breaker")
+    # The vendor's late answers to the attempts made before the breaker opened (each 2 s after it arrived).
+    late = wait_until(lambda: (got := sent()[:len(before_open)]) and all(r["status"] for r in got) and got,
+                      timeout=30, interval=0.1, message="the vendor's late answers")
+    log = w.log()
+    retries = [m for m in RETRYING.finditer(log) if m[1] == event_id]
+    print(f"\n{len(before_open)} attempts before the breaker opened, answered (late) "
+          f"{[r['status'] for r in late]}; waits chosen {[m[4] for m in retries]}; errors "
+          f"{sorted({m[5].split(':')[0] for m in retries})}; status: breaker {shown['breaker']}, "
+          f"{shown['failures_in_a_row']} failures in a row")
+
+    # Retried on the schedule: one "retrying" line per timed-out attempt, status None (no answer), a timeout,
+    # attempts numbered in order, each wait within its backoff cap, and no attempt earlier than its wait.
+    assert len(retries) >= threshold, log[-3000:]
+    assert [int(m[3]) for m in retries] == list(range(1, len(retries) + 1))
+    assert all(m[2] == "None" and "Timeout" in m[5] for m in retries), [m[0] for m in retries]
+    assert all(float(m[4]) <= min(cap, base * 2 ** (int(m[3]) - 1)) + 0.005 for m in retries)
+    times = [r["ts"] for r in sent()]
+    for m in retries[:threshold - 1]:
+        n = int(m[3])
+        assert times[n] - times[n - 1] >= float(m[4]), f"attempt {n + 1} came before its wait of {m[4]}s"
+    # Counted by the breaker: it opened after the threshold's failures in a row, all of them timeouts (whatever
+    # the vendor answered, it answered 200, after the client had given up).
+    assert f"convertloop: circuit breaker open after {threshold} failures in a row" in log
+    assert len(before_open) >= threshold and [r["status"] for r in late] == [200] * len(before_open), late
+    assert shown["breaker"] == "open" and shown["failures_in_a_row"] >= threshold, shown
+    assert "circuit breaker closed" in log
+    assert dead_letters_of(product_env, event_id)[0] == [], "the event was dead-lettered"
