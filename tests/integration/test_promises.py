@@ -332,3 +332,67 @@ def test_timeouts_are_retried_on_the_schedule_and_open_the_breaker_alone(start_w
     assert shown["breaker"] == "open" and shown["failures_in_a_row"] >= threshold, shown
     assert "circuit breaker closed" in log
     assert dead_letters_of(product_env, event_id)[0] == [], "the event was dead-lettered"
+
+
+# -- 7. an open breaker stops the workers taking the vendor's queue ------------------------------------------
+
+#: Celery's line for each message its consumer takes off a queue ("Task worker.deliver[<task id>] received").
+RECEIVED = re.compile(r"Task worker\.deliver\[[^\]]+\] received")
+PROBE = "loops: circuit breaker probe:"
+
+
+@pytest.mark.timeout(240)  # its own waits: 60 s for the breaker, 2 x 60 s for probes, 90 s for the recovery
+def test_an_open_breaker_stops_the_worker_taking_and_sending_but_probes(start_worker, product_env, sandbox_client,
+                                                                        unique_email):
+    """README: once the breaker is open "every worker stops taking its queue within a second (its messages wait
+    there, no attempt spent; a delivery already in a thread goes back on the queue). One probe at a time".
+    Without a clock: Loops answers 503 to everything; 60 Loops events wait for a worker. From the moment the
+    test sees the breaker open, Loops receives no more requests than the deliveries the worker held at that
+    moment, plus the probes (one at a time, each logged); and once two probes have gone -- well after the
+    worker saw it open -- the consumer takes no message off the queue while three more probes go (Celery logs
+    each message it takes). Then Loops recovers and every event is delivered, none dead-lettered."""
+    import worker
+    from tests.helpers import UNACKED, breaker_open, wait_idle
+
+    n = 60
+    sandbox_client.configure("loops", fail_all=503)
+    events = {worker.track("promise", email=f"{i}-{unique_email}", vendors=["loops"]) for i in range(n)}
+    r = redis.Redis.from_url(product_env["REDIS_URL"])
+
+    def requests(status: int | None = None) -> list[dict]:
+        return [x for x in sandbox_client.requests(vendor="loops", status=status) if x["idempotency_key"] in events]
+
+    w = start_worker("stops-taking", ("-Q", "loops"), WORKER_CONCURRENCY=4, BREAKER_THRESHOLD=3,
+                     BREAKER_PROBE_MAX=1, RETRY_MAX_ATTEMPTS=0)
+    wait_until(lambda: breaker_open("loops"), timeout=60, interval=0.01, message="the Loops breaker to open")
+    # In this order: what the worker holds, the probes so far, then the requests so far (see the bound below).
+    held = sum(b"worker.deliver" in m for m in r.hvals(UNACKED))
+    probes_at_open = w.log().count(PROBE)
+    sent_at_open = len(requests())
+
+    def probes() -> int:
+        return w.log().count(PROBE) - probes_at_open
+
+    wait_until(lambda: probes() >= 2, timeout=60, interval=0.05, message="two probes of the open breaker")
+    taken_then = len(RECEIVED.findall(w.log()))
+    wait_until(lambda: probes() >= 5, timeout=60, interval=0.05, message="three more probes")
+    sent_then = len(requests())
+    probed = probes()  # read after the requests: a probe whose request was counted may not have logged yet (+1)
+    log = w.log()
+    taken_now = len(RECEIVED.findall(log))
+    queued = r.llen("loops")
+
+    sandbox_client.configure("loops", fail_all=None)
+    wait_until(lambda: {x["idempotency_key"] for x in requests(200)} >= events, timeout=90, interval=0.2,
+               message=f"all {n} events delivered after the outage")
+    wait_idle(product_env["REDIS_URL"], timeout=60, queues=("loops",))
+    print(f"\nbreaker open with {sent_at_open} requests sent and {held} deliveries held; then {probed} probes, "
+          f"{sent_then - sent_at_open} requests; messages taken {taken_then} -> {taken_now}; {queued} waiting in "
+          f"the queue; after the outage all {n} delivered")
+    assert sent_then - sent_at_open <= held + probed + 1, \
+        f"{sent_then - sent_at_open} requests after the breaker opened; {held} held then, {probed} probes since"
+    assert taken_now == taken_then, f"the worker took {taken_now - taken_then} messages while the breaker was open"
+    assert queued > 0, "no message waited in the queue: nothing was kept from the worker"
+    assert "loops: circuit breaker closed" in w.log()
+    listed = run(product_env, "-m", "worker", "deadletters", "list", "--json")
+    assert listed.returncode == 0 and not [d for d in json.loads(listed.stdout) if d["event_id"] in events]
