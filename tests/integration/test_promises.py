@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -396,3 +397,82 @@ def test_an_open_breaker_stops_the_worker_taking_and_sending_but_probes(start_wo
     assert "loops: circuit breaker closed" in w.log()
     listed = run(product_env, "-m", "worker", "deadletters", "list", "--json")
     assert listed.returncode == 0 and not [d for d in json.loads(listed.stdout) if d["event_id"] in events]
+
+
+# -- 6. a worker killed holding the restore lock blocks restores 15 s -----------------------------------------
+
+#: kombu's restore lock (a SET NX PX key taken around each scan for messages to restore), and the PX it is taken
+#: with in the README: "a worker killed while holding kombu's restore lock blocks restores for 15 s, not kombu's 300".
+MUTEX, MUTEX_MS = "unacked_mutex", 15_000
+
+
+def first_mutex_set(port: int, timeout: float) -> list[str]:
+    """The arguments of the first ``SET unacked_mutex ...`` any client sends this Redis, seen through MONITOR."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"MONITOR\r\n")
+        lines = s.makefile("rb")
+        while time.monotonic() < deadline:
+            args = re.findall(r'"((?:[^"\\]|\\.)*)"', lines.readline().decode(errors="replace"))
+            if len(args) >= 2 and args[0].upper() == "SET" and args[1] == MUTEX:
+                return args
+    raise AssertionError(f"no SET {MUTEX} within {timeout:g}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # its own waits: 30 s for the lock, 30 s for the request, 60 s for the redelivery
+def test_a_worker_killed_holding_the_restore_lock_blocks_restores_15_s_then_its_message_is_delivered(
+        start_worker, product_env, redis_server, sandbox_client, unique_email):
+    """README (At least once): a SIGKILLed worker's messages go back on their queues after the visibility
+    timeout, "and a worker killed while holding kombu's restore lock blocks restores for 15 s, not kombu's 300".
+
+    1. The lock a worker takes around each restore scan expires after 15 s: the worker's own ``SET unacked_mutex
+       <token> NX PX <ms>``, seen through Redis' MONITOR, asks for 15,000 ms (kombu's default would be 300,000).
+    2. What a worker killed holding it leaves behind: worker A takes an event (ConvertLoop hangs, so A holds
+       it) and is SIGKILLed; the lock it would have left -- the same SET, the same expiry -- is in Redis. A new
+       worker B restores nothing while that lock lives, then restores A's message and delivers it (the positive
+       signal), after the lock was last seen. No upper bound on when."""
+    import worker
+
+    env = {"BROKER_VISIBILITY_TIMEOUT": 4}  # restore scans every second, of messages held over 4 s
+    a = start_worker("restore-a", ("-Q", "convertloop"), **env)
+    taken = first_mutex_set(redis_server.port, timeout=30)
+    px = int(taken[taken.index("PX") + 1]) if "PX" in taken else None
+    print(f"\nthe worker's restore lock: {' '.join(taken[:2] + ['<token>'] + taken[3:])}")
+    assert "NX" in taken and px == MUTEX_MS, f"the restore lock is taken as {taken[3:]}, not PX {MUTEX_MS}"
+
+    sandbox_client.configure("convertloop", latency_ms=10_000)  # A's request hangs
+    event_id = worker.track("promise", email=unique_email, vendors=["convertloop"])
+
+    def sent() -> list[dict]:
+        return [x for x in sandbox_client.requests(vendor="convertloop")
+                if x["body"]["person"]["email"] == unique_email]
+
+    wait_until(sent, timeout=30, interval=0.02, message="worker A's request")
+    os.killpg(a.proc.pid, signal.SIGKILL)
+    a.proc.wait(10)
+    r = redis.Redis.from_url(redis_server.url)
+    token = f"killed-{unique_email}"
+    planted = time.time()  # the lock expires px ms after a moment after this one
+    assert r.set(MUTEX, token, nx=True, px=px), "another process holds the restore lock"
+    assert any(event_id.encode() in m for m in r.hvals("unacked")), "A's message is not held in Redis"
+    sandbox_client.configure("convertloop", latency_ms=None)
+
+    start_worker("restore-b", ("-Q", "convertloop"), **env)
+    seen: list[tuple[float, bool]] = []  # (when, A's message still held) each time the dead worker's lock was there
+
+    def redelivered() -> list[dict]:
+        now = time.time()
+        if r.get(MUTEX) == token.encode():
+            seen.append((now, any(event_id.encode() in m for m in r.hvals("unacked"))))
+        return [x for x in sent()[1:] if x["status"] == 200]
+
+    (again,) = wait_until(redelivered, timeout=60, interval=0.05, message="A's message delivered by worker B")
+    print(f"the dead worker's lock seen {len(seen)} times; A's message delivered again "
+          f"{again['ts'] - planted:.1f}s after the lock was left (it expires after {px / 1000:g}s)")
+    # Not restored before the lock expired: a lower bound, the lock's own expiry (the same clock: the sandbox
+    # stamps each request in this process) -- and held in Redis each time the test saw the lock.
+    assert again["ts"] >= planted + px / 1000, "A's message was delivered before the dead worker's lock expired"
+    assert seen and all(held for _, held in seen), "A's message was restored while the dead worker's lock lived"
+    assert again["ts"] > seen[-1][0]
+    assert len(sent()) == 2
