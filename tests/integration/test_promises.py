@@ -20,6 +20,9 @@ import time
 import pytest
 import redis
 
+import worker
+from tests.helpers import UNACKED, breaker_open, wait_idle
+
 # Internal helpers: the private redis-server and the polling helper (dev tooling; fix these paths if it moves).
 from worker.localstack import RedisServer, wait_until
 
@@ -56,19 +59,146 @@ print(json.dumps([outcome(call) for call in calls]))
 
 def produce(env: dict[str, str], email: str) -> list[dict]:
     out = subprocess.run([sys.executable, "-c", PRODUCER, email], env=env, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def dead_letters_of(env: dict[str, str], event_id: str) -> tuple[list[dict], str]:
+    """``python -m worker deadletters show EVENT_ID``: that event's dead letters, and the command's output."""
+    out = run(env, "-m", "worker", "deadletters", "show", event_id)
+    if out.returncode != 0:
+        return [], out.stdout + out.stderr
+    return json.loads(out.stdout), out.stdout
+
+
+def status_json(env: dict[str, str]) -> dict:
+    out = run(env, "-m", "worker", "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+# -- 1. timeouts: retried on the schedule, counted by the circuit breaker -------------------------------------
+
+#: "retrying <vendor> event=<id> status=<status> attempt=<n> in <wait>s (window left ...): <error>" (the pipeline)
+RETRYING = re.compile(r"retrying convertloop event=(\S+) status=(\S+) attempt=(\d+) in ([0-9.]+)s \([^)]*\): (.*)")
+
+
+@pytest.mark.timeout(300)  # its own waits: a worker 30 s, the breaker 60 s, the recovery 60 + 30 s, 2 CLI calls 60 s
+def test_timeouts_are_retried_on_the_schedule_and_open_the_breaker_alone(start_worker, product_env, sandbox_client,
+                                                                          unique_email):
+    """README: "408, 5xx, timeouts and connection errors retried with exponential backoff and full jitter", and
+    the breaker opens after BREAKER_THRESHOLD "retryable failures in a row -- 5xx, 408, timeouts, connection
+    errors". ConvertLoop hangs: it answers 200, but only after 2 s, four times HTTP_TIMEOUT (0.5 s). One event: each
+    attempt times out, is put on the retry schedule with a wait within its backoff cap, and the next attempt
+    comes no earlier than that wait; after three timeouts in a row the breaker is open -- though every answer
+    the vendor gave (too late) was a 200, so the timeouts alone opened it. No dead letter. Once it answers
+    in time again, a probe delivers the event and the breaker closes."""
+    assert not breaker_open("convertloop"), "an earlier test left the ConvertLoop breaker open"
+    threshold, base, cap, http_timeout = 3, 0.2, 0.5, 0.5
+    w = start_worker("timeouts", ("-Q", "convertloop"), HTTP_TIMEOUT=http_timeout, BREAKER_THRESHOLD=threshold,
+                     BREAKER_PROBE_MAX=1, RETRY_MAX_ATTEMPTS=0, RETRY_BACKOFF_BASE=base, RETRY_BACKOFF_MAX=cap)
+    sandbox_client.configure("convertloop", latency_ms=2000)
+    event_id = worker.track("promise", email=unique_email, vendors=["convertloop"])
+
+    def sent() -> list[dict]:
+        return [r for r in sandbox_client.requests(vendor="convertloop")
+                if r["body"]["person"]["email"] == unique_email]
+
+    wait_until(lambda: breaker_open("convertloop") or len(sent()) >= 2 * threshold
+               or f"dead-lettered convertloop track event={event_id}" in w.log(),
+               timeout=60, interval=0.05, message=f"the breaker to open, or {2 * threshold} attempts")
+    assert breaker_open("convertloop"), \
+        f"{len(sent())} attempts timed out and the breaker is not open:\n{w.log()[-3000:]}"
+    before_open = sent()
+    shown = status_json(product_env)["vendors"]["convertloop"]
+    sandbox_client.configure("convertloop", latency_ms=None)  # ConvertLoop answers in time again
+    wait_until(lambda: "convertloop: circuit breaker probe: delivered" in w.log() and not breaker_open("convertloop"),
+               timeout=60, interval=0.1, message="a probe to deliver the event and close the breaker")
+    # The vendor's late answers to the attempts made before the breaker opened (each 2 s after it arrived).
+    late = wait_until(lambda: (got := sent()[:len(before_open)]) and all(r["status"] for r in got) and got,
+                      timeout=30, interval=0.1, message="the vendor's late answers")
+    log = w.log()
+    retries = [m for m in RETRYING.finditer(log) if m[1] == event_id]
+    print(f"\n{len(before_open)} attempts before the breaker opened, answered (late) "
+          f"{[r['status'] for r in late]}; waits chosen {[m[4] for m in retries]}; errors "
+          f"{sorted({m[5].split(':')[0] for m in retries})}; status: breaker {shown['breaker']}, "
+          f"{shown['failures_in_a_row']} failures in a row")
+
+    # Retried on the schedule: one "retrying" line per timed-out attempt, status None (no answer), a timeout,
+    # attempts numbered in order, each wait within its backoff cap, and no attempt earlier than its wait.
+    assert len(retries) >= threshold, log[-3000:]
+    assert [int(m[3]) for m in retries] == list(range(1, len(retries) + 1))
+    assert all(m[2] == "None" and "Timeout" in m[5] for m in retries), [m[0] for m in retries]
+    assert all(float(m[4]) <= min(cap, base * 2 ** (int(m[3]) - 1)) + 0.005 for m in retries)
+    times = [r["ts"] for r in sent()]
+    for m in retries[:threshold - 1]:
+        n = int(m[3])
+        assert times[n] - times[n - 1] >= float(m[4]), f"attempt {n + 1} came before its wait of {m[4]}s"
+    # Counted by the breaker: it opened after the threshold's failures in a row, all of them timeouts (whatever
+    # the vendor answered, it answered 200, after the client had given up).
+    assert f"convertloop: circuit breaker open after {threshold} failures in a row" in log
+    assert len(before_open) >= threshold and [r["status"] for r in late] == [200] * len(before_open), late
+    assert shown["breaker"] == "open" and shown["failures_in_a_row"] >= threshold, shown
+    assert "circuit breaker closed" in log
+    assert dead_letters_of(product_env, event_id)[0] == [], "the event was dead-lettered"
+
+
+# -- 2. the request_error dead letter -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)  # its own waits: a worker 30 s, its two dead letters 45 s, 3 CLI calls 90 s
+def test_a_request_that_cannot_be_made_is_a_request_error_dead_letter_holding_no_secret(
+        start_worker, product_env, sandbox_client, unique_email):
+    """README, Dead letters: reason ``request_error`` -- the request could not be made at all, so it is not
+    retried (worker/deadletters.py: "e.g. a bad base URL"). Two ways an operator gets there: a base URL without
+    its scheme (Loops), and a credential pasted with its trailing newline (ConveYour's token), which no HTTP
+    client can put in a header. Each delivery becomes one dead letter ``request_error`` after one attempt,
+    nothing reaches the vendor, the error says what went wrong -- and no credential is in the dead letter
+    (README: "No credential reaches ... logs, dead letters"), in the worker's log or in the CLI's output, not
+    even the one the error is about."""
+    loops_url = product_env["LOOPS_BASE_URL"].removeprefix("http://")
+    token = product_env["CONVEYOUR_TOKEN"] + "\n"
+    w = start_worker("request-error", ("-Q", "loops,conveyour"), LOOPS_BASE_URL=loops_url, CONVEYOUR_TOKEN=token)
+    events = {"loops": worker.track("promise", email=f"l-{unique_email}", vendors=["loops"]),
+              "conveyour": worker.track("promise", email=f"c-{unique_email}", vendors=["conveyour"])}
+    wait_until(lambda: all(f"dead-lettered {v} track event={e}" in w.log() for v, e in events.items()), timeout=45,
+               interval=0.1, message=f"the two dead letters (worker log {w.log_path})")
+    read = {v: dead_letters_of(product_env, e) for v, e in events.items()}
+    found, shown = {v: entries for v, (entries, _) in read.items()}, {v: text for v, (_, text) in read.items()}
+    listed = run(product_env, "-m", "worker", "deadletters", "list").stdout
+    for vendor, (entry,) in found.items():
+        print(f"\n{vendor}: {json.dumps(entry)[:600]}")
+        assert (entry["vendor"], entry["reason"], entry["attempts"], entry["status"]) == \
+            (vendor, "request_error", 1, None), entry
+        assert entry["request"]["json"] and entry["event"]["id"] == events[vendor] and entry["response_body"] is None
+    assert "UnsupportedProtocol" in found["loops"][0]["error"] and "'http://'" in found["loops"][0]["error"]
+    assert "LocalProtocolError" in found["conveyour"][0]["error"] and "header" in found["conveyour"][0]["error"]
+    # Nothing was sent, and nothing retried.
+    assert not [r for r in sandbox_client.requests() if unique_email in json.dumps(r["body"])]
+    log = w.log()
+    assert not [e for e in events.values() if f"retrying loops event={e}" in log or f"retrying conveyour event={e}"
+                in log]
+    # No credential anywhere: the raw values the worker had (the token with its newline, and without), and the
+    # forms an error message may quote them in (Python's repr of the bytes: "\\n" for the newline).
+    secrets = {k: v for k, v in product_env.items() if k.endswith(("_KEY", "_TOKEN", "_APPKEY", "_APP_ID"))}
+    forms = {s for v in secrets.values() for s in (v, v.strip(), repr(v.encode())[2:-1])}
+    assert token.strip() in forms
+    for name, text in {**{f"{v} dead letter": json.dumps(e) for v, e in found.items()},
+                       **{f"deadletters show ({v})": t for v, t in shown.items()},
+                       "deadletters list": listed, "worker log": log}.items():
+        leaked = sorted(s[:8] for s in forms if s in text)
+        assert not leaked, f"{name} holds a credential (first characters: {leaked})"
 
 
 # -- 3. an unwritable SPOOL_DIR ------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)  # one subprocess of three calls against a Redis that refuses at once
+@pytest.mark.timeout(120)  # its own waits: two producer subprocesses 60 s, a redis-server 10 s
 def test_an_unwritable_spool_dir_raises_enqueue_error_naming_it(product_env, unique_email, tmp_path):
     """README: "If the spool is ... not writable, the call raises worker.EnqueueError saying which -- never a
     silent drop." Redis is away (nothing listens on its port), so every call needs the spool; SPOOL_DIR lies
@@ -130,7 +260,7 @@ def refused_urls(server: RedisServer, password: str) -> dict[str, str]:
             "no password": f"redis://127.0.0.1:{server.port}/0"}
 
 
-@pytest.mark.timeout(180)  # two producer subprocesses against a Redis that answers at once
+@pytest.mark.timeout(120)  # its own waits: the redis-server 10 s, two producer subprocesses 60 s
 def test_a_refused_password_fails_the_producer_with_enqueue_error_and_spools_nothing(
         password_redis, product_env, unique_email, tmp_path):
     """README: a Redis that refuses the configuration (password refused) makes the call raise EnqueueError --
@@ -150,7 +280,7 @@ def test_a_refused_password_fails_the_producer_with_enqueue_error_and_spools_not
     assert right.dbsize() == 0, "something reached Redis"
 
 
-@pytest.mark.timeout(180)  # six CLI subprocesses
+@pytest.mark.timeout(240)  # its own waits: six CLI subprocesses, 30 s each
 def test_a_refused_password_makes_the_cli_exit_2_saying_so(password_redis, product_env):
     """README (Operating it): "Every command exits with status 2 and a `configuration error: ...` line when
     Redis refuses the configuration (... password ...)"."""
@@ -165,7 +295,7 @@ def test_a_refused_password_makes_the_cli_exit_2_saying_so(password_redis, produ
             assert password not in out.stderr + out.stdout
 
 
-@pytest.mark.timeout(120)  # a worker that stops at startup (the test waits at most 30 s for it)
+@pytest.mark.timeout(90)  # its own wait: the worker's exit, 30 s
 def test_a_refused_password_stops_a_worker_at_startup_with_exit_2(password_redis, product_env):
     """README: a Redis configuration that cannot work stops a worker at startup with a `configuration error`
     line (exit status 2), instead of a worker retrying forever. The line is on stderr and hides the password."""
@@ -190,7 +320,7 @@ def test_a_refused_password_stops_a_worker_at_startup_with_exit_2(password_redis
 # -- 5. status with Redis away ------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)  # three CLI subprocesses against a port that refuses at once
+@pytest.mark.timeout(150)  # its own waits: three CLI subprocesses, 30 s each
 def test_status_with_redis_away_exits_1_saying_redis_did_not_answer(product_env):
     """README (Operating it): every command exits "1 with `error: Redis (...) did not answer: ...` when it is
     away". Nothing listens on the Redis port."""
@@ -202,201 +332,6 @@ def test_status_with_redis_away_exits_1_saying_redis_did_not_answer(product_env)
         assert out.returncode == 1, (command, out.returncode, out.stdout, out.stderr)
         assert out.stderr.startswith(f"error: Redis ({url}) did not answer: "), out.stderr
         assert out.stdout == "", out.stdout
-
-
-# -- 2. the request_error dead letter -----------------------------------------------------------------------
-
-
-def dead_letters_of(env: dict[str, str], event_id: str) -> tuple[list[dict], str]:
-    """``python -m worker deadletters show EVENT_ID``: that event's dead letters, and the command's output."""
-    out = run(env, "-m", "worker", "deadletters", "show", event_id)
-    if out.returncode != 0:
-        return [], out.stdout + out.stderr
-    return json.loads(out.stdout), out.stdout
-
-
-@pytest.mark.timeout(120)  # one worker; the test waits at most 45 s for its two dead letters
-def test_a_request_that_cannot_be_made_is_a_request_error_dead_letter_holding_no_secret(
-        start_worker, product_env, sandbox_client, unique_email):
-    """README, Dead letters: reason ``request_error`` -- the request could not be made at all, so it is not
-    retried (worker/deadletters.py: "e.g. a bad base URL"). Two ways an operator gets there: a base URL without
-    its scheme (Loops), and a credential pasted with its trailing newline (ConveYour's token), which no HTTP
-    client can put in a header. Each delivery becomes one dead letter ``request_error`` after one attempt,
-    nothing reaches the vendor, the error says what went wrong -- and no credential is in the dead letter
-    (README: "No credential reaches ... logs, dead letters"), in the worker's log or in the CLI's output, not
-    even the one the error is about."""
-    import worker
-
-    loops_url = product_env["LOOPS_BASE_URL"].removeprefix("http://")
-    token = product_env["CONVEYOUR_TOKEN"] + "\n"
-    w = start_worker("request-error", ("-Q", "loops,conveyour"), LOOPS_BASE_URL=loops_url, CONVEYOUR_TOKEN=token)
-    events = {"loops": worker.track("promise", email=f"l-{unique_email}", vendors=["loops"]),
-              "conveyour": worker.track("promise", email=f"c-{unique_email}", vendors=["conveyour"])}
-    found = {v: wait_until(lambda e=e: dead_letters_of(product_env, e)[0], timeout=45, interval=0.2,
-                           message=f"the {v} dead letter (worker log {w.log_path})")
-             for v, e in events.items()}
-    shown = {v: dead_letters_of(product_env, e)[1] for v, e in events.items()}
-    listed = run(product_env, "-m", "worker", "deadletters", "list").stdout
-    for vendor, (entry,) in found.items():
-        print(f"\n{vendor}: {json.dumps(entry)[:600]}")
-        assert (entry["vendor"], entry["reason"], entry["attempts"], entry["status"]) == \
-            (vendor, "request_error", 1, None), entry
-        assert entry["request"]["json"] and entry["event"]["id"] == events[vendor] and entry["response_body"] is None
-    assert "UnsupportedProtocol" in found["loops"][0]["error"] and "'http://'" in found["loops"][0]["error"]
-    assert "LocalProtocolError" in found["conveyour"][0]["error"] and "header" in found["conveyour"][0]["error"]
-    # Nothing was sent, and nothing retried.
-    assert not [r for r in sandbox_client.requests() if unique_email in json.dumps(r["body"])]
-    log = w.log()
-    assert not [e for e in events.values() if f"retrying loops event={e}" in log or f"retrying conveyour event={e}"
-                in log]
-    # No credential anywhere: the raw values the worker had (the token with its newline, and without), and the
-    # forms an error message may quote them in (Python's repr of the bytes: "\\n" for the newline).
-    secrets = {k: v for k, v in product_env.items() if k.endswith(("_KEY", "_TOKEN", "_APPKEY", "_APP_ID"))}
-    forms = {s for v in secrets.values() for s in (v, v.strip(), repr(v.encode())[2:-1])}
-    assert token.strip() in forms
-    for name, text in {**{f"{v} dead letter": json.dumps(e) for v, e in found.items()},
-                       **{f"deadletters show ({v})": t for v, t in shown.items()},
-                       "deadletters list": listed, "worker log": log}.items():
-        leaked = sorted(s[:8] for s in forms if s in text)
-        assert not leaked, f"{name} holds a credential (first characters: {leaked})"
-
-
-# -- 1. timeouts: retried on the schedule, counted by the circuit breaker -------------------------------------
-
-#: "retrying <vendor> event=<id> status=<status> attempt=<n> in <wait>s (window left ...): <error>" (the pipeline)
-RETRYING = re.compile(r"retrying convertloop event=(\S+) status=(\S+) attempt=(\d+) in ([0-9.]+)s \([^)]*\): (.*)")
-
-
-def status_json(env: dict[str, str]) -> dict:
-    out = run(env, "-m", "worker", "status", "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-@pytest.mark.timeout(180)  # its own waits: 60 s for the breaker, 60 s for the recovery
-def test_timeouts_are_retried_on_the_schedule_and_open_the_breaker_alone(start_worker, product_env, sandbox_client,
-                                                                          unique_email):
-    """README: "408, 5xx, timeouts and connection errors retried with exponential backoff and full jitter", and
-    the breaker opens after BREAKER_THRESHOLD "retryable failures in a row -- 5xx, 408, timeouts, connection
-    errors". ConvertLoop hangs: it answers 200, but only after 2 s, four times HTTP_TIMEOUT (0.5 s). One event: each
-    attempt times out, is put on the retry schedule with a wait within its backoff cap, and the next attempt
-    comes no earlier than that wait; after three timeouts in a row the breaker is open -- though every answer
-    the vendor gave (too late) was a 200, so the timeouts alone opened it. No dead letter. Once it answers
-    in time again, a probe delivers the event and the breaker closes."""
-    import worker
-    from tests.helpers import breaker_open
-
-    threshold, base, cap, http_timeout = 3, 0.2, 0.5, 0.5
-    w = start_worker("timeouts", ("-Q", "convertloop"), HTTP_TIMEOUT=http_timeout, BREAKER_THRESHOLD=threshold,
-                     BREAKER_PROBE_MAX=1, RETRY_MAX_ATTEMPTS=0, RETRY_BACKOFF_BASE=base, RETRY_BACKOFF_MAX=cap)
-    sandbox_client.configure("convertloop", latency_ms=2000)
-    event_id = worker.track("promise", email=unique_email, vendors=["convertloop"])
-
-    def sent() -> list[dict]:
-        return [r for r in sandbox_client.requests(vendor="convertloop")
-                if r["body"]["person"]["email"] == unique_email]
-
-    wait_until(lambda: breaker_open("convertloop") or len(sent()) >= 2 * threshold
-               or f"dead-lettered convertloop track event={event_id}" in w.log(),
-               timeout=60, interval=0.05, message=f"the breaker to open, or {2 * threshold} attempts")
-    assert breaker_open("convertloop"), \
-        f"{len(sent())} attempts timed out and the breaker is not open:\n{w.log()[-3000:]}"
-    before_open = sent()
-    shown = status_json(product_env)["vendors"]["convertloop"]
-    sandbox_client.configure("convertloop", latency_ms=None)  # ConvertLoop answers in time again
-    wait_until(lambda: "convertloop: circuit breaker probe: delivered" in w.log() and not breaker_open("convertloop"),
-               timeout=60, interval=0.1, message="a probe to deliver the event and close the breaker")
-    # The vendor's late answers to the attempts made before the breaker opened (each 2 s after it arrived).
-    late = wait_until(lambda: (got := sent()[:len(before_open)]) and all(r["status"] for r in got) and got,
-                      timeout=30, interval=0.1, message="the vendor's late answers")
-    log = w.log()
-    retries = [m for m in RETRYING.finditer(log) if m[1] == event_id]
-    print(f"\n{len(before_open)} attempts before the breaker opened, answered (late) "
-          f"{[r['status'] for r in late]}; waits chosen {[m[4] for m in retries]}; errors "
-          f"{sorted({m[5].split(':')[0] for m in retries})}; status: breaker {shown['breaker']}, "
-          f"{shown['failures_in_a_row']} failures in a row")
-
-    # Retried on the schedule: one "retrying" line per timed-out attempt, status None (no answer), a timeout,
-    # attempts numbered in order, each wait within its backoff cap, and no attempt earlier than its wait.
-    assert len(retries) >= threshold, log[-3000:]
-    assert [int(m[3]) for m in retries] == list(range(1, len(retries) + 1))
-    assert all(m[2] == "None" and "Timeout" in m[5] for m in retries), [m[0] for m in retries]
-    assert all(float(m[4]) <= min(cap, base * 2 ** (int(m[3]) - 1)) + 0.005 for m in retries)
-    times = [r["ts"] for r in sent()]
-    for m in retries[:threshold - 1]:
-        n = int(m[3])
-        assert times[n] - times[n - 1] >= float(m[4]), f"attempt {n + 1} came before its wait of {m[4]}s"
-    # Counted by the breaker: it opened after the threshold's failures in a row, all of them timeouts (whatever
-    # the vendor answered, it answered 200, after the client had given up).
-    assert f"convertloop: circuit breaker open after {threshold} failures in a row" in log
-    assert len(before_open) >= threshold and [r["status"] for r in late] == [200] * len(before_open), late
-    assert shown["breaker"] == "open" and shown["failures_in_a_row"] >= threshold, shown
-    assert "circuit breaker closed" in log
-    assert dead_letters_of(product_env, event_id)[0] == [], "the event was dead-lettered"
-
-
-# -- 7. an open breaker stops the workers taking the vendor's queue ------------------------------------------
-
-#: Celery's line for each message its consumer takes off a queue ("Task worker.deliver[<task id>] received").
-RECEIVED = re.compile(r"Task worker\.deliver\[[^\]]+\] received")
-PROBE = "loops: circuit breaker probe:"
-
-
-@pytest.mark.timeout(240)  # its own waits: 60 s for the breaker, 2 x 60 s for probes, 90 s for the recovery
-def test_an_open_breaker_stops_the_worker_taking_and_sending_but_probes(start_worker, product_env, sandbox_client,
-                                                                        unique_email):
-    """README: once the breaker is open "every worker stops taking its queue within a second (its messages wait
-    there, no attempt spent; a delivery already in a thread goes back on the queue). One probe at a time".
-    Without a clock: Loops answers 503 to everything; 60 Loops events wait for a worker. From the moment the
-    test sees the breaker open, Loops receives no more requests than the deliveries the worker held at that
-    moment, plus the probes (one at a time, each logged); and once two probes have gone -- well after the
-    worker saw it open -- the consumer takes no message off the queue while three more probes go (Celery logs
-    each message it takes). Then Loops recovers and every event is delivered, none dead-lettered."""
-    import worker
-    from tests.helpers import UNACKED, breaker_open, wait_idle
-
-    n = 60
-    sandbox_client.configure("loops", fail_all=503)
-    events = {worker.track("promise", email=f"{i}-{unique_email}", vendors=["loops"]) for i in range(n)}
-    r = redis.Redis.from_url(product_env["REDIS_URL"])
-
-    def requests(status: int | None = None) -> list[dict]:
-        return [x for x in sandbox_client.requests(vendor="loops", status=status) if x["idempotency_key"] in events]
-
-    w = start_worker("stops-taking", ("-Q", "loops"), WORKER_CONCURRENCY=4, BREAKER_THRESHOLD=3,
-                     BREAKER_PROBE_MAX=1, RETRY_MAX_ATTEMPTS=0)
-    wait_until(lambda: breaker_open("loops"), timeout=60, interval=0.01, message="the Loops breaker to open")
-    # In this order: what the worker holds, the probes so far, then the requests so far (see the bound below).
-    held = sum(b"worker.deliver" in m for m in r.hvals(UNACKED))
-    probes_at_open = w.log().count(PROBE)
-    sent_at_open = len(requests())
-
-    def probes() -> int:
-        return w.log().count(PROBE) - probes_at_open
-
-    wait_until(lambda: probes() >= 2, timeout=60, interval=0.05, message="two probes of the open breaker")
-    taken_then = len(RECEIVED.findall(w.log()))
-    wait_until(lambda: probes() >= 5, timeout=60, interval=0.05, message="three more probes")
-    sent_then = len(requests())
-    probed = probes()  # read after the requests: a probe whose request was counted may not have logged yet (+1)
-    log = w.log()
-    taken_now = len(RECEIVED.findall(log))
-    queued = r.llen("loops")
-
-    sandbox_client.configure("loops", fail_all=None)
-    wait_until(lambda: {x["idempotency_key"] for x in requests(200)} >= events, timeout=90, interval=0.2,
-               message=f"all {n} events delivered after the outage")
-    wait_idle(product_env["REDIS_URL"], timeout=60, queues=("loops",))
-    print(f"\nbreaker open with {sent_at_open} requests sent and {held} deliveries held; then {probed} probes, "
-          f"{sent_then - sent_at_open} requests; messages taken {taken_then} -> {taken_now}; {queued} waiting in "
-          f"the queue; after the outage all {n} delivered")
-    assert sent_then - sent_at_open <= held + probed + 1, \
-        f"{sent_then - sent_at_open} requests after the breaker opened; {held} held then, {probed} probes since"
-    assert taken_now == taken_then, f"the worker took {taken_now - taken_then} messages while the breaker was open"
-    assert queued > 0, "no message waited in the queue: nothing was kept from the worker"
-    assert "loops: circuit breaker closed" in w.log()
-    listed = run(product_env, "-m", "worker", "deadletters", "list", "--json")
-    assert listed.returncode == 0 and not [d for d in json.loads(listed.stdout) if d["event_id"] in events]
 
 
 # -- 6. a worker killed holding the restore lock blocks restores 15 s -----------------------------------------
@@ -420,7 +355,7 @@ def first_mutex_set(port: int, timeout: float) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)  # its own waits: 30 s for the lock, 30 s for the request, 60 s for the redelivery
+@pytest.mark.timeout(240)  # its own waits: 2 workers 60 s, the lock 30 s, the request 30 s, the redelivery 60 s
 def test_a_worker_killed_holding_the_restore_lock_blocks_restores_15_s_then_its_message_is_delivered(
         start_worker, product_env, redis_server, sandbox_client, unique_email):
     """README (At least once): a SIGKILLed worker's messages go back on their queues after the visibility
@@ -432,8 +367,6 @@ def test_a_worker_killed_holding_the_restore_lock_blocks_restores_15_s_then_its_
        it) and is SIGKILLed; the lock it would have left -- the same SET, the same expiry -- is in Redis. A new
        worker B restores nothing while that lock lives, then restores A's message and delivers it (the positive
        signal), after the lock was last seen. No upper bound on when."""
-    import worker
-
     env = {"BROKER_VISIBILITY_TIMEOUT": 4}  # restore scans every second, of messages held over 4 s
     a = start_worker("restore-a", ("-Q", "convertloop"), **env)
     taken = first_mutex_set(redis_server.port, timeout=30)
@@ -476,3 +409,66 @@ def test_a_worker_killed_holding_the_restore_lock_blocks_restores_15_s_then_its_
     assert seen and all(held for _, held in seen), "A's message was restored while the dead worker's lock lived"
     assert again["ts"] > seen[-1][0]
     assert len(sent()) == 2
+
+
+# -- 7. an open breaker stops the workers taking the vendor's queue ------------------------------------------
+
+#: Celery's line for each message its consumer takes off a queue ("Task worker.deliver[<task id>] received").
+RECEIVED = re.compile(r"Task worker\.deliver\[[^\]]+\] received")
+PROBE = "loops: circuit breaker probe:"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)  # its own waits: a worker 30 s, the breaker 60, probes 2 x 60, delivery 90 + 60, CLI 30
+def test_an_open_breaker_stops_the_worker_taking_and_sending_but_probes(start_worker, product_env, sandbox_client,
+                                                                        unique_email):
+    """README: once the breaker is open "every worker stops taking its queue within a second (its messages wait
+    there, no attempt spent; a delivery already in a thread goes back on the queue). One probe at a time".
+    Without a clock: Loops answers 503 to everything; 60 Loops events wait for a worker. From the moment the
+    test sees the breaker open, Loops receives no more requests than the deliveries the worker held at that
+    moment, plus the probes (one at a time, each logged); and once two probes have gone -- well after the
+    worker saw it open -- the consumer takes no message off the queue while three more probes go (Celery logs
+    each message it takes). Then Loops recovers and every event is delivered, none dead-lettered."""
+    assert not breaker_open("loops"), "an earlier test left the Loops breaker open"
+    n = 60
+    sandbox_client.configure("loops", fail_all=503)
+    events = {worker.track("promise", email=f"{i}-{unique_email}", vendors=["loops"]) for i in range(n)}
+    r = redis.Redis.from_url(product_env["REDIS_URL"])
+
+    def requests(status: int | None = None) -> list[dict]:
+        return [x for x in sandbox_client.requests(vendor="loops", status=status) if x["idempotency_key"] in events]
+
+    w = start_worker("stops-taking", ("-Q", "loops"), WORKER_CONCURRENCY=4, BREAKER_THRESHOLD=3,
+                     BREAKER_PROBE_MAX=1, RETRY_MAX_ATTEMPTS=0)
+    wait_until(lambda: breaker_open("loops"), timeout=60, interval=0.01, message="the Loops breaker to open")
+    # In this order: what the worker holds, the probes so far, then the requests so far (see the bound below).
+    held = sum(b"worker.deliver" in m for m in r.hvals(UNACKED))
+    probes_at_open = w.log().count(PROBE)
+    sent_at_open = len(requests())
+
+    def probes() -> int:
+        return w.log().count(PROBE) - probes_at_open
+
+    wait_until(lambda: probes() >= 2, timeout=60, interval=0.05, message="two probes of the open breaker")
+    taken_then = len(RECEIVED.findall(w.log()))
+    wait_until(lambda: probes() >= 5, timeout=60, interval=0.05, message="three more probes")
+    sent_then = len(requests())
+    probed = probes()  # read after the requests: a probe whose request was counted may not have logged yet (+1)
+    log = w.log()
+    taken_now = len(RECEIVED.findall(log))
+    queued = r.llen("loops")
+
+    sandbox_client.configure("loops", fail_all=None)
+    wait_until(lambda: {x["idempotency_key"] for x in requests(200)} >= events, timeout=90, interval=0.2,
+               message=f"all {n} events delivered after the outage")
+    wait_idle(product_env["REDIS_URL"], timeout=60, queues=("loops",))
+    print(f"\nbreaker open with {sent_at_open} requests sent and {held} deliveries held; then {probed} probes, "
+          f"{sent_then - sent_at_open} requests; messages taken {taken_then} -> {taken_now}; {queued} waiting in "
+          f"the queue; after the outage all {n} delivered")
+    assert sent_then - sent_at_open <= held + probed + 1, \
+        f"{sent_then - sent_at_open} requests after the breaker opened; {held} held then, {probed} probes since"
+    assert taken_now == taken_then, f"the worker took {taken_now - taken_then} messages while the breaker was open"
+    assert queued > 0, "no message waited in the queue: nothing was kept from the worker"
+    assert "loops: circuit breaker closed" in w.log()
+    listed = run(product_env, "-m", "worker", "deadletters", "list", "--json")
+    assert listed.returncode == 0 and not [d for d in json.loads(listed.stdout) if d["event_id"] in events]
