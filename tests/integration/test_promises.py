@@ -223,7 +223,7 @@ def test_an_unwritable_spool_dir_raises_enqueue_error_naming_it(product_env, uni
     try:
         outcomes = produce({**env, "REDIS_URL": server.url}, unique_email)
         assert all("id" in o for o in outcomes), outcomes
-        queued = b"".join(server.client().lrange("loops", 0, -1)).decode()
+        queued = str(server.client().lrange("loops", 0, -1))
         assert all(o["id"] in queued for o in outcomes), "an event id the call returned is not queued"
     finally:
         server.stop()
