@@ -176,7 +176,12 @@ class Publisher:
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
-        if self.spool is not None and self.spool.pending():
+        try:
+            left_over = self.spool is not None and self.spool.pending()
+        except OSError as exc:  # an unreadable SPOOL_DIR: calls still publish; one that must spool raises EnqueueError
+            log.warning("the spool %s cannot be read: %s", settings.spool_dir, exc)
+            left_over = False
+        if left_over:
             self._start_flusher()  # left over from an earlier process
 
     _default: Publisher | None = None

@@ -136,7 +136,7 @@ class Spool:
                     name = entry.name
                     if name.endswith(READY) or (claimed and CLAIMED in name):
                         yield Path(entry.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no spool directory there: nothing waits in it
             return
 
     def _used_bytes(self) -> int:
@@ -150,7 +150,7 @@ class Spool:
                             total += entry.stat().st_size
                         except FileNotFoundError:
                             pass
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
             self._size, self._size_at = total, now
         return self._size
