@@ -24,7 +24,7 @@ import worker
 from tests.helpers import UNACKED, breaker_open, wait_idle
 
 # Internal helpers: the private redis-server and the polling helper (dev tooling; fix these paths if it moves).
-from worker.localstack import RedisServer, wait_until
+from worker.dev.localstack import RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
 
