@@ -99,3 +99,56 @@ class LegacyTaskMessages:
         envelope = json.loads(message)
         envelope["headers"].update(headers, id=task_id, retries=retries)
         return json.dumps(envelope)
+
+
+def legacy_event(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The event as producers wrote it before compact messages (unset fields as nulls), and its JSON."""
+    from worker.events import parse_event, to_json
+
+    full = parse_event(payload).model_dump(mode="json")
+    return full, to_json(full)
+
+
+def queue_legacy(redis_url: str, payload: dict[str, Any], vendors: list[str], prefix: str = "vdw") -> list[str]:
+    """Queue ``payload`` as a producer did before compact messages: a message per vendor in that format, each call
+    in its person's order (the same MULTI), written as the publisher writes. Returns the task ids."""
+    import redis
+
+    from worker.producer.publisher import _push, ordered
+
+    full, text = legacy_event(payload)
+    messages = ordered(LegacyTaskMessages(), full, vendors, prefix, event_json=text)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        _push(client, messages)
+    finally:
+        client.close()
+    return [f"{full['id']}.{vendor}" for vendor in vendors]
+
+
+def schedule_legacy_retry(redis_url: str, payload: dict[str, Any], vendor: str, attempts: int, first_failure: float,
+                          prefix: str = "vdw") -> str:
+    """A retry waiting on ``vendor``'s schedule (due now) as a worker wrote it before compact messages: the whole
+    message in that format with ``retries`` and the retry header as a mapping, and the call in its person's
+    order. Returns the task id."""
+    import redis
+
+    from worker.keys import HEADER, order_commands, person_id
+    from worker.retries.schedule import RetrySchedule
+    from worker.vendors import VENDORS
+
+    full, text = legacy_event(payload)
+    task_id = f"{full['id']}.{vendor}"
+    person = person_id(VENDORS[vendor].person_key(full["identity"]) or "")
+    headers = {"vdw_retry": {"attempts": attempts, "first_failure": first_failure}, HEADER: person}
+    message = LegacyTaskMessages().retry(vendor, full, task_id, attempts, headers)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        pipe = client.pipeline(transaction=True)
+        for command in order_commands(prefix, vendor, person, task_id, text):
+            pipe.execute_command(*command)
+        pipe.execute()
+        RetrySchedule(client, prefix).add(vendor, message, 0)
+    finally:
+        client.close()
+    return task_id

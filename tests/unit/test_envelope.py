@@ -66,8 +66,10 @@ def test_what_a_worker_reads_is_what_it_read_from_the_format_before(redis_server
     """A message queued (or waiting) at an upgrade reads as its compact form does: only the args summary, which
     compact messages shorten, differs."""
     if retries:
-        headers = {**RetryState(retries, 1767225600.5).header(), HEADER: PERSON}
-        ours = TaskMessages().retry("loops", PAYLOAD, f"{EVENT_ID}.loops", retries, headers)
+        state = RetryState(retries, 1767225600.5)
+        ours = TaskMessages().retry("loops", PAYLOAD, f"{EVENT_ID}.loops", retries, {**state.header(), HEADER: PERSON})
+        # The retry header as written before: a mapping.
+        headers = {"vdw_retry": {"attempts": state.attempts, "first_failure": state.first_failure}, HEADER: PERSON}
         before = LegacyTaskMessages().retry("loops", PAYLOAD, f"{EVENT_ID}.loops", retries, headers)
     else:
         ours, before = _ours(), LegacyTaskMessages().build(PAYLOAD, ["loops"], persons={"loops": PERSON})[0][1]
@@ -78,6 +80,7 @@ def test_what_a_worker_reads_is_what_it_read_from_the_format_before(redis_server
     assert deliver.app.conf.result_backend is None
     assert [s.pop("ignore_result") for s in seen] == [True, False]
     assert seen[0] == seen[1]
+    assert seen[0]["retry_state"] == (RetryState(retries, 1767225600.5) if retries else RetryState())
     assert [view["request"].argsrepr for view in views] == ["('loops', <track>)", f"('loops', <track {EVENT_ID}>)"]
 
 
@@ -130,8 +133,12 @@ def test_the_probe_reads_either_format(build, client, monkeypatch, product_env):
     schedule = RetrySchedule(client, f"probe-{build}")
     client.delete("loops", schedule.key("loops"))
     state = RetryState(1, time.time())
-    messages = TaskMessages() if build == "compact" else LegacyTaskMessages()
-    schedule.add("loops", messages.retry("loops", PAYLOAD, f"{EVENT_ID}.loops", 1, state.header()), 3600)
+    if build == "compact":
+        message = TaskMessages().retry("loops", PAYLOAD, f"{EVENT_ID}.loops", 1, state.header())
+    else:
+        header = {"vdw_retry": {"attempts": 1, "first_failure": state.first_failure}}  # a mapping, as written then
+        message = LegacyTaskMessages().retry("loops", PAYLOAD, f"{EVENT_ID}.loops", 1, header)
+    schedule.add("loops", message, 3600)
     calls = []
 
     def attempt(name, event, state, task_id, tag, retries, **kw):
@@ -143,6 +150,19 @@ def test_the_probe_reads_either_format(build, client, monkeypatch, product_env):
     assert probe.run_probe("loops", schedule, mock.Mock()) == "delivered"
     assert calls == [("loops", PAYLOAD, state, f"{EVENT_ID}.loops", 1)]
     assert schedule.waiting("loops").count == 0 and client.hlen("unacked") == 0
+
+
+@pytest.mark.parametrize(("header", "state"), [
+    ([2, 1767225600.5], RetryState(2, 1767225600.5)),
+    ({"attempts": 2, "first_failure": 1767225600.5}, RetryState(2, 1767225600.5)),  # as written before
+    ([0, None], RetryState()),
+    (None, RetryState()),
+    ([2], RetryState()),
+    ("2", RetryState()),
+    ([-1, "soon"], RetryState()),
+])
+def test_the_retry_header_reads_in_either_form(header, state):
+    assert RetryState.from_headers({"vdw_retry": header}) == state
 
 
 def test_the_envelope_imports_neither_celery_nor_kombu():
