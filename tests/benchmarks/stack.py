@@ -98,6 +98,8 @@ class Sizes:
     ordering_backlog_calls: int = 10_000
     ordering_backlog_people: int = 1000
     ordering_backlog_rate: float = 10.0
+    #: Redis bytes per queued and per waiting delivery: this many messages of each format (the ``bytes`` group).
+    bytes_messages: int = 20_000
     #: How often a noisy figure (enqueue, deliveries/s, batching) is measured: the table shows the median and range.
     repeats: int = 3
     smoke: bool = False
@@ -113,7 +115,7 @@ class Sizes:
                    rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_small_backlog=200, memory_seconds=10.0,
                    batch_warmup=1.0, batch_window=4.0, web_requests=200, web_spool_requests=100, web_warmup=50,
                    web_phase=1.5, ordering_calls=500, ordering_backlog_calls=500,
-                   ordering_backlog_people=50, ordering_backlog_rate=50.0, repeats=1, smoke=True)
+                   ordering_backlog_people=50, ordering_backlog_rate=50.0, bytes_messages=1000, repeats=1, smoke=True)
 
 
 # -- results --------------------------------------------------------------------
