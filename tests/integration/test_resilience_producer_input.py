@@ -52,7 +52,8 @@ def decode(raw: bytes) -> dict[str, Any]:
     body, encoding = envelope["body"], envelope["properties"].get("body_encoding")
     if encoding:
         body = virtual.Channel.codecs[encoding].decode(body)
-    args, kwargs, embed = loads(body, envelope["content-type"], envelope.get("content-encoding"), accept=["json"])
+    args, kwargs, embed = loads(body, envelope["content-type"], envelope.get("content-encoding"),
+                                accept={"application/json"})
     assert isinstance(embed, dict)
     return {"task": envelope["headers"]["task"], "id": envelope["headers"]["id"], "args": args, "kwargs": kwargs,
             "routing_key": envelope["properties"]["delivery_info"]["routing_key"]}
