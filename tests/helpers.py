@@ -117,16 +117,17 @@ def locate(redis_url: str, needles: set[str], prefix: str = "vdw") -> dict[str, 
 
 
 def _readable(item: bytes) -> str:
-    """A stored kombu message (or an unacked record holding one) with its base64 body decoded."""
-    import base64
+    """A stored kombu message (or an unacked record holding one) with its body decoded (base64 or compact)."""
     import json
+
+    from worker.envelope import decode_body
 
     text = item.decode(errors="replace")
     try:
         value = json.loads(text)
         envelope = value[0] if isinstance(value, list) else value
-        return text + base64.b64decode(envelope["body"]).decode(errors="replace")
-    except (ValueError, KeyError, TypeError, IndexError):
+        return text + json.dumps(decode_body(envelope), ensure_ascii=False)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return text
 
 
@@ -145,3 +146,68 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 def metric(values: dict, name: str, **labels: str) -> float | None:
     """One sample of :func:`metric_values` (None if the scrape did not have it)."""
     return values.get((name, tuple(sorted(labels.items()))))
+
+
+def celery_reads(redis_url: str, raw: str | bytes, queue: str = "loops") -> dict:
+    """What a stock Celery 5 worker reads from one queued message ``raw``: it is LPUSHed on ``queue``, taken by
+    kombu's stock Redis transport (not this product's: any Celery worker), made a request by Celery's default
+    strategy (``celery.worker.strategy``) for ``worker.deliver``, and its body decoded as ``celery.app.trace`` does
+    before running the task (``fast_trace_task``: the body by its content type, then the embed into the request
+    context). The message is acknowledged; the queue is left empty.
+
+    Returns ``request`` (Celery's Request), ``context`` (the task's ``self.request``: a Context as the trace
+    builds it), ``received`` (the task-received event Flower gets: name, args summary, retries, ...),
+    ``args``/``kwargs``/``embed`` as the trace decodes them, and ``seen``: every field the worker, the task
+    (``worker.broker.tasks``) and Flower read, in plain values, but the args summary (``argsrepr``).
+    """
+    from unittest import mock
+
+    import redis
+    from celery.app.task import Context, get_actual_ignore_result
+    from celery.worker import strategy
+    from kombu import Connection, Consumer, Queue
+    from kombu.serialization import loads
+
+    from worker.broker.tasks import deliver
+    from worker.keys import HEADER
+    from worker.retries.attempts import RetryState
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(queue)
+        client.lpush(queue, raw)
+    finally:
+        client.close()
+    taken: list = []
+    with Connection(redis_url, transport="redis") as connection:
+        assert type(connection.transport).__module__ == "kombu.transport.redis", "not kombu's stock transport"
+        with Consumer(connection, [Queue(queue, routing_key=queue)], on_message=taken.append, accept=["json"]):
+            connection.drain_events(timeout=10)
+        (message,) = taken
+        consumer = mock.MagicMock(disable_rate_limits=True)
+        consumer.controller.state.revoked = set()
+        handle = strategy.default(deliver, deliver.app, consumer, task_reserved=lambda request: None)
+        handle(message, None, message.ack, message.reject, set())
+        ((request,), _) = consumer.on_task_request.call_args
+        received = [c.kwargs for c in consumer.event_dispatcher.send.call_args_list if c.args == ("task-received",)]
+        args, kwargs, embed = loads(request.body, request.content_type, request.content_encoding,
+                                    accept={"application/json"})
+        context = Context(dict(request.request_dict, args=args, kwargs=kwargs, **(embed or {})),
+                          called_directly=False)
+        message.ack()
+    (event,) = received
+    seen = {
+        "name": request.name, "id": request.id, "args": args, "kwargs": kwargs,
+        "retries": context.retries, "eta": request.eta, "expires": request.expires,
+        "time_limits": tuple(request.time_limits), "root_id": context.root_id or context.id,  # as the trace does
+        "parent_id": context.parent_id, "group": context.group, "group_index": context.group_index,
+        "shadow": context.shadow, "callbacks": context.callbacks, "errbacks": context.errbacks,
+        "chain": context.chain, "chord": context.chord, "replaced_task_nesting": context.replaced_task_nesting,
+        "stamps": request.stamps, "exchange": request.delivery_info["exchange"],
+        "routing_key": request.delivery_info["routing_key"], "redelivered": request.delivery_info["redelivered"],
+        "ignore_result": get_actual_ignore_result(deliver, context),
+        "retry_state": RetryState.from_headers(vars(context)), "person": vars(context).get(HEADER),
+        "flower": {k: event[k] for k in ("uuid", "name", "retries", "eta", "expires")},
+    }
+    return {"request": request, "context": context, "received": event, "args": args, "kwargs": kwargs,
+            "embed": embed, "seen": seen}

@@ -177,8 +177,10 @@ def parse_event(payload: Any) -> IdentifyEvent | TrackEvent | SegmentEvent:
 
 
 def encode(event: _Event) -> dict[str, Any]:
-    """The event as the JSON object that goes on the queue."""
-    return event.model_dump(mode="json")
+    """The event as the JSON object that goes on the queue. Fields left unset (``None``: an identity's other keys,
+    a track's ``occurred_at``) are left out; :func:`parse_event` reads them back as ``None``. JSON nulls inside
+    properties or traits are values, and stay."""
+    return event.model_dump(mode="json", exclude_none=True)
 
 
 def to_json(payload: dict[str, Any]) -> str:

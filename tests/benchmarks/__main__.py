@@ -17,11 +17,24 @@ import sys
 import time
 import traceback
 
-from . import batching, enqueue, imports, memory, ordering, outage, ratelimit, readme, retries, throughput, web
+from . import (
+    batching,
+    enqueue,
+    imports,
+    memory,
+    msgbytes,
+    ordering,
+    outage,
+    ratelimit,
+    readme,
+    retries,
+    throughput,
+    web,
+)
 from .stack import BenchStack, Row, Sizes, environment, render_table, write_json
 
-GROUPS = {m.GROUP: m for m in (imports, enqueue, outage, web, throughput, ordering, ratelimit, memory, batching,
-                               retries)}
+GROUPS = {m.GROUP: m for m in (imports, enqueue, outage, web, throughput, ordering, ratelimit, memory, msgbytes,
+                               batching, retries)}
 
 
 def _loadavg() -> tuple[float, float, float] | None:

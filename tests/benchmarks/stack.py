@@ -100,6 +100,8 @@ class Sizes:
     ordering_backlog_calls: int = 10_000
     ordering_backlog_people: int = 1000
     ordering_backlog_rate: float = 10.0
+    #: Redis bytes per queued and per waiting delivery: this many messages of each format (the ``bytes`` group).
+    bytes_messages: int = 20_000
     #: How often a noisy figure (enqueue, deliveries/s, batching) is measured: the table shows the median and range.
     repeats: int = 3
     smoke: bool = False
@@ -116,7 +118,7 @@ class Sizes:
                    batch_warmup=1.0, batch_window=4.0, import_runs=3,
                    web_requests=200, web_spool_requests=100, web_warmup=50,
                    web_phase=1.5, ordering_calls=500, ordering_backlog_calls=500,
-                   ordering_backlog_people=50, ordering_backlog_rate=50.0, repeats=1, smoke=True)
+                   ordering_backlog_people=50, ordering_backlog_rate=50.0, bytes_messages=1000, repeats=1, smoke=True)
 
 
 # -- results --------------------------------------------------------------------
@@ -488,9 +490,14 @@ class BenchStack:
         """LPUSH ``n`` copies of ``template`` onto ``queue``; returns their task ids.
 
         Each copy gets a fresh event id (task id ``<event id>.<vendor>``) and delivery tag;
-        ``vary(i, event)`` may change the event further (e.g. the email).
+        ``vary(i, event)`` may change the event further (e.g. the email). A copy keeps the template's format:
+        the product's compact message, or Celery's own (base64 body, ``root_id``, ``correlation_id``, the
+        arguments' repr), each field the template has written as its writer would.
         """
-        args, kwargs, embed = json.loads(base64.b64decode(template["body"]))
+        from worker.envelope import argsrepr, decode_body, delivery_tag
+
+        args, kwargs, embed = decode_body(template)
+        b64 = template["properties"].get("body_encoding") == "base64"
         ids: list[str] = []
         batch: list[str] = []
         order: list[tuple[str, ...]] = []
@@ -505,12 +512,23 @@ class BenchStack:
             else:  # e.g. the no-op task
                 call_args, task_id = args, uuid.uuid4().hex
             message = dict(template)
-            body = json.dumps([call_args, kwargs, embed])
-            message["body"] = base64.b64encode(body.encode()).decode()
-            message["headers"] = {**template["headers"], "id": task_id, "root_id": task_id,
-                                  "argsrepr": repr(tuple(call_args))}
-            message["properties"] = {**template["properties"], "correlation_id": task_id,
-                                     "delivery_tag": str(uuid.uuid4())}
+            if b64:
+                body = json.dumps([call_args, kwargs, embed])
+                message["body"] = base64.b64encode(body.encode()).decode()
+            else:
+                message["body"] = json.dumps([call_args, kwargs, embed], separators=(",", ":"))
+            headers = {**template["headers"], "id": task_id}
+            if "root_id" in headers:
+                headers["root_id"] = task_id
+            if "argsrepr" in headers:  # the product's summary in its own messages, Celery's repr in Celery's
+                compact_delivery = is_delivery and not b64
+                headers["argsrepr"] = argsrepr(args[0], event["operation"]) if compact_delivery else repr(
+                    tuple(call_args))
+            message["headers"] = headers
+            message["properties"] = {**template["properties"], "delivery_tag": delivery_tag() if not b64
+                                     else str(uuid.uuid4())}
+            if "correlation_id" in template["properties"]:
+                message["properties"]["correlation_id"] = task_id
             if is_delivery and keys.HEADER in template["headers"]:
                 # As the producer does: each copy in its person's order, in the same MULTI as its message.
                 key = VENDORS[args[0]].person_key(event["identity"])
@@ -518,8 +536,8 @@ class BenchStack:
                 message["headers"][keys.HEADER] = person
                 if person:
                     order.extend(keys.order_commands(self.env.get("KEY_PREFIX", "vdw"), args[0], person,
-                                                         task_id, json.dumps(event)))
-            batch.append(json.dumps(message))
+                                                         task_id, json.dumps(event, separators=(",", ":"))))
+            batch.append(json.dumps(message) if b64 else json.dumps(message, separators=(",", ":")))
             ids.append(task_id)
             if len(batch) >= chunk:
                 self._push(queue, batch, order)

@@ -4,7 +4,6 @@ with ``PUBLISH_WAIT_REPLICAS``; a TLS certificate that is not accepted is an Enq
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 import worker
 from worker import clients
 from worker.dev.localstack import RedisServer, SentinelStack, make_tls_files, wait_until
+from worker.envelope import decode_body
 from worker.producer.publisher import Publisher
 from worker.settings import get_settings
 
@@ -30,7 +30,7 @@ def _point_producer_at(monkeypatch, tmp_path, **env: str) -> Publisher:
 def _event_ids(client, queue: str = "convertloop") -> list[str]:
     out = []
     for raw in client.lrange(queue, 0, -1):
-        (_vendor, event), _kw, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        (_vendor, event), _kw, _embed = decode_body(json.loads(raw))
         out.append(event["id"])
     return out
 

@@ -407,9 +407,12 @@ def test_flower_shows_dead_letter_as_failure_and_the_retry(flower, product_env, 
     assert "FAILURE" not in sequence, changes
     done = states[-1][3]
     assert done is not None and done["state"] == "SUCCESS" and done["retried"] and done["retries"] == 1, changes
+    # The compact message's task name and args summary, as Flower shows them.
+    assert (done["name"], done["args"]) == ("worker.deliver", "('loops', <track>)"), done
 
     failed = wait_until(lambda: (t := flower_task(flower, f"{dead}.convertloop")) and t["state"] == "FAILURE" and t,
                         timeout=20, message="FAILURE in Flower")
+    assert (failed["name"], failed["args"], failed["retries"]) == ("worker.deliver", "('convertloop', <identify>)", 0)
     assert "DeadLettered" in failed["exception"]
     exception = failed["exception"]
     assert "convertloop" in exception and "status=422" in exception and "reason=rejected" in exception

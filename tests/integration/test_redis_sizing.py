@@ -13,7 +13,6 @@ version move them a little; the page states the version it was measured on).
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -37,7 +36,7 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
     import worker
     from worker import clients
     from worker.broker.transport import _TAKE
-    from worker.envelope import TaskMessages
+    from worker.envelope import TaskMessages, decode_body
     from worker.producer.publisher import Publisher
     from worker.retries.attempts import RetryState
     from worker.retries.schedule import UNACKED, UNACKED_INDEX, RetrySchedule
@@ -64,13 +63,16 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
         queued = (_used(client) - before) / N
         queued_key = client.memory_usage("loops", samples=0) / N
         message_bytes = sum(len(m) for m in client.lrange("loops", 0, -1)) / N
+        # Its place in its person's order: the events hash and each person's list (one person per call here).
+        order = [k for k in client.scan_iter("vdw:order:loops:*", count=1000) if not k.endswith(b":turn")]
+        order_keys = sum(client.memory_usage(k, samples=0) for k in order) / N
 
         # The same deliveries waiting to retry: each the whole message, as the task writes it to the schedule.
         messages = TaskMessages()
         entries = []
         for raw in client.lrange("loops", 0, -1):
             envelope = json.loads(raw)
-            (vendor, event), _, _ = json.loads(base64.b64decode(envelope["body"]))
+            (vendor, event), _, _ = decode_body(envelope)
             entries.append(messages.retry(vendor, event, envelope["headers"]["id"], 1,
                                           RetryState(1, time.time()).header()))
         before = _used(client)
@@ -98,9 +100,13 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
     print(f"\nRedis {version}, {N} track calls with two properties, one vendor each "
           f"(the message itself: {message_bytes:,.0f} bytes of JSON)")
     print(f"{'':34} {'used_memory delta':>18} {'MEMORY USAGE':>13}")
-    print(f"{'queued delivery (vendor list)':34} {queued:>16,.0f} B {queued_key:>11,.0f} B")
+    print(f"{'queued delivery (vendor list)':34} {queued:>16,.0f} B {queued_key:>11,.0f} B  (+ {order_keys:,.0f} B: "
+          "its place in its person's order, in the delta)")
     print(f"{'waiting retry (retry schedule)':34} {waiting:>16,.0f} B {waiting_key:>11,.0f} B")
     print(f"{'held by a worker (unacked record)':34} {held:>16,.0f} B {held_keys:>11,.0f} B")
+
+    # The compact message (worker/envelope.py): at most 700 bytes of the vendor's list for this event.
+    assert queued_key <= 700, f"a queued message takes {queued_key:.0f} B of its list"
 
     text = OPERATIONS.read_text()
     section = text[text.index("## Sizing Redis"):]

@@ -3,13 +3,13 @@ or raises ``worker.InvalidEvent`` — nothing else escapes — and what lands in
 what was asked for.
 
 The queue entries are decoded generically, as any Celery worker would read them: the kombu envelope (JSON)
--> its base64 body -> the Celery protocol-2 body ``[args, kwargs, embed]`` with ``args == [vendor, event]``.
+-> its body (decoded by its ``body_encoding`` if it has one, then by its content type, with kombu's own codecs)
+-> the Celery protocol-2 body ``[args, kwargs, embed]`` with ``args == [vendor, event]``.
 Nothing here depends on how the producer builds or writes its messages.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given, note
 from hypothesis import event as hevent
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from kombu.serialization import loads
+from kombu.transport import virtual
 
 import worker
 from worker.events import parse_event
@@ -47,8 +49,11 @@ def decode(raw: bytes) -> dict[str, Any]:
     """One queue entry -> {task, id, args, kwargs}, the way a Celery worker reads it."""
     envelope = json.loads(raw)
     assert envelope["content-type"] == "application/json"
-    assert envelope["properties"]["body_encoding"] == "base64"
-    args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+    body, encoding = envelope["body"], envelope["properties"].get("body_encoding")
+    if encoding:
+        body = virtual.Channel.codecs[encoding].decode(body)
+    args, kwargs, embed = loads(body, envelope["content-type"], envelope.get("content-encoding"),
+                                accept={"application/json"})
     assert isinstance(embed, dict)
     return {"task": envelope["headers"]["task"], "id": envelope["headers"]["id"], "args": args, "kwargs": kwargs,
             "routing_key": envelope["properties"]["delivery_info"]["routing_key"]}

@@ -6,7 +6,6 @@ unless ALLOW_NO_VENDORS=true."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import threading
@@ -16,6 +15,7 @@ import redis
 
 import worker
 from worker.dev.localstack import RedisServer, free_port, wait_until
+from worker.envelope import decode_body
 from worker.producer import api as producer
 from worker.producer.publisher import Publisher
 from worker.producer.spool import Spool
@@ -29,7 +29,7 @@ def _queued(client: redis.Redis) -> dict[str, list[dict]]:
     for vendor in VENDORS:
         for raw in reversed(client.lrange(vendor, 0, -1)):
             envelope = json.loads(raw)
-            envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
+            envelope["body"] = decode_body(envelope)
             out.setdefault(vendor, []).append(envelope)
         client.delete(vendor)
     return out

@@ -183,7 +183,7 @@ def test_the_checks_see_a_deferred_upward_import(tmp_path):
     assert "broker" not in ALLOWED[role("worker.delivery.m")]
 
 
-@pytest.mark.parametrize("layer", ["limits", "retries", "delivery", "vendors", "producer", "metrics"])
+@pytest.mark.parametrize("layer", ["core", "limits", "retries", "delivery", "vendors", "producer", "metrics"])
 def test_lower_layers_import_no_celery(layer):
     """Celery and kombu are the broker's: no module below it imports them (the producer's message is built
     without Celery: worker.envelope)."""

@@ -7,7 +7,6 @@ synchronous with the commit, so once a later commit has returned, a dropped call
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 
@@ -19,6 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmake
 
 import worker
 from worker.dev.localstack import free_port
+from worker.envelope import decode_body
 from worker.oncommit import sqlalchemy as sa_events
 from worker.producer import api as producer
 from worker.producer.publisher import Publisher
@@ -45,7 +45,7 @@ def published(product_env, redis_server):
     def ids() -> list[str]:
         out = []
         for raw in reversed(client.lrange("convertloop", 0, -1)):
-            (_vendor, event), _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            (_vendor, event), _kwargs, _embed = decode_body(json.loads(raw))
             out.append(event["id"])
         return out
 

@@ -11,7 +11,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import worker
-from worker.events import parse_event
+from worker.events import encode, parse_event
 from worker.producer import api as producer
 from worker.sandbox import SANDBOX_CREDENTIALS
 from worker.settings import get_settings
@@ -40,7 +40,7 @@ def test_track_fans_out_to_every_vendor_and_round_trips(published):
     assert vendors == ["convertloop", "loops", "conveyour"]
     assert payload["id"] == event_id and isinstance(event_id, str)
     assert payload["occurred_at"] == "2026-05-01T10:00:00Z"
-    assert parse_event(json.loads(json.dumps(payload))).model_dump(mode="json") == payload
+    assert encode(parse_event(json.loads(json.dumps(payload)))) == payload  # unset fields left out, read back as None
 
 
 def test_vendors_selects_and_pid_only_skips(published):
@@ -134,4 +134,4 @@ def test_any_track_call_returns_an_id_or_raises_invalid_event(published, event, 
         return
     ((payload, vendors),) = published  # ConvertLoop takes any identity: an accepted call is published once
     assert payload["id"] == event_id and "convertloop" in vendors
-    assert parse_event(json.loads(json.dumps(payload))).model_dump(mode="json") == payload
+    assert encode(parse_event(json.loads(json.dumps(payload)))) == payload  # unset fields left out, read back as None

@@ -39,7 +39,8 @@ def _templates() -> TaskMessages:
 
 def _retry_message(vendor: str, event: dict[str, Any], task_id: str, retries: int, state: RetryState,
                    person: str | None = None) -> str:
-    headers = {**state.header(), **({HEADER: person} if person else {})}
+    # A fresh state (a park or a 429 before any counted failure) is what a message without the header reads as.
+    headers = {**(state.header() if state != RetryState() else {}), **({HEADER: person} if person else {})}
     return _templates().retry(vendor, event, task_id, retries, headers)
 
 

@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 
@@ -33,6 +32,7 @@ from ..delivery.pipeline import (
     VendorDown,
     Yielded,
 )
+from ..envelope import decode_body
 from ..errors import DeadLettered
 from ..keys import HEADER
 from ..limits.throttle import Throttled
@@ -64,8 +64,8 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
     try:
         headers = envelope["headers"]
         try:
-            (name, event), _, _ = json.loads(base64.b64decode(envelope["body"]))
-        except (ValueError, TypeError) as exc:
+            (name, event), _, _ = decode_body(envelope)  # either format: compact, or base64 as written before
+        except (ValueError, TypeError, KeyError) as exc:
             schedule.ack(tag)
             quarantine(vendor, raw, f"probe could not read the message: {type(exc).__name__}: {exc}")
             return "malformed"

@@ -2,8 +2,8 @@
 
 A producer call fans out to up to three vendor queues. Publishing each message
 through ``apply_async`` costs a web handler three Celery publishes; this module
-builds the same Celery (protocol 2) messages (:mod:`worker.envelope`, without importing Celery)
-and sends all of them in one pipelined write to Redis.
+builds compact Celery (protocol 2) messages that any Celery worker reads as it reads its own
+(:mod:`worker.envelope`, without importing Celery) and sends all of them in one pipelined write to Redis.
 
 The caller is never held longer than ``PUBLISH_TIMEOUT``. When Redis cannot
 take the messages in that time they go to the local :class:`~worker.producer.spool.Spool`
