@@ -19,6 +19,7 @@ import traceback
 
 from . import (
     batching,
+    capacity,
     enqueue,
     imports,
     memory,
@@ -34,7 +35,7 @@ from . import (
 from .stack import BenchStack, Row, Sizes, environment, render_table, write_json
 
 GROUPS = {m.GROUP: m for m in (imports, enqueue, outage, web, throughput, ordering, ratelimit, memory, msgbytes,
-                               batching, retries)}
+                               capacity, batching, retries)}
 
 
 def _loadavg() -> tuple[float, float, float] | None:

@@ -89,6 +89,8 @@ class Sizes:
     web_requests: int = 2000
     #: Fresh interpreters per side of the import figure (alternating ours and the baseline).
     import_runs: int = 15
+    #: Calls per capacity figure (Redis commands per delivery, bytes per dead letter).
+    capacity_events: int = 5000
     web_spool_requests: int = 1000
     web_warmup: int = 200
     #: Seconds of each event-loop phase (Redis up, stopped, hung), and the clients calling meanwhile.
@@ -115,7 +117,7 @@ class Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
                    latency_extra_concurrency=0, diagnose_logging=False,
                    rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_small_backlog=200, memory_seconds=10.0,
-                   batch_warmup=1.0, batch_window=4.0, import_runs=3,
+                   batch_warmup=1.0, batch_window=4.0, import_runs=3, capacity_events=300,
                    web_requests=200, web_spool_requests=100, web_warmup=50,
                    web_phase=1.5, ordering_calls=500, ordering_backlog_calls=500,
                    ordering_backlog_people=50, ordering_backlog_rate=50.0, bytes_messages=1000, repeats=1, smoke=True)
