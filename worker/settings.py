@@ -25,7 +25,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Requests per second per vendor, shared by every worker on every host.
 DEFAULT_RATE_LIMIT = 10.0
 #: Seconds a request may reach a vendor later than its rate-limit slot (see worker/limits/ratelimit.py).
-DEFAULT_RATE_LIMIT_MARGIN = 0.08
+DEFAULT_RATE_LIMIT_MARGIN = 0.03
 #: The same for a delivery thread's first request to a vendor (it opens a connection).
 DEFAULT_RATE_LIMIT_COLD_MARGIN = 0.3
 #: Most ConveYour identify/segment calls sent as one bulk request; 1 sends each alone.
@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     #: Requests/second to ConveYour, as CONVERTLOOP_RATE_LIMIT (a batch is one request); 0 = unlimited.
     conveyour_rate_limit: float = Field(DEFAULT_RATE_LIMIT, ge=0)
     #: Seconds a request may reach a vendor later than its rate-limit slot: full load is N requests per
-    #: 1 + margin seconds, and never N + 1 in any second.
+    #: 1 + margin seconds, and never N + 1 in any second. A thread that woke for its slot later than half of
+    #: it (checked on Redis' clock just before sending) gives the slot up and takes another.
     rate_limit_margin: float = Field(DEFAULT_RATE_LIMIT_MARGIN, ge=0, lt=1)
     #: The same for a delivery thread's first request to a vendor (it opens a connection).
     rate_limit_cold_margin: float = Field(DEFAULT_RATE_LIMIT_COLD_MARGIN, ge=0, lt=5)

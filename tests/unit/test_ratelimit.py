@@ -336,18 +336,40 @@ def test_limiter_for_gives_the_window_limiter(client, key):
 
 
 def test_throttle_takes_a_new_slot_after_waking_too_late(client, key):
+    """The last look is on the limiter's clock (Redis' in production): a slot woken up for later than
+    the tolerance is given up (taken out of the log, so nothing sends on it) and another one taken."""
     clock = Clock()
     limiter = window(client, key, clock, margin=0.02)
     reserve(limiter, clock, 1)
     slept = []
 
-    def sleep(seconds):  # the first wake-up is 50 ms late: more than the limiter's tolerance
+    def sleep(seconds):  # the first wake-up is 50 ms late: more than the limiter's tolerance (10 ms)
         slept.append(seconds)
-        time.sleep(seconds + (0.05 if len(slept) == 1 else 0))
+        clock.now += seconds + (0.05 if len(slept) == 1 else 0)
 
     clock.now -= 0.09  # the next slot is 10 ms away
     Throttle(sleep=sleep).wait("v", limiter)
-    assert len(slept) == 2 and slept[1] == pytest.approx(slept[0] + 0.1)  # the late slot was given up
+    assert len(slept) == 2 and slept[1] == pytest.approx(0.05, abs=1e-6)  # the next slot: 100 ms after the first
+    log = client.zrange(f"{key}:log", 0, -1)
+    assert len(log) == 2  # the slot given up is gone; the first reservation and the one sent on remain
+
+
+def test_the_last_look_admits_a_slot_on_time_and_says_how_late(client, key):
+    clock = Clock()
+    limiter = window(client, key, clock, margin=0.02)
+    reserve(limiter, clock, 1)
+    r = limiter.acquire(max_wait=1.0)
+    assert r.granted and r.wait == pytest.approx(0.1)
+    early = limiter.admit(r)
+    assert not early.admitted and early.wait == pytest.approx(0.1) and early.why == ""
+    clock.now += 0.105
+    on_time = limiter.admit(r)
+    assert on_time.admitted and on_time.wait == pytest.approx(0.005, abs=1e-6)
+    clock.now += 0.01  # 15 ms late: past the tolerance, but a holder that kept waking late may go
+    assert limiter.admit(r, strict=False).admitted
+    late = limiter.admit(r)
+    assert not late.admitted and late.why == "late"
+    assert len(client.zrange(f"{key}:log", 0, -1)) == 1
 
 
 def test_a_pause_or_a_cut_revokes_slots_reserved_before_it(client, key):
@@ -358,6 +380,8 @@ def test_a_pause_or_a_cut_revokes_slots_reserved_before_it(client, key):
     assert a.still_valid(held) and b.still_valid(ahead)
     a.penalize(3.0)
     assert not b.still_valid(ahead)
+    revoked = b.admit(ahead)
+    assert not revoked.admitted and revoked.why == "revoked"
     after = b.acquire(max_wait=10)
     assert after.wait >= 3.0 and b.still_valid(after)
     clock.now += adaptive.CUT_GAP

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Generic, TypeVar
 
-from ..limits.ratelimit import RateLimiter
-from ..limits.throttle import DEFAULT_HORIZON, Throttled
+from ..limits.ratelimit import RateLimiter, Reservation
+from ..limits.throttle import DEFAULT_HORIZON, MAX_LATE_RETAKES, Throttled
 from ..vendors.base import Outcome, Verdict
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,12 @@ class Batcher(Generic[T]):
         taken: list[_Slot[T]] = []
         try:
             self._gather()
-            reservation = self.limiter.acquire(max_wait=self.horizon)
+            reservation = self._token()  # more items join while it waits for its slot
             if not reservation.granted:
                 taken = self._take(everything=True)
                 for slot in taken:
                     slot.fail(Throttled(self.vendor, reservation.wait))
                 return
-            if reservation.wait > 0:
-                self.sleep(reservation.wait)  # more items join meanwhile
             taken = self._take()
             self._resolve(taken)
         except BaseException as exc:
@@ -190,6 +188,21 @@ class Batcher(Generic[T]):
         finally:
             if not me.settled:  # cannot happen: the leader is the oldest item, so it is always taken
                 me.fail(BatchError(f"{self.vendor}: batch leader was not in its batch"))
+
+    def _token(self) -> Reservation:
+        """Sleep until a slot of the limiter is this batch's, admitted on Redis' clock (a slot revoked
+        or woken too late for is given up, another taken); or the refusal (not granted: the next slot
+        is further than ``horizon``)."""
+        late = 0
+        for _ in range(MAX_LATE_RETAKES + 8):
+            reservation = self.limiter.acquire(max_wait=self.horizon)
+            if not reservation.granted:
+                return reservation
+            admission = self.limiter.hold(reservation, self.sleep, strict=late < MAX_LATE_RETAKES)
+            if admission.admitted:
+                return reservation
+            late += admission.why == "late"
+        return Reservation(False, self.horizon)
 
     def _gather(self) -> None:
         """Wait until ``size`` items wait or ``max_wait`` has passed since the oldest arrived."""
@@ -225,13 +238,11 @@ class Batcher(Generic[T]):
                     slot.fail(Throttled(self.vendor, 0.0))
                 return
             if not have_token:
-                reservation = self.limiter.acquire(max_wait=self.horizon)
+                reservation = self._token()
                 if not reservation.granted:
                     for slot in chain(group, *groups):
                         slot.fail(Throttled(self.vendor, reservation.wait))
                     return
-                if reservation.wait > 0:
-                    self.sleep(reservation.wait)
             have_token = False
             results = list(self.send([slot.item for slot in group]))
             if len(results) != len(group):

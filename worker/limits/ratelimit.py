@@ -95,6 +95,21 @@ class Reservation:
     wait: float
     #: The limiter's epoch when reserved (limiters that revoke slots: a pause or a lower rate bumps it).
     epoch: int | None = None
+    #: The slot's entry in the limiter's log and its time on Redis' clock (limiters that admit at send time).
+    seq: int | None = None
+    at: float | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The last look at a reserved slot, just before sending. ``admitted``: send now (``wait`` is how
+    late, in seconds). Otherwise ``wait`` > 0 means the slot is still ahead (sleep, look again), and
+    ``why`` = ``"revoked"`` (a pause or a lower rate came) or ``"late"`` (past the lateness the slot
+    allows): take another slot; this one was given up."""
+
+    admitted: bool
+    wait: float = 0.0
+    why: str = ""
 
 
 class RateLimiter:
@@ -115,6 +130,26 @@ class RateLimiter:
     def still_valid(self, reservation: Reservation) -> bool:
         """After waiting for a reserved slot: False if a pause or a lower rate since revoked it."""
         return True
+
+    def admit(self, reservation: Reservation, strict: bool = True) -> Admission:
+        """Just before sending on a slot that was waited for: may it go now? ``strict=False`` lets a
+        late holder go anyway (it has taken new slots often enough)."""
+        return Admission(self.still_valid(reservation))
+
+    def hold(self, reservation: Reservation, sleep: Callable[[float], None], strict: bool = True) -> Admission:
+        """Sleep until ``reservation``'s slot and take the last look (:meth:`admit`): admitted = send
+        now; otherwise the slot was given up (``why``: revoked, or this thread woke too late for it):
+        reserve another."""
+        if reservation.wait <= 0:
+            return Admission(True)
+        sleep(reservation.wait)
+        for _ in range(3):
+            a = self.admit(reservation, strict)
+            if a.admitted or a.wait <= 0:
+                return a
+            sleep(a.wait)  # early (another host's clock, a short sleep): the slot is still ahead
+        a = self.admit(reservation, strict)
+        return a if a.admitted or a.why else Admission(False, 0.0, "late")
 
     def effective_rate(self) -> float | None:
         """Requests per second in use now (None: unlimited)."""
@@ -153,7 +188,7 @@ class TokenBucket(RateLimiter):
 
 
 #: Seconds by which a request may reach the vendor later than reserved (wake-up, GIL, sending).
-DEFAULT_MARGIN = 0.08
+DEFAULT_MARGIN = 0.03
 #: The same for a thread's first request to a vendor (or after ``COLD_AFTER`` idle): it opens a connection.
 DEFAULT_COLD_MARGIN = 0.3
 #: A thread that has not sent to a vendor for this long (seconds) counts as cold again.
@@ -193,7 +228,28 @@ if wait <= max_wait then
   redis.call('PEXPIRE', KEYS[2], math.ceil((t + late + window - now) * 1000) + 1000)
 end
 save(KEYS[1], st, """ + str(int(STATE_TTL * 1000)) + """)
-return {granted, tostring(wait), tostring(st.rate), tostring(old), reason, st.epoch}
+return {granted, tostring(wait), tostring(st.rate), tostring(old), reason, st.epoch, st.seq, string.format('%.6f', t)}
+"""
+
+# KEYS: state hash, log zset. ARGV: now ('' = Redis TIME), the slot's log member, its epoch, its time,
+# the latest admission time ('' = any). Returns: admitted, seconds (early: until the slot; admitted: how
+# late), why not ('' | 'revoked' | 'late').
+_WINDOW_ADMIT = _WINDOW_LUA + """
+local now = clock(ARGV[1])
+local at = tonumber(ARGV[4])
+local why = ''
+if tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0') ~= tonumber(ARGV[3]) then
+  why = 'revoked'
+elseif now < at then
+  return {0, tostring(at - now), ''}
+elseif ARGV[5] ~= '' and now > tonumber(ARGV[5]) then
+  why = 'late'
+end
+if why ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return {0, '0', why}
+end
+return {1, tostring(now - at), ''}
 """
 
 # KEYS: state hash, log zset. ARGV: now, ceiling, responses, 429s, full windows, announced, pause seconds, margin.
@@ -255,6 +311,7 @@ class WindowLimiter(RateLimiter):
         self._keys = [f"{key}:state", f"{key}:log"]
         self._acquire = client.register_script(_WINDOW_ACQUIRE)
         self._observe = client.register_script(_WINDOW_OBSERVE)
+        self._admit = client.register_script(_WINDOW_ADMIT)
         self._client = client
         self._pending = adaptive.Pending()
         self._local = threading.local()
@@ -270,14 +327,14 @@ class WindowLimiter(RateLimiter):
         here = time.monotonic()
         cold = last is None or here - last > COLD_AFTER
         responses, too_many, full = self._pending.take()
-        granted, wait, rate, old, reason, epoch = self._acquire(
+        granted, wait, rate, old, reason, epoch, seq, at = self._acquire(
             keys=self._keys,
             args=[self._now(), self.rate, self.cold_margin if cold else self.margin, max_wait,
                   responses, too_many, full, 0])
         self._changed(float(rate), float(old), reason)
         if int(granted):
             self._local.last_send = here + float(wait)
-        return Reservation(bool(int(granted)), float(wait), int(epoch))
+        return Reservation(bool(int(granted)), float(wait), int(epoch), int(seq), float(at))
 
     def penalize(self, seconds: float) -> None:
         if seconds > 0:
@@ -291,6 +348,21 @@ class WindowLimiter(RateLimiter):
             return int(self._client.hget(self._keys[0], "epoch") or 0) == reservation.epoch
         except redis.RedisError:  # Redis away (a restart): the slot was granted; keep it
             return True
+
+    def admit(self, reservation: Reservation, strict: bool = True) -> Admission:
+        """One script on Redis' clock: the slot's epoch still current, and (``strict``) now no later
+        than the slot plus ``tolerance``. A slot refused is taken out of the log in the same script,
+        so nothing can send on it; the request that does go arrives within ``margin`` of its slot."""
+        if reservation.epoch is None or reservation.seq is None or reservation.at is None:
+            return Admission(True)
+        latest = repr(reservation.at + self.margin / 2) if strict else ""
+        try:
+            ok, seconds, why = self._admit(keys=self._keys, args=[
+                self._now(), reservation.seq, reservation.epoch, repr(reservation.at), latest])
+        except redis.RedisError:  # Redis away (a restart): the slot was granted; keep it
+            return Admission(True)
+        reason = why.decode() if isinstance(why, bytes) else why
+        return Admission(bool(int(ok)), float(seconds), reason)
 
     def observe(self, status: int, headers: Mapping[str, str]) -> None:
         s = adaptive.signals(status, headers)

@@ -7,10 +7,11 @@ puts its message back on the vendor's queue and pauses that queue for a moment
 (:mod:`worker.gate`). So a throttled vendor holds a few threads, never the
 whole pool, and waiting never counts as an attempt.
 
-A waiter that wakes up later than its slot by more than the limiter's
-``tolerance`` (a busy machine) does not send late, which could crowd the vendor's
-window: it takes a new slot (the old one stays counted, so this is always safe). So
-does a waiter whose slot a ``Retry-After`` pause or a lower effective rate
+A waiter takes a last look at its slot when it wakes, on Redis' clock
+(:meth:`~worker.limits.ratelimit.RateLimiter.hold`): if it woke later than its slot
+by more than the limiter's ``tolerance`` (a busy machine), it does not send late,
+which could crowd the vendor's window, but gives the slot up and takes a new one.
+So does a waiter whose slot a ``Retry-After`` pause or a lower effective rate
 revoked while it slept (so the waiters of every process resume after the
 pause one slot apart, never together).
 The queue pause of a throttled delivery is shorter than the wait for the next
@@ -93,17 +94,13 @@ class Throttle:
                     raise Throttled(vendor, self.horizon)
                 r = limiter.acquire(max_wait=min(self.horizon, max(0.0, give_up - self.clock())))
                 if r.granted:
-                    if r.wait <= 0:
+                    # The last look, on Redis' clock: a slot revoked meanwhile (a Retry-After pause, a lower
+                    # rate) or one this thread woke too late for is given up, and another taken.
+                    admission = limiter.hold(r, self.sleep, strict=retakes < MAX_LATE_RETAKES)
+                    if admission.admitted:
                         return
-                    planned = self.clock() + r.wait
-                    self.sleep(r.wait)
-                    late = limiter.tolerance is not None and self.clock() - planned > limiter.tolerance
-                    if not limiter.still_valid(r):
-                        continue  # a Retry-After pause or a lower rate came meanwhile: a slot after it
-                    if not late or retakes >= MAX_LATE_RETAKES:
-                        return
-                    retakes += 1
-                    continue  # woke too late for this slot: take another
+                    retakes += admission.why == "late"
+                    continue
                 self.sleep(min(self.horizon, max(r.wait - self.horizon, 0.001), max(0.0, give_up - self.clock())))
         finally:
             with self._lock:
