@@ -27,6 +27,7 @@ from ..redisconf import RedisConfigError
 from ..settings import get_settings
 from .bulkhead import BulkheadStep
 from .gate import QueueGate
+from .green import GreenStep
 from .ticker import TickerStep
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ app.conf.update(_overrides(os.environ.get(OVERRIDES_ENV)))
 app.steps["consumer"].add(QueueGate)
 app.steps["consumer"].add(BulkheadStep)
 app.steps["consumer"].add(TickerStep)
+app.steps["consumer"].add(GreenStep)
 
 
 @signals.celeryd_init.connect

@@ -547,8 +547,34 @@ class Channel(kombu_redis.Channel):
             self._flush_brpop_reauth()
 
 
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller of the worker's channels, restoring unacknowledged messages at most every
+    :attr:`restore_every` seconds.
+
+    With Celery's event loop kombu restores on a timer. Without it (a green pool: :mod:`worker.broker.green`)
+    it restores after every poll that brought nothing — many times a second on an idle worker — and never on a
+    busy one; there the worker's timer restores instead, and :attr:`restore_every` holds the empty polls' to the
+    same pace."""
+
+    #: Seconds between restores, None: every call (kombu's own pace; its event loop's timer calls it).
+    restore_every: float | None = None
+    _restored = -float("inf")
+
+    def maybe_restore_messages(self) -> Any:
+        if self.restore_every is not None:
+            now = time.monotonic()
+            if now - self._restored < self.restore_every:
+                return None
+            self._restored = now
+        return super().maybe_restore_messages()
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()
 
     def _deliver(self, message: Any, queue: str) -> None:
         if not _is_envelope(message):
