@@ -10,11 +10,17 @@ published a batch per loop turn. A green pool has no such loop: its consumer cal
 - every task event (received, started, succeeded: three per delivery) is its own Redis ``PUBLISH``, each
   through a new redis-py client: a third of the worker's CPU on the gevent pool.
 
-The consumer bootstep :class:`GreenStep` puts both right when the consumer has no event loop: the restore
+- the consumer waits in ``drain_events`` up to 2 s at a time, also after a delivery freed the prefetch window
+  (it stopped taking messages while it was full) or the queue gate (:mod:`worker.broker.gate`) gave a queue
+  back: up to 2 s lost each time.
+
+The consumer bootstep :class:`GreenStep` puts these right when the consumer has no event loop: the restore
 runs on the worker's timer every ``unacked_restore_interval`` seconds (and at most that often after empty
-polls: :attr:`worker.broker.transport.Poller.restore_every`), and task events are buffered as on the event
+polls: :attr:`worker.broker.transport.Poller.restore_every`); task events are buffered as on the event
 loop and published as one ``task.multi`` message per :data:`EVENT_BATCH` events, or :data:`EVENT_FLUSH`
-seconds after the first one (Flower reads both forms). With the threads pool it does nothing.
+seconds after the first one (Flower reads both forms); and the consumer's wait can be ended
+(:meth:`worker.broker.transport.Poller.wake`: the transport does it when the prefetch window frees, the gate
+when it changes a queue). With the threads pool it does nothing.
 
 Example::
 
@@ -64,6 +70,7 @@ class GreenStep(bootsteps.StartStopStep):
         options = c.connection.transport_options or {}
         interval = float(options.get("unacked_restore_interval") or 10.0)
         cycle.restore_every = interval
+        cycle.enable_wakeups()
 
         def restore() -> None:
             try:
