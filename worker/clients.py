@@ -97,7 +97,10 @@ class PerThreadTransport(httpx.BaseTransport):
         except BaseException:
             slots.give(transport)  # httpcore dropped the failed connection; the transport is fine
             raise
-        response.stream = _GiveBack(response.stream, functools.partial(slots.give, transport))
+        if response.is_closed:  # read in full already (a transport that buffers): nothing holds the transport
+            slots.give(transport)
+        else:
+            response.stream = _GiveBack(response.stream, functools.partial(slots.give, transport))
         return response
 
     def close_thread(self) -> None:
