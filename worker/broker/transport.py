@@ -642,7 +642,7 @@ class Transport(kombu_redis.Transport):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.cycle = Poller()
+        self.cycle = Poller()  # type: ignore[assignment]  # kombu's base class types it as the virtual FairCycle
 
     def _deliver(self, message: Any, queue: str) -> None:
         if not _is_envelope(message):
