@@ -120,3 +120,30 @@ def test_without_the_event_loop_restores_go_on_a_timer_and_task_events_in_batche
     step.stop(c)  # what is left goes out at shutdown
     assert d.flushes == 2
     cycle.close()
+
+
+def test_a_green_pool_chosen_without_its_patching_is_refused():
+    """Celery patches the standard library for gevent only for ``-P gevent``; this test process is not patched, as a
+    worker whose configuration alone chose gevent would not be."""
+    from worker.broker.app import _check_pool, _unpatched_green_pool
+
+    assert _unpatched_green_pool({"pool_cls": None}, "gevent") == "gevent"
+    assert _unpatched_green_pool({"pool_cls": "threads"}, "gevent") is None  # -P threads wins
+    assert _unpatched_green_pool({"pool_cls": None}, "threads") is None
+    with pytest.raises(SystemExit) as stopped:
+        _check_pool(conf=SimpleNamespace(worker_pool="threads"), options={"pool_cls": "gevent"})
+    assert stopped.value.code == 2
+
+
+def test_the_ticker_can_be_asked_whether_it_runs_after_it_stopped():
+    """The ticker's own stop flag once shadowed ``Thread._stop``: ``is_alive()`` of an ended ticker raised
+    TypeError (on gevent, every ended greenlet-thread did, from gevent's own bookkeeping)."""
+    from worker.broker.ticker import Ticker
+
+    schedule = SimpleNamespace(promote=lambda vendor: (0, None))
+    breaker = SimpleNamespace(enabled=False)
+    t = Ticker(["loops"], schedule, breaker, hold=lambda q: None, release=lambda q: None, interval=0.01)
+    t.start()
+    t.stop()
+    t.join(5)
+    assert not t.is_alive() and "stopped" in repr(t)
