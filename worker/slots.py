@@ -21,11 +21,11 @@ Example::
     ...     with slots.slot() as b:
     ...         (a, b)
     (0, 1)
-    >>> slots.idle(), slots.out(), len(made)   # 1 was closed: only one stays idle
+    >>> slots.idle(), slots.out(), len(made)   # b came back first and stays; a found no room: closed
     (1, 0, 2)
     >>> with slots.slot() as c:
-    ...     c                                      # the one given back first is reused, nothing made
-    0
+    ...     c                                      # the idle one is reused, nothing made
+    1
 """
 
 from __future__ import annotations
