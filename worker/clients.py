@@ -1,6 +1,6 @@
 """One Redis client and one pooled HTTP transport (httpx) per process, made on first use.
 
-Both are thread-safe, so every delivery thread of a worker shares them. After a
+Both are thread- and greenlet-safe, so every delivery thread (or greenlet) of a worker shares them. After a
 fork the child makes its own (connections must not be shared across processes).
 
 Example::
@@ -12,20 +12,26 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
+import ssl
 import threading
+from collections.abc import Callable, Iterator
 
 import httpx
 import redis
 
 from .settings import Settings, get_settings
+from .slots import Slots
 
 #: Seconds to wait for a TCP connection to a vendor (the rest of HTTP_TIMEOUT is for the exchange).
 CONNECT_TIMEOUT_CAP = 5.0
 #: Sent with every vendor request.
 USER_AGENT = "vendor-delivery-worker/0.1"
-#: Keep-alive connections per delivery thread: one per vendor host, and a spare.
+#: Keep-alive connections per transport (an exchange uses one at a time).
 CONNECTIONS_PER_THREAD = 4
+#: Transports per vendor host that stay open while idle (more run at once under load, and are closed after).
+IDLE_TRANSPORTS = 256
 
 _lock = threading.Lock()
 
@@ -48,50 +54,92 @@ def _reset_if_forked() -> None:
 
 
 class PerThreadTransport(httpx.BaseTransport):
-    """One small keep-alive pool per delivery thread (a connection per vendor host), made on first use.
+    """Small keep-alive pools (httpx transports) reused exchange by exchange, per vendor host.
 
-    httpcore's shared pool looks over all of its connections on every request, under a lock:
-    with a pool sized for 32+ threads that scan cost more CPU than the rest of the exchange.
+    httpcore's shared pool looks over all of its connections on every request, under a lock: with a pool
+    sized for 32+ threads that scan cost more CPU than the rest of the exchange. So each exchange takes a
+    transport of its own for the vendor's host from a :class:`~worker.slots.Slots` pool, and gives it back
+    (with its open connection) once the response is closed. As many transports exist per host as exchanges
+    ran there at once (a thread's, or a greenlet's: the gevent pool runs each task in a new greenlet, so a
+    transport per thread would be one per task), and at most ``keep`` stay idle. They share one TLS context:
+    loading the CA certificates costs tens of milliseconds of CPU per context.
     """
 
-    def __init__(self, per_thread: int = CONNECTIONS_PER_THREAD) -> None:
+    def __init__(self, per_thread: int = CONNECTIONS_PER_THREAD, keep: int = IDLE_TRANSPORTS) -> None:
         self._limits = httpx.Limits(max_connections=per_thread, max_keepalive_connections=per_thread)
-        # One TLS context for every thread's pool, as httpx makes it (certifi, or SSL_CERT_FILE/SSL_CERT_DIR):
-        # making one loads the CA bundle, ~60 ms of CPU under the GIL, which a thread's first request would
-        # otherwise pay after its rate-limit slot (32 threads starting at once: ~2 s late at the vendor).
-        self._tls = httpx.create_ssl_context()
-        self._local = threading.local()
-        self._all: list[httpx.HTTPTransport] = []
+        self._keep = keep
+        self._hosts: dict[tuple[str, str, int | None], Slots[httpx.BaseTransport]] = {}
         self._lock = threading.Lock()
+        # One TLS context for every transport, as httpx makes it (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), made
+        # here: making one loads the CA bundle, ~60 ms of CPU under the GIL, which an exchange would otherwise
+        # pay after its rate-limit slot.
+        self._ssl: ssl.SSLContext = httpx.create_ssl_context()
+
+    def _new_transport(self) -> httpx.BaseTransport:
+        return httpx.HTTPTransport(limits=self._limits, verify=self._ssl)
+
+    def _slots(self, url: httpx.URL) -> Slots[httpx.BaseTransport]:
+        host = (url.scheme, url.host, url.port)
+        slots = self._hosts.get(host)
+        if slots is None:
+            with self._lock:
+                slots = self._hosts.get(host)
+                if slots is None:
+                    slots = self._hosts[host] = Slots(self._new_transport, _close, self._keep)
+        return slots
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        transport = getattr(self._local, "transport", None)
-        if transport is None:
-            transport = self._local.transport = httpx.HTTPTransport(verify=self._tls, limits=self._limits)
-            with self._lock:
-                self._all.append(transport)
-        return transport.handle_request(request)
+        slots = self._slots(request.url)
+        transport = slots.take()
+        try:
+            response = transport.handle_request(request)
+        except BaseException:
+            slots.give(transport)  # httpcore dropped the failed connection; the transport is fine
+            raise
+        if response.is_closed:  # read in full already (a transport that buffers): nothing holds the transport
+            slots.give(transport)
+        else:
+            response.stream = _GiveBack(response.stream, functools.partial(slots.give, transport))
+        return response
 
     def close_thread(self) -> None:
-        """Close the calling thread's connections (a thread that ends, e.g. a breaker probe's)."""
-        transport = getattr(self._local, "transport", None)
-        if transport is None:
-            return
-        self._local.transport = None
-        with self._lock:
-            self._all = [t for t in self._all if t is not transport]
-        transport.close()
+        """Nothing to close: a thread holds no transport between exchanges (kept for callers of old)."""
 
     def open_transports(self) -> int:
-        """Threads' connection pools open now."""
+        """Transports (each a small connection pool) open now: idle and in use."""
         with self._lock:
-            return len(self._all)
+            hosts = list(self._hosts.values())
+        return sum(s.idle() + s.out() for s in hosts)
 
     def close(self) -> None:
         with self._lock:
-            transports, self._all = self._all, []
-        for transport in transports:
-            transport.close()
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for slots in hosts:
+            slots.close()
+
+
+def _close(transport: httpx.BaseTransport) -> None:
+    transport.close()
+
+
+class _GiveBack(httpx.SyncByteStream):
+    """A response's body; closing it also gives its transport back (once)."""
+
+    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, give: Callable[[], None]) -> None:
+        assert isinstance(stream, httpx.SyncByteStream), "a sync transport's response"
+        self._stream = stream
+        self._give: Callable[[], None] | None = give
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._stream
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            give, self._give = self._give, None
+            if give is not None:
+                give()
 
 
 def http_client() -> PerThreadTransport:

@@ -161,7 +161,8 @@ class Settings(BaseSettings):
     #: instead of raising ConfigurationError.
     allow_no_vendors: bool = False
 
-    #: Delivery threads per worker process (delivery is I/O-bound).
+    #: Delivery threads per worker process (delivery is I/O-bound). The gevent pool takes its greenlets from
+    #: ``-c`` (``celery -A worker worker -P gevent -c 200``: slow vendors, docs: Pools).
     worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
     #: Share of a worker process's threads one vendor's deliveries (messages taken, not yet ended) may hold
     #: when the worker consumes several queues; at it, the worker stops taking that queue until one ends

@@ -68,6 +68,8 @@ class Sizes:
     sandbox_capacity_requests: int = 6000
     #: An extra, diagnostic 100 ms-latency run with this many threads (0: skip).
     latency_extra_concurrency: int = 128
+    #: Greenlets of the gevent-pool worker (``-P gevent -c N``) in the deliveries/s rows (0: skip them).
+    gevent_concurrency: int = 200
     #: An extra, diagnostic run with the per-delivery INFO log lines silenced.
     diagnose_logging: bool = True
     #: An extra, diagnostic run with METRICS_ENABLED=false: what counting costs a worker.

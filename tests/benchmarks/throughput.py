@@ -9,6 +9,8 @@ unacked hash, polled every 10 ms). Every event must reach the sandbox with a 200
 - baseline: the same number of no-op Celery tasks, same queue, pool and concurrency.
 - ours: track deliveries, sandbox without latency or limit (no rate limit in the worker).
 - ours with 100 ms sandbox latency, against ours without.
+- the gevent pool (``-P gevent -c Sizes.gevent_concurrency``): ours without latency, against the threads
+  pool's, and with 100 ms latency, against its own without (docs/pools.md).
 - diagnosis: the same deliveries with ``METRICS_ENABLED=false`` (what counting costs).
 - reference: the sandbox's own capacity for one client process with as many threads
   (``loadgen``), to see whether the sandbox is the bottleneck.
@@ -112,6 +114,10 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
     concurrency = get_settings().worker_concurrency
     kinds: dict[str, dict] = {"base": {"noop": True}, "ours": {"noop": False},
                               "slow": {"noop": False, "latency_ms": 100}}
+    gevent = ("-P", "gevent", "-c", str(sizes.gevent_concurrency))
+    if sizes.gevent_concurrency:
+        kinds["green"] = {"noop": False, "extra_args": gevent}
+        kinds["green_slow"] = {"noop": False, "latency_ms": 100, "extra_args": gevent}
     if sizes.latency_extra_concurrency:
         kinds["more"] = {"noop": False, "latency_ms": 100, "WORKER_CONCURRENCY": str(sizes.latency_extra_concurrency)}
     if sizes.diagnose_metrics:
@@ -135,13 +141,30 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
                            f"{ours['cores_busy']['worker']} cores; sandbox capacity for one "
                            f"{concurrency}-thread client process ≈ {cap['per_second']:,.0f}/s",
                      ours=got["ours"], baseline=got["base"]),
-        Row.repeated(f"deliveries/s, {n:,} track, sandbox latency 100 ms, vs no latency",
+        Row.repeated(f"deliveries/s, {n:,} track, sandbox latency 100 ms, vs no latency (threads pool, "
+                     f"{concurrency} threads)",
                      _per_second(got["slow"]), _per_second(got["ours"]), "/s", at_least=0.90,
                      notes=f"ceiling from concurrency alone: {concurrency} threads / 0.1 s = {concurrency * 10}/s",
                      ours=got["slow"]),
         Row("sandbox capacity (reference): one client process, "
             f"{concurrency} threads, ConvertLoop event_logs", cap["per_second"], None, "/s", details=cap),
     ]
+    if "green" in got:
+        g, green, green_slow = sizes.gevent_concurrency, _mid(got["green"]), _mid(got["green_slow"])
+        rows += [
+            Row.repeated(f"deliveries/s, no latency: gevent pool (-P gevent -c {g}) vs threads pool ({concurrency})",
+                         _per_second(got["green"]), _per_second(got["ours"]), "/s", at_least=0.95,
+                         notes=f"worker CPU per message {green['cpu_ms_per_message']['worker']} ms vs "
+                               f"{ours['cpu_ms_per_message']['worker']} ms (median runs)",
+                         ours=got["green"], baseline=got["ours"]),
+            Row.repeated(f"deliveries/s, {n:,} track, sandbox latency 100 ms, vs no latency (gevent pool, "
+                         f"{g} greenlets)",
+                         _per_second(got["green_slow"]), _per_second(got["green"]), "/s", at_least=0.90,
+                         notes=f"ceiling from concurrency alone: {g} / 0.1 s = {g * 10:,}/s; worker CPU per message "
+                               f"{green_slow['cpu_ms_per_message']['worker']} ms, busy "
+                               f"{green_slow['cores_busy']['worker']} cores (median run)",
+                         ours=got["green_slow"]),
+        ]
     if "more" in got:
         c = sizes.latency_extra_concurrency
         rows.append(Row.repeated(f"(diagnosis) 100 ms latency with WORKER_CONCURRENCY={c}, vs no latency",

@@ -138,6 +138,7 @@ class FakeConsumer:
         self.soon: list = []
         self.later: list = []
         self.timer = SimpleNamespace(call_after=lambda seconds, fun, args: self.later.append((fun, args)))
+        self.hub = object()  # the threads pool's event loop (None: a green pool's consumer)
 
     def call_soon(self, fun, *args):
         self.soon.append((fun, args))
@@ -148,9 +149,11 @@ class FakeConsumer:
             fun(*args)
 
     def run_timers(self):
+        """The timers that are due, then what they handed to the consumer's loop."""
         while self.later:
             fun, args = self.later.pop(0)
             fun(*args)
+        self.run_soon()
 
     def consuming(self, queue):
         return self.task_consumer.consuming_from(queue)
@@ -305,3 +308,51 @@ def test_no_bulkhead_on_a_worker_of_one_queue_or_another_pool(consumer, monkeypa
         assert bulkhead._bulkhead is None
         step.stop(consumer)
     get_settings.cache_clear()
+
+
+def test_a_gevent_pool_worker_has_a_bulkhead(consumer, monkeypatch):
+    """The gevent pool runs its tasks in this process (greenlets): their ends are counted as threads' are."""
+    from celery.concurrency.gevent import TaskPool as GeventPool
+
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("BULKHEAD_SHARE", "0.5")
+    get_settings.cache_clear()
+    monkeypatch.setattr(bulkhead, "_bulkhead", None)
+    consumer.task_consumer.queues = [SimpleNamespace(name=q) for q in ("loops", "convertloop")]
+    consumer.pool = GeventPool(limit=200)
+    consumer.timer.call_repeatedly = lambda seconds, fun: SimpleNamespace(cancel=lambda: None)
+    step = bulkhead.BulkheadStep(None)
+    try:
+        step.start(consumer)
+        assert bulkhead._bulkhead is not None and bulkhead._bulkhead.limit == 100
+    finally:
+        step.stop(consumer)
+        get_settings.cache_clear()
+
+
+def test_without_an_event_loop_the_gate_wakes_the_consumer(consumer):
+    """A green pool's consumer waits up to 2 s for messages before it runs what it was handed: each gate change
+    from another thread or greenlet ends that wait (the transport's poller), and a pause's end goes through the
+    consumer's loop too (the timer's greenlet never touches the consumer's queues itself)."""
+    woken = []
+    consumer.hub = None
+    consumer.connection = SimpleNamespace(transport=SimpleNamespace(cycle=SimpleNamespace(
+        wake=lambda: woken.append(1))))
+    t = threading.Thread(target=gate.hold, args=("loops",))
+    t.start()
+    t.join()
+    assert len(woken) == 1 and consumer.consuming("loops")
+    consumer.run_soon()
+    assert not consumer.consuming("loops")
+    gate.release("loops")
+    consumer.run_soon()
+    assert len(woken) == 2 and consumer.consuming("loops")
+    gate.pause("convertloop", 0.5)
+    consumer.run_soon()
+    assert not consumer.consuming("convertloop")
+    fun, args = consumer.later.pop(0)
+    fun(*args)                                   # the pause's end, in the timer's greenlet
+    assert not consumer.consuming("convertloop") and len(woken) == 4
+    consumer.run_soon()
+    assert consumer.consuming("convertloop")

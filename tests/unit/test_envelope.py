@@ -146,7 +146,6 @@ def test_the_probe_reads_either_format(build, client, monkeypatch, product_env):
         return Delivered(name, 200, state.next_attempt, 0.0)
 
     monkeypatch.setattr(probe, "attempt", attempt)
-    monkeypatch.setattr(probe, "_close_connections", lambda: None)
     assert probe.run_probe("loops", schedule, mock.Mock()) == "delivered"
     assert calls == [("loops", PAYLOAD, state, f"{EVENT_ID}.loops", 1)]
     assert schedule.waiting("loops").count == 0 and client.hlen("unacked") == 0

@@ -40,4 +40,4 @@ def test_make_and_the_image_install_from_the_lock():
     assert re.search(r"^LOCK\s*:=\s*requirements\.lock$", makefile, re.M)
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert re.search(r"^COPY .*requirements\.lock", dockerfile, re.M)
-    assert re.search(r"pip install .*-c requirements\.lock \.$", dockerfile, re.M)
+    assert re.search(r"pip install .*-c requirements\.lock '\.\[gevent\]'$", dockerfile, re.M)

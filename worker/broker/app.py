@@ -27,6 +27,7 @@ from ..redisconf import RedisConfigError
 from ..settings import get_settings
 from .bulkhead import BulkheadStep
 from .gate import QueueGate
+from .green import GreenStep
 from .ticker import TickerStep
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ app.conf.update(_overrides(os.environ.get(OVERRIDES_ENV)))
 app.steps["consumer"].add(QueueGate)
 app.steps["consumer"].add(BulkheadStep)
 app.steps["consumer"].add(TickerStep)
+app.steps["consumer"].add(GreenStep)
 
 
 @signals.celeryd_init.connect
@@ -82,6 +84,45 @@ def _check_kombu(**_: object) -> None:
     except RuntimeError as exc:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+#: Celery's pools that need the standard library monkey-patched before anything else is imported.
+GREEN_POOLS = ("gevent", "eventlet")
+
+
+def _unpatched_green_pool(options: dict[str, object], configured: object) -> str | None:
+    """The green pool this worker would run without its monkey-patching, else None.
+
+    Celery patches only for a pool named on the command line (``-P gevent``), before it imports anything else;
+    one chosen by the ``worker_pool`` setting alone (a ``CELERY_CONFIG_MODULE`` override) would run unpatched:
+    every socket read, sleep and lock would block the whole worker.
+
+    >>> _unpatched_green_pool({"pool_cls": None}, "threads") is None
+    True
+    """
+    chosen = options.get("pool_cls") or configured
+    name = chosen if isinstance(chosen, str) else getattr(chosen, "__module__", "")
+    pool = next((p for p in GREEN_POOLS if p in str(name)), None)
+    if pool == "gevent":
+        from gevent import monkey
+
+        return None if monkey.is_module_patched("socket") else pool
+    if pool == "eventlet":
+        import eventlet.patcher
+
+        return None if eventlet.patcher.is_monkey_patched("socket") else pool
+    return None
+
+
+@signals.celeryd_init.connect
+def _check_pool(conf: object = None, options: dict[str, object] | None = None, **_: object) -> None:
+    """A green pool chosen without ``-P`` stops the worker at once, saying how to start it."""
+    pool = _unpatched_green_pool(options or {}, getattr(conf, "worker_pool", None))
+    if pool is not None:
+        print(f"configuration error: the {pool} pool must be chosen on the command line (celery -A worker worker "
+              f"-P {pool} -c N), not by the worker_pool setting: only then does Celery patch the standard library "
+              f"for it before anything else is imported", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 @signals.celeryd_init.connect

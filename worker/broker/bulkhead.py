@@ -65,7 +65,8 @@ def thread_share(concurrency: int, queues: int, share: float) -> int:
 class Bulkhead:
     """The deliveries one worker process holds per queue, and when a queue must stop being taken.
 
-    Thread-safe: :meth:`enter` runs on the consumer's thread, :meth:`leave` on delivery threads. A delivery
+    Thread- and greenlet-safe: :meth:`enter` runs on the consumer's thread, :meth:`leave` on delivery threads (or
+    greenlets, on the gevent pool). A delivery
     is known by its task id; a task id received twice (a redelivery while the first still runs) counts twice.
     """
 
@@ -134,7 +135,8 @@ class Bulkhead:
             return set(self._full)
 
 
-#: The worker process's bulkhead while its consumer runs with one (threads pool, several queues), else None.
+#: The worker process's bulkhead while its consumer runs with one (threads or gevent pool, several queues), else
+#: None.
 _bulkhead: Bulkhead | None = None
 
 
@@ -157,8 +159,9 @@ class BulkheadStep(bootsteps.StartStopStep):
         queues = sorted(q.name for q in c.task_consumer.queues)
         concurrency = getattr(c.pool, "limit", None) or c.app.conf.worker_concurrency
         limit = thread_share(concurrency, len(queues), get_settings().bulkhead_share)
-        if not isinstance(c.pool, ThreadPool) or limit >= concurrency:
-            # Another pool runs tasks in other processes, where the end of a delivery cannot be counted.
+        in_process = isinstance(c.pool, ThreadPool) or getattr(c.pool, "is_green", False)
+        if not in_process or limit >= concurrency:
+            # Prefork runs tasks in other processes, where the end of a delivery cannot be counted here.
             _bulkhead = None
             return
         if _bulkhead is None or _bulkhead.limit != limit or _bulkhead.queues != frozenset(queues):

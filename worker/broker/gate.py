@@ -71,7 +71,7 @@ def pause(queue: str, seconds: float) -> None:
             return
         _paused.add(queue)
     seconds = min(MAX_PAUSE, max(MIN_PAUSE, seconds))
-    c.call_soon(_pause, c, queue, seconds)
+    _soon(c, _pause, c, queue, seconds)
 
 
 def hold(queue: str) -> None:
@@ -83,7 +83,7 @@ def hold(queue: str) -> None:
         if queue in _held:
             return
         _held.add(queue)
-    c.call_soon(_cancel, c, queue)
+    _soon(c, _cancel, c, queue)
     log.info("stopped taking messages from %s", queue)
 
 
@@ -96,7 +96,7 @@ def release(queue: str) -> None:
         if queue not in _held:
             return
         _held.discard(queue)
-    c.call_soon(_resume, c, queue)
+    _soon(c, _resume, c, queue)
     log.info("taking messages from %s again", queue)
 
 
@@ -117,7 +117,7 @@ def limit(queue: str) -> None:
     if threading.get_ident() == _consumer_thread:
         _cancel(c, queue)  # inside a read, kombu cancels right after it: before the next take
     else:
-        c.call_soon(_cancel, c, queue)
+        _soon(c, _cancel, c, queue)
     log.debug("stopped taking messages from %s: its deliveries hold their share of the threads", queue)
 
 
@@ -130,11 +130,24 @@ def unlimit(queue: str) -> None:
         if queue not in _full:
             return
         _full.discard(queue)
-    c.call_soon(_resume, c, queue)
+    _soon(c, _resume, c, queue)
 
 
 def limited(queue: str) -> bool:
     return queue in _full
+
+
+def _soon(c, fn, *args) -> None:
+    """Run ``fn(*args)`` on the consumer's loop (its thread, or its greenlet on the gevent pool), soon: its event
+    loop wakes for it; without one (a green pool) the consumer's wait for messages is ended
+    (:meth:`worker.broker.transport.Poller.wake`)."""
+    c.call_soon(fn, *args)
+    if c.hub is None:
+        try:
+            wake = c.connection.transport.cycle.wake
+        except AttributeError:  # not this package's transport, or no connection now
+            return
+        wake()
 
 
 def _cancel(c, queue: str) -> None:
@@ -147,7 +160,9 @@ def _cancel(c, queue: str) -> None:
 def _pause(c, queue: str, seconds: float) -> None:
     _cancel(c, queue)
     log.debug("paused queue %s for %.3fs", queue, seconds)
-    c.timer.call_after(seconds, _resume, (c, queue, True))
+    # The timer's callback runs on the consumer's own loop with the threads pool, in a greenlet of its own on
+    # the gevent pool: either way the resume itself is handed to the consumer.
+    c.timer.call_after(seconds, _soon, (c, _resume, c, queue, True))
 
 
 def _resume(c, queue: str, pause_over: bool = False) -> None:

@@ -26,7 +26,6 @@ from ..delivery.pipeline import (
     Delivered,
     Merged,
     Parked,
-    Pipeline,
     RetryLater,
     VendorAuthFailed,
     VendorDown,
@@ -108,18 +107,8 @@ def run_probe(vendor: str, schedule: RetrySchedule, breaker: Breaker) -> str:
             log.exception("%s: could not give the probe's message back", vendor)
     finally:
         _probe_done(breaker, vendor, failed)
-        _close_connections()
     log.warning("%s: circuit breaker probe: %s", vendor, outcome)
     return outcome
-
-
-def _close_connections() -> None:
-    """A probe runs in a thread of its own, which ends now: close its HTTP connections (a day-long outage
-    starts thousands of probes)."""
-    http = Pipeline.default().http
-    close = getattr(http, "close_thread", None)
-    if callable(close):
-        close()
 
 
 def _probe_done(breaker: Breaker, vendor: str, failed: bool) -> None:

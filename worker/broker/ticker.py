@@ -66,15 +66,15 @@ class Ticker(threading.Thread):
         self.sweep_after = sweep_after
         self._swept = 0.0
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._probing: dict[str, threading.Thread] = {}
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         WAKE.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             WAKE.clear()
             sleep = self.interval
             if time.monotonic() - self._swept >= SWEEP_EVERY:

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +74,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.eventio import READ
 from kombu.utils.json import dumps, loads
 
 from ..delivery import ordering
@@ -321,7 +323,7 @@ class QoS(kombu_redis.QoS):
             FULLNESS.seen(exc)
             self._keep(delivery_tag)
             return
-        virtual.QoS.ack(self, delivery_tag)
+        self._settled(delivery_tag)
 
     def _acks_with(self, delivery_tag: str, ack: Callable[[], object]) -> None:
         """Acknowledge with the delivery's own script (its end recorded in the same step)."""
@@ -334,7 +336,7 @@ class QoS(kombu_redis.QoS):
                         delivery_tag, exc)
             self._keep(delivery_tag)
             return
-        virtual.QoS.ack(self, delivery_tag)
+        self._settled(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         with _kept_lock:
@@ -350,7 +352,17 @@ class QoS(kombu_redis.QoS):
             FULLNESS.seen(exc)
             self._keep(delivery_tag)
             return
-        virtual.QoS.ack(self, delivery_tag)
+        self._settled(delivery_tag)
+
+    def _settled(self, tag: str) -> None:
+        """The message ``tag`` is done here (kombu's local state). When that frees the prefetch window, a consumer
+        without an event loop is woken: it stopped taking messages while the window was full (:class:`Poller`)."""
+        full = not self.can_consume()
+        virtual.QoS.ack(self, tag)
+        if full:
+            cycle = getattr(self.channel.connection, "cycle", None)
+            if isinstance(cycle, Poller):
+                cycle.wake()
 
     def _keep(self, tag: str) -> None:
         """Done here, still held in Redis (its record in the unacked hash): delivered again later."""
@@ -360,7 +372,7 @@ class QoS(kombu_redis.QoS):
         except redis.RedisError:
             score = None  # kombu's restore after the visibility timeout brings it back
         self.kept.append((tag, score))
-        virtual.QoS.ack(self, tag)
+        self._settled(tag)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -547,8 +559,90 @@ class Channel(kombu_redis.Channel):
             self._flush_brpop_reauth()
 
 
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller of the worker's channels, made for a consumer without Celery's event loop (a green pool's:
+    :mod:`worker.broker.green`), which waits in ``drain_events`` for up to 2 s at a time.
+
+    - Restores of unacknowledged messages run at most every :attr:`restore_every` seconds. With the event loop
+      kombu restores on a timer; without it, after every poll that brought nothing (many times a second on an
+      idle worker) and never on a busy one: there the worker's timer restores, at this pace.
+    - :meth:`wake` (after :meth:`enable_wakeups`) ends the consumer's wait at once (``socket.timeout``, which
+      Celery's loop takes as "nothing came"): the consumer then runs what it was asked to do (the queue gate's
+      pause, hold, resume) and takes messages again when a delivery ending freed the prefetch window — without
+      it, a queue given back or a window freed waited for the end of that wait.
+    """
+
+    #: Seconds between restores, None: every call (kombu's own pace; its event loop's timer calls it).
+    restore_every: float | None = None
+    _restored = -float("inf")
+    _waker: tuple[socket.socket, socket.socket] | None = None
+    _woken = False
+
+    def maybe_restore_messages(self) -> Any:
+        if self.restore_every is not None:
+            now = time.monotonic()
+            if now - self._restored < self.restore_every:
+                return None
+            self._restored = now
+        return super().maybe_restore_messages()
+
+    def enable_wakeups(self) -> None:
+        """Let :meth:`wake` end the consumer's wait (a consumer without the event loop, whose poller this is)."""
+        if self._waker is None:
+            pair = socket.socketpair()
+            for end in pair:
+                end.setblocking(False)
+            self.poller.register(pair[0], READ)
+            self._waker = pair
+
+    def wake(self) -> None:
+        """End the consumer's current wait for messages (from any thread or greenlet; no-op without wakeups)."""
+        waker = self._waker
+        if waker is not None:
+            try:
+                waker[1].send(b"w")
+            except OSError:  # full (a wake-up is pending anyway) or closed
+                pass
+
+    def handle_event(self, fileno: int, event: int) -> Any:
+        waker = self._waker
+        if waker is not None and fileno == waker[0].fileno():
+            try:
+                while waker[0].recv(4096):
+                    pass
+            except OSError:  # drained
+                pass
+            self._woken = True
+            return None
+        return super().handle_event(fileno, event)
+
+    def get(self, callback: Any, timeout: float | None = None) -> Any:
+        try:
+            return super().get(callback, timeout)
+        except kombu_redis.Empty:
+            if self._woken:
+                self._woken = False
+                raise TimeoutError() from None  # socket.timeout: Celery's loop takes it as "nothing came"
+            raise
+
+    def close(self) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            try:
+                self.poller.unregister(waker[0])
+            except (KeyError, OSError, ValueError):
+                pass
+            for end in waker:
+                end.close()
+        super().close()
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()  # type: ignore[assignment]  # kombu's base class types it as the virtual FairCycle
 
     def _deliver(self, message: Any, queue: str) -> None:
         if not _is_envelope(message):

@@ -377,11 +377,14 @@ class _Server(ThreadingHTTPServer):
         self.app = app
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        #: Connections accepted since the start (a client that reuses its keep-alive connections opens few).
+        self.accepted = 0
         super().__init__(address, _Handler)
 
     def track(self, conn: socket.socket, is_open: bool) -> None:
         with self._connections_lock:
             (self._connections.add if is_open else self._connections.discard)(conn)
+            self.accepted += is_open
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (reset, broken pipe) is no sandbox error; print the rest."""
@@ -450,6 +453,11 @@ class Sandbox:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted since :meth:`start` (0 before)."""
+        return self._server.accepted if self._server is not None else 0
 
     @property
     def url(self) -> str:

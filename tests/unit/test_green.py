@@ -1,0 +1,149 @@
+"""A consumer without Celery's event loop (the gevent pool): worker/broker/green.py and the transport's Poller."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+from kombu.transport.redis import Empty
+
+from worker.broker import green
+from worker.broker.transport import Poller
+
+
+class Channel:
+    """What kombu's poller reads of a channel to restore its unacknowledged messages."""
+
+    def __init__(self) -> None:
+        self.active_queues = {"loops"}
+        self.active_fanout_queues: set[str] = set()
+        self.unacked_restore_limit = 10
+        self.unacked_restore_throttle = 1
+        self.connection_errors = ()
+        self.restores = 0
+        self.qos = SimpleNamespace(restore_visible=self._restore, can_consume=lambda: False)
+
+    def _restore(self, **_: object) -> None:
+        self.restores += 1
+
+    def maybe_refresh_binding_expiry(self) -> None:
+        pass
+
+
+def test_restores_run_at_most_every_restore_every_seconds(monkeypatch):
+    poller, channel = Poller(), Channel()
+    poller.add(channel)
+    for _ in range(3):
+        poller.maybe_restore_messages()
+    assert channel.restores == 3  # kombu's pace until a green consumer sets one
+    clock = [100.0]
+    monkeypatch.setattr("worker.broker.transport.time.monotonic", lambda: clock[0])
+    poller.restore_every = 5.0
+    poller.maybe_restore_messages()
+    poller.maybe_restore_messages()
+    clock[0] += 4.9
+    poller.maybe_restore_messages()
+    assert channel.restores == 4
+    clock[0] += 0.2
+    poller.maybe_restore_messages()
+    assert channel.restores == 5
+
+
+def test_a_wake_ends_the_consumers_wait_as_a_timeout():
+    poller = Poller()
+    poller.wake()  # no wake-ups enabled (the threads pool): nothing happens
+    with pytest.raises(Empty):
+        poller.get(lambda *a: None, timeout=0)
+    poller.enable_wakeups()
+    poller.wake()
+    poller.wake()
+    with pytest.raises(socket.timeout):  # Celery's loop takes it as "nothing came", then runs what it was handed
+        poller.get(lambda *a: None, timeout=5)
+    with pytest.raises(Empty):  # drained: the next wait is an ordinary one
+        poller.get(lambda *a: None, timeout=0)
+    poller.close()
+
+
+class Dispatcher:
+    def __init__(self) -> None:
+        self.enabled = True
+        self.buffer_group: frozenset[str] = frozenset()
+        self.buffer_limit = 1
+        self.on_send_buffered = None
+        self.flushes = 0
+
+    def flush(self, errors: bool = True) -> None:
+        self.flushes += 1
+
+
+def consumer(hub: object) -> SimpleNamespace:
+    later: list = []
+    repeated: list = []
+    timer = SimpleNamespace(call_after=lambda s, fun: later.append(fun) or SimpleNamespace(cancel=lambda: None),
+                            call_repeatedly=lambda s, fun: repeated.append((s, fun)) or
+                            SimpleNamespace(cancel=lambda: None))
+    poller = Poller()
+    return SimpleNamespace(hub=hub, timer=timer, later=later, repeated=repeated, event_dispatcher=Dispatcher(),
+                           pool=SimpleNamespace(), connection=SimpleNamespace(
+                               transport=SimpleNamespace(cycle=poller),
+                               transport_options={"unacked_restore_interval": 2.0}))
+
+
+def test_the_step_does_nothing_with_the_event_loop():
+    c = consumer(hub=object())
+    green.GreenStep(c).start(c)
+    assert c.repeated == [] and c.event_dispatcher.buffer_group == frozenset()
+    assert c.connection.transport.cycle.restore_every is None
+
+
+def test_without_the_event_loop_restores_go_on_a_timer_and_task_events_in_batches():
+    c = consumer(hub=None)
+    step = green.GreenStep(c)
+    step.start(c)
+    cycle = c.connection.transport.cycle
+    ((interval, restore),) = c.repeated
+    assert interval == 2.0 and cycle.restore_every == 2.0
+    channel = Channel()
+    cycle.add(channel)
+    restore()
+    assert channel.restores == 1
+    d = c.event_dispatcher
+    assert d.buffer_group == {"task"} and d.buffer_limit == green.EVENT_BATCH
+    d.on_send_buffered()
+    d.on_send_buffered()  # one flush scheduled for a batch, not one per event
+    assert len(c.later) == 1 and d.flushes == 0
+    c.later.pop()()
+    assert d.flushes == 1
+    d.on_send_buffered()
+    assert len(c.later) == 1
+    step.stop(c)  # what is left goes out at shutdown
+    assert d.flushes == 2
+    cycle.close()
+
+
+def test_a_green_pool_chosen_without_its_patching_is_refused():
+    """Celery patches the standard library for gevent only for ``-P gevent``; this test process is not patched, as a
+    worker whose configuration alone chose gevent would not be."""
+    from worker.broker.app import _check_pool, _unpatched_green_pool
+
+    assert _unpatched_green_pool({"pool_cls": None}, "gevent") == "gevent"
+    assert _unpatched_green_pool({"pool_cls": "threads"}, "gevent") is None  # -P threads wins
+    assert _unpatched_green_pool({"pool_cls": None}, "threads") is None
+    with pytest.raises(SystemExit) as stopped:
+        _check_pool(conf=SimpleNamespace(worker_pool="threads"), options={"pool_cls": "gevent"})
+    assert stopped.value.code == 2
+
+
+def test_the_ticker_can_be_asked_whether_it_runs_after_it_stopped():
+    """The ticker's own stop flag once shadowed ``Thread._stop``: ``is_alive()`` of an ended ticker raised
+    TypeError (on gevent, every ended greenlet-thread did, from gevent's own bookkeeping)."""
+    from worker.broker.ticker import Ticker
+
+    schedule = SimpleNamespace(promote=lambda vendor: (0, None))
+    breaker = SimpleNamespace(enabled=False)
+    t = Ticker(["loops"], schedule, breaker, hold=lambda q: None, release=lambda q: None, interval=0.01)
+    t.start()
+    t.stop()
+    t.join(5)
+    assert not t.is_alive() and "stopped" in repr(t)
