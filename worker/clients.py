@@ -102,6 +102,13 @@ class PerThreadTransport(httpx.BaseTransport):
             response.stream = _GiveBack(response.stream, functools.partial(slots.give, transport))
         return response
 
+    def warm(self, url: str | httpx.URL) -> bool:
+        """An idle transport for ``url``'s host is at hand, with the connection its last exchange left open:
+        the next exchange there need not connect first (the rate limiter's margin for it is the warm one)."""
+        u = httpx.URL(url)
+        slots = self._hosts.get((u.scheme, u.host, u.port))
+        return slots is not None and slots.idle() > 0
+
     def close_thread(self) -> None:
         """Nothing to close: a thread holds no transport between exchanges (kept for callers of old)."""
 

@@ -23,3 +23,17 @@ def test_every_pool_shares_one_tls_context_made_with_the_transport():
         slots.give(b)
     finally:
         transport.close()
+
+
+def test_warm_means_an_idle_transport_for_that_host():
+    transport = PerThreadTransport()
+    url = "https://vendor.example/api"
+    try:
+        assert not transport.warm(url)
+        slots = transport._slots(httpx.URL(url))
+        held = slots.take()
+        assert not transport.warm(url)  # in use by another exchange: the next one opens its own
+        slots.give(held)
+        assert transport.warm(url) and not transport.warm("https://other.example/")
+    finally:
+        transport.close()

@@ -458,3 +458,16 @@ def test_a_stray_429_at_the_right_rate_cuts_next_to_nothing_and_never_more_than_
     clock2.now += 0.5
     other.observe(429, {})  # 2 in the last second would say 1/s: one cut at most halves
     assert other.effective_rate() == pytest.approx(5.0)
+
+
+def test_the_transport_says_which_request_opens_a_connection(client, key):
+    """With ``warm`` (the HTTP transport: an idle connection to the vendor at hand), a request is cold when
+    none is, whatever thread (or greenlet: the gevent pool runs each task in a new one) sends it."""
+    clock = Clock()
+    at_hand = [False]
+    limiter = window(client, key, clock, margin=0.02, cold_margin=0.3, warm=lambda: at_hand[0])
+    limiter.acquire(max_wait=10)  # no connection yet: logged with the cold margin
+    at_hand[0] = True
+    limiter.acquire(max_wait=10)  # the next one reuses it: the warm margin
+    scores = [s for _, s in client.zrange(f"{key}:log", 0, -1, withscores=True)]
+    assert scores == [pytest.approx(1000.12), pytest.approx(1000.3)]  # (by score) the second: 0.1 s later, warm

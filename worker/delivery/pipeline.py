@@ -205,13 +205,19 @@ class Pipeline:
             if cls._default is None:
                 s = get_settings()
                 r = clients.redis_client()
+                http = clients.http_client()
+
+                def warm(vendor: Vendor) -> Callable[[], bool] | None:
+                    base = vendor.base_url(s)
+                    return functools.partial(http.warm, base) if base else None
+
                 limiters = {
-                    name: limiter_for(r, f"{s.key_prefix}:ratelimit:{name}", v.rate_limit(s))
+                    name: limiter_for(r, f"{s.key_prefix}:ratelimit:{name}", v.rate_limit(s), warm=warm(v))
                     for name, v in VENDORS.items()
                 }
                 breaker = Breaker(r, s.key_prefix, s.breaker_threshold, s.breaker_probe_max,
                                   auth_threshold=s.auth_failure_threshold, auth_interval=s.auth_probe_interval)
-                cls._default = cls(s, clients.http_client(), DeadLetterStore.default(), limiters, Throttle(),
+                cls._default = cls(s, http, DeadLetterStore.default(), limiters, Throttle(),
                                    breaker=breaker, schedule=RetrySchedule(r, s.key_prefix))
             return cls._default
 

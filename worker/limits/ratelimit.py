@@ -283,7 +283,9 @@ class WindowLimiter(RateLimiter):
     """At most ``rate`` requests in any second *at the vendor*, across every process using ``key``.
 
     ``margin``: seconds a request may arrive later than reserved; ``cold_margin`` the same for
-    a thread's first request. ``clock``: seconds for the scripts instead of Redis' clock (tests).
+    a request that opens a connection first: one for which ``warm()`` is False (no idle connection to
+    the vendor at hand), or without ``warm``, a thread's first request. ``clock``: seconds for the
+    scripts instead of Redis' clock (tests).
     """
 
     def __init__(
@@ -296,6 +298,7 @@ class WindowLimiter(RateLimiter):
         cold_margin: float = DEFAULT_COLD_MARGIN,
         name: str | None = None,
         clock: Callable[[], float] | None = None,
+        warm: Callable[[], bool] | None = None,
     ) -> None:
         if not rate > 0 or not math.isfinite(rate):
             raise ValueError(f"rate must be a positive number, got {rate!r}; use Unlimited for no limit")
@@ -308,6 +311,8 @@ class WindowLimiter(RateLimiter):
         self.tolerance = margin / 2
         self.name = name or key.rsplit(":", 1)[-1]
         self.clock = clock
+        self.warm = warm
+        self._last_send = -math.inf
         self._keys = [f"{key}:state", f"{key}:log"]
         self._acquire = client.register_script(_WINDOW_ACQUIRE)
         self._observe = client.register_script(_WINDOW_OBSERVE)
@@ -323,9 +328,12 @@ class WindowLimiter(RateLimiter):
         return "" if self.clock is None else repr(self.clock())
 
     def acquire(self, max_wait: float = 0.0) -> Reservation:
-        last = getattr(self._local, "last_send", None)
         here = time.monotonic()
-        cold = last is None or here - last > COLD_AFTER
+        if self.warm is not None:  # the HTTP transport says whether a connection to the vendor is at hand
+            cold = not self.warm() or here - self._last_send > COLD_AFTER
+        else:  # a connection per thread
+            last = getattr(self._local, "last_send", None)
+            cold = last is None or here - last > COLD_AFTER
         responses, too_many, full = self._pending.take()
         granted, wait, rate, old, reason, epoch, seq, at = self._acquire(
             keys=self._keys,
@@ -333,7 +341,7 @@ class WindowLimiter(RateLimiter):
                   responses, too_many, full, 0])
         self._changed(float(rate), float(old), reason)
         if int(granted):
-            self._local.last_send = here + float(wait)
+            self._local.last_send = self._last_send = here + float(wait)
         return Reservation(bool(int(granted)), float(wait), int(epoch), int(seq), float(at))
 
     def penalize(self, seconds: float) -> None:
@@ -398,7 +406,7 @@ class WindowLimiter(RateLimiter):
 
 
 def limiter_for(client: redis.Redis, key: str, rate: float, *, margin: float | None = None,
-                cold_margin: float | None = None) -> RateLimiter:
+                cold_margin: float | None = None, warm: Callable[[], bool] | None = None) -> RateLimiter:
     """The right strategy for ``rate`` (requests per second; 0 = unlimited).
 
     ``margin`` and ``cold_margin`` default to the settings ``RATE_LIMIT_MARGIN`` and
@@ -412,4 +420,4 @@ def limiter_for(client: redis.Redis, key: str, rate: float, *, margin: float | N
         s = get_settings()
         margin = s.rate_limit_margin if margin is None else margin
         cold_margin = s.rate_limit_cold_margin if cold_margin is None else cold_margin
-    return WindowLimiter(client, key, rate, margin=margin, cold_margin=max(margin, cold_margin))
+    return WindowLimiter(client, key, rate, margin=margin, cold_margin=max(margin, cold_margin), warm=warm)
