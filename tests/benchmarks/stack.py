@@ -64,10 +64,10 @@ class Sizes:
     enqueue_calls: int = 5000
     enqueue_warmup: int = 300
     enqueue_block: int = 50
-    throughput_events: int = 20_000
+    throughput_events: int = 10_000
     sandbox_capacity_requests: int = 6000
     #: An extra, diagnostic 100 ms-latency run with this many threads (0: skip).
-    latency_extra_concurrency: int = 128
+    latency_extra_concurrency: int = 0
     #: Greenlets of the gevent-pool worker (``-P gevent -c N``) in the deliveries/s rows (0: skip them).
     gevent_concurrency: int = 200
     #: An extra, diagnostic run with the per-delivery INFO log lines silenced.
