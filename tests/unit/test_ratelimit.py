@@ -14,7 +14,7 @@ import redis
 
 from tests.helpers import max_in_window
 from worker.limits import adaptive
-from worker.limits.ratelimit import TokenBucket, Unlimited, WindowLimiter, limiter_for
+from worker.limits.ratelimit import Admission, TokenBucket, Unlimited, WindowLimiter, limiter_for
 from worker.limits.throttle import Throttle, Throttled
 
 
@@ -471,3 +471,19 @@ def test_the_transport_says_which_request_opens_a_connection(client, key):
     limiter.acquire(max_wait=10)  # the next one reuses it: the warm margin
     scores = [s for _, s in client.zrange(f"{key}:log", 0, -1, withscores=True)]
     assert scores == [pytest.approx(1000.12), pytest.approx(1000.3)]  # (by score) the second: 0.1 s later, warm
+
+
+def test_an_answer_read_late_is_not_sent_on(client, key):
+    """Redis admits a slot in time, but the thread reads the answer later than the tolerance (not scheduled
+    at once): it must not send on it (the slot stays logged, unused); an answer read in time is sent on."""
+    clock = Clock()
+    limiter = window(client, key, clock, margin=0.02)
+    ticks = iter([0.0, 0.002, 10.0, 10.03, 20.0, 20.001])  # round trips: 2 ms, 30 ms, then the last look's
+    limiter._stopwatch = lambda: next(ticks)
+    first = limiter.acquire(max_wait=0.0)
+    assert first.granted and first.wait == 0 and limiter.hold(first, time.sleep).admitted
+    clock.now += 0.1
+    second = limiter.acquire(max_wait=0.0)
+    assert second.granted and second.rtt == pytest.approx(0.03)
+    clock.now += 0.03  # what the thread did not see: Redis' clock went on meanwhile
+    assert limiter.hold(second, time.sleep) == Admission(False, 0.0, "late")

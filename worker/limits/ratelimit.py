@@ -98,6 +98,9 @@ class Reservation:
     #: The slot's entry in the limiter's log and its time on Redis' clock (limiters that admit at send time).
     seq: int | None = None
     at: float | None = None
+    #: Seconds from asking to reading the answer, on this host: a reply read late (a thread or greenlet not
+    #: scheduled at once) makes the slot that much later than Redis said.
+    rtt: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -141,8 +144,10 @@ class RateLimiter:
         now; otherwise the slot was given up (``why``: revoked, or this thread woke too late for it):
         reserve another."""
         if reservation.wait <= 0:
-            return Admission(True)
-        sleep(reservation.wait)
+            if self.tolerance is None or reservation.rtt <= self.tolerance:
+                return Admission(True)
+        else:
+            sleep(reservation.wait)
         for _ in range(3):
             a = self.admit(reservation, strict)
             if a.admitted or a.wait <= 0:
@@ -308,10 +313,12 @@ class WindowLimiter(RateLimiter):
         self.rate = float(rate)
         self.margin = margin
         self.cold_margin = cold_margin
-        self.tolerance = margin / 2
+        self.tolerance: float = margin / 2
         self.name = name or key.rsplit(":", 1)[-1]
         self.clock = clock
         self.warm = warm
+        # Times this host's wait for Redis' answers (not with a test clock: its scripts' time is made up).
+        self._stopwatch: Callable[[], float] = time.monotonic if clock is None else (lambda: 0.0)
         self._last_send = -math.inf
         self._keys = [f"{key}:state", f"{key}:log"]
         self._acquire = client.register_script(_WINDOW_ACQUIRE)
@@ -335,6 +342,7 @@ class WindowLimiter(RateLimiter):
             last = getattr(self._local, "last_send", None)
             cold = last is None or here - last > COLD_AFTER
         responses, too_many, full = self._pending.take()
+        asked = self._stopwatch()
         granted, wait, rate, old, reason, epoch, seq, at = self._acquire(
             keys=self._keys,
             args=[self._now(), self.rate, self.cold_margin if cold else self.margin, max_wait,
@@ -342,7 +350,8 @@ class WindowLimiter(RateLimiter):
         self._changed(float(rate), float(old), reason)
         if int(granted):
             self._local.last_send = self._last_send = here + float(wait)
-        return Reservation(bool(int(granted)), float(wait), int(epoch), int(seq), float(at))
+        return Reservation(bool(int(granted)), float(wait), int(epoch), int(seq), float(at),
+                           self._stopwatch() - asked)
 
     def penalize(self, seconds: float) -> None:
         if seconds > 0:
@@ -363,14 +372,20 @@ class WindowLimiter(RateLimiter):
         so nothing can send on it; the request that does go arrives within ``margin`` of its slot."""
         if reservation.epoch is None or reservation.seq is None or reservation.at is None:
             return Admission(True)
-        latest = repr(reservation.at + self.margin / 2) if strict else ""
+        latest = repr(reservation.at + self.tolerance) if strict else ""
+        asked = self._stopwatch()
         try:
             ok, seconds, why = self._admit(keys=self._keys, args=[
                 self._now(), reservation.seq, reservation.epoch, repr(reservation.at), latest])
         except redis.RedisError:  # Redis away (a restart): the slot was granted; keep it
             return Admission(True)
+        late = float(seconds)
+        if int(ok) and strict and late + (self._stopwatch() - asked) > self.tolerance:
+            # Redis admitted it in time, but this thread read the answer too late (not scheduled at once: a
+            # busy GIL, or other greenlets ran first): do not send. The slot stays logged, unused: safe.
+            return Admission(False, 0.0, "late")
         reason = why.decode() if isinstance(why, bytes) else why
-        return Admission(bool(int(ok)), float(seconds), reason)
+        return Admission(bool(int(ok)), late, reason)
 
     def observe(self, status: int, headers: Mapping[str, str]) -> None:
         s = adaptive.signals(status, headers)

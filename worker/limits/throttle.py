@@ -78,7 +78,7 @@ class Throttle:
     def wait(self, vendor: str, limiter: RateLimiter) -> None:
         """Return when this thread holds a token for ``vendor``; raise :class:`Throttled` instead of queueing up."""
         now = limiter.acquire(max_wait=0.0)
-        if now.granted:
+        if now.granted and limiter.hold(now, self.sleep).admitted:  # a token now (and its answer read in time)
             return
         with self._lock:
             full = self._waiters[vendor] >= self.max_waiters
