@@ -1,4 +1,4 @@
-"""One Redis client and one pooled HTTP transport (httpx) per process, made on first use.
+"""One Redis client and one pooled vendor HTTP (httpcore, httpx's transport layer) per process, made on first use.
 
 Both are thread- and greenlet-safe, so every delivery thread (or greenlet) of a worker shares them. After a
 fork the child makes its own (connections must not be shared across processes).
@@ -16,8 +16,11 @@ import functools
 import os
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Mapping
+from json import dumps
+from typing import Any, NamedTuple
 
+import httpcore
 import httpx
 import redis
 
@@ -28,10 +31,15 @@ from .slots import Slots
 CONNECT_TIMEOUT_CAP = 5.0
 #: Sent with every vendor request.
 USER_AGENT = "vendor-delivery-worker/0.1"
-#: Keep-alive connections per transport (an exchange uses one at a time).
+#: Keep-alive connections per pool (an exchange uses one at a time).
 CONNECTIONS_PER_THREAD = 4
-#: Transports per vendor host that stay open while idle (more run at once under load, and are closed after).
+#: Pools per vendor host that stay open while idle (more run at once under load, and are closed after).
 IDLE_TRANSPORTS = 256
+#: Seconds an idle keep-alive connection is kept (httpx's default).
+KEEPALIVE_EXPIRY = 5.0
+
+#: The connection pool an exchange takes for one request (one per exchange at a time, see :class:`VendorHTTP`).
+_Pool = httpcore.ConnectionPool
 
 _lock = threading.Lock()
 
@@ -40,7 +48,7 @@ class _Clients:
     """This process's clients, made on first use; ``pid`` is the process they belong to."""
 
     pid: int | None = None
-    http: PerThreadTransport | None = None
+    http: VendorHTTP | None = None
     redis: redis.Redis | None = None
 
 
@@ -53,67 +61,92 @@ def _reset_if_forked() -> None:
         _state.pid = os.getpid()
 
 
-class PerThreadTransport(httpx.BaseTransport):
-    """Small keep-alive pools (httpx transports) reused exchange by exchange, per vendor host.
+class Reply(NamedTuple):
+    """A vendor's answer, read in full: status, headers (names lower-cased), body as text."""
 
-    httpcore's shared pool looks over all of its connections on every request, under a lock: with a pool
-    sized for 32+ threads that scan cost more CPU than the rest of the exchange. So each exchange takes a
-    transport of its own for the vendor's host from a :class:`~worker.slots.Slots` pool, and gives it back
-    (with its open connection) once the response is closed. As many transports exist per host as exchanges
-    ran there at once (a thread's, or a greenlet's: the gevent pool runs each task in a new greenlet, so a
-    transport per thread would be one per task), and at most ``keep`` stay idle. They share one TLS context:
-    loading the CA certificates costs tens of milliseconds of CPU per context.
+    status: int
+    headers: dict[str, str]
+    text: str
+
+
+class VendorHTTP:
+    """Keep-alive connections to the vendors, reused exchange by exchange, per vendor host.
+
+    The exchange runs on httpcore, httpx's own transport layer, without httpx's request and response
+    models: building an ``httpx.Request`` (URL parsing, header normalising) and reading an ``httpx.Response``
+    cost about a third of a delivery's HTTP CPU, and a delivery needs none of it (its URLs are a vendor's
+    base URL and a fixed path, parsed once). Failures are raised as httpx's exceptions.
+
+    httpcore's pool looks over all of its connections on every request, under a lock: with one pool sized
+    for 32+ threads that scan cost more CPU than the rest of the exchange. So each exchange takes a small
+    pool of its own for the vendor's host from a :class:`~worker.slots.Slots` pool, and gives it back (with
+    its open connection) once the answer is read. As many pools exist per host as exchanges ran there at
+    once (a thread's, or a greenlet's: the gevent pool runs each task in a new greenlet), and at most
+    ``keep`` stay idle. They share one TLS context: loading the CA certificates costs tens of milliseconds
+    of CPU per context.
     """
 
     def __init__(self, per_thread: int = CONNECTIONS_PER_THREAD, keep: int = IDLE_TRANSPORTS) -> None:
-        self._limits = httpx.Limits(max_connections=per_thread, max_keepalive_connections=per_thread)
+        self._per_thread = per_thread
         self._keep = keep
-        self._hosts: dict[tuple[str, str, int | None], Slots[httpx.BaseTransport]] = {}
+        self._hosts: dict[tuple[bytes, bytes, int | None], Slots[_Pool]] = {}
         self._lock = threading.Lock()
-        # One TLS context for every transport, as httpx makes it (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), made
-        # here: making one loads the CA bundle, ~60 ms of CPU under the GIL, which an exchange would otherwise
-        # pay after its rate-limit slot.
+        # One TLS context for every pool, as httpx makes it (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), made here:
+        # making one loads the CA bundle, ~60 ms of CPU under the GIL, which an exchange would otherwise pay
+        # after its rate-limit slot.
         self._ssl: ssl.SSLContext = httpx.create_ssl_context()
 
-    def _new_transport(self) -> httpx.BaseTransport:
-        return httpx.HTTPTransport(limits=self._limits, verify=self._ssl)
+    def _new_pool(self) -> _Pool:
+        return httpcore.ConnectionPool(ssl_context=self._ssl, max_connections=self._per_thread,
+                                       max_keepalive_connections=self._per_thread, keepalive_expiry=KEEPALIVE_EXPIRY)
 
-    def _slots(self, url: httpx.URL) -> Slots[httpx.BaseTransport]:
-        host = (url.scheme, url.host, url.port)
-        slots = self._hosts.get(host)
+    def _slots(self, target: _Target) -> Slots[_Pool]:
+        slots = self._hosts.get(target.origin)
         if slots is None:
             with self._lock:
-                slots = self._hosts.get(host)
+                slots = self._hosts.get(target.origin)
                 if slots is None:
-                    slots = self._hosts[host] = Slots(self._new_transport, _close, self._keep)
+                    slots = self._hosts[target.origin] = Slots(self._new_pool, _close, self._keep)
         return slots
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        slots = self._slots(request.url)
-        transport = slots.take()
-        try:
-            response = transport.handle_request(request)
-        except BaseException:
-            slots.give(transport)  # httpcore dropped the failed connection; the transport is fine
-            raise
-        if response.is_closed:  # read in full already (a transport that buffers): nothing holds the transport
-            slots.give(transport)
-        else:
-            response.stream = _GiveBack(response.stream, functools.partial(slots.give, transport))
-        return response
+    def exchange(self, method: str, url: str, headers: Mapping[str, str], json: Any,
+                 timeout: Mapping[str, float | None]) -> Reply:
+        """Send ``json`` (encoded as httpx encodes it) with ``headers`` and read the answer in full.
 
-    def warm(self, url: str | httpx.URL) -> bool:
-        """An idle transport for ``url``'s host is at hand, with the connection its last exchange left open:
+        Raises httpx's exceptions: :class:`httpx.TimeoutException`, :class:`httpx.NetworkError` and
+        :class:`httpx.RemoteProtocolError` are worth another attempt; any other :class:`httpx.HTTPError` is
+        a request that cannot be made.
+        """
+        target = _target(url)
+        body = dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        raw = [(b"Host", target.netloc), *((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items()),
+               (b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode())]
+        request = httpcore.Request(method.encode("ascii"), target.url, headers=raw, content=body,
+                                   extensions={"timeout": timeout})
+        slots = self._slots(target)
+        pool = slots.take()
+        try:
+            response = pool.handle_request(request)
+            try:
+                content = response.read()
+            finally:
+                response.close()
+        except _CORE_ERRORS as exc:
+            raise _as_httpx(exc) from exc
+        finally:
+            slots.give(pool)  # on a failure too: httpcore dropped the failed connection, the pool is fine
+        return Reply(response.status,
+                     {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers},
+                     content.decode("utf-8", errors="replace"))
+
+    def warm(self, url: str) -> bool:
+        """An idle pool for ``url``'s host is at hand, with the connection its last exchange left open:
         the next exchange there need not connect first (the rate limiter's margin for it is the warm one)."""
-        u = httpx.URL(url)
-        slots = self._hosts.get((u.scheme, u.host, u.port))
+        slots = self._hosts.get(_target(url).origin)
         return slots is not None and slots.idle() > 0
 
-    def close_thread(self) -> None:
-        """Nothing to close: a thread holds no transport between exchanges (kept for callers of old)."""
-
     def open_transports(self) -> int:
-        """Transports (each a small connection pool) open now: idle and in use."""
+        """Pools (each a few keep-alive connections) open now: idle and in use."""
         with self._lock:
             hosts = list(self._hosts.values())
         return sum(s.idle() + s.out() for s in hosts)
@@ -124,43 +157,75 @@ class PerThreadTransport(httpx.BaseTransport):
         for slots in hosts:
             slots.close()
 
+    def __enter__(self) -> VendorHTTP:
+        return self
 
-def _close(transport: httpx.BaseTransport) -> None:
-    transport.close()
-
-
-class _GiveBack(httpx.SyncByteStream):
-    """A response's body; closing it also gives its transport back (once)."""
-
-    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, give: Callable[[], None]) -> None:
-        assert isinstance(stream, httpx.SyncByteStream), "a sync transport's response"
-        self._stream = stream
-        self._give: Callable[[], None] | None = give
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream
-
-    def close(self) -> None:
-        try:
-            self._stream.close()
-        finally:
-            give, self._give = self._give, None
-            if give is not None:
-                give()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def http_client() -> PerThreadTransport:
-    """The process's HTTP transport: keep-alive connections, no retries, no redirects, no cookies.
+def _close(pool: _Pool) -> None:
+    pool.close()
 
-    httpx's transport layer rather than ``httpx.Client``: the client's per-request work (URL
-    merging, cookies, auth and redirect hooks, a log line) was a third of a delivery's HTTP cost,
-    and a delivery uses none of it. Timeouts go on each request (:func:`request_timeout`).
+
+class _Target(NamedTuple):
+    """A URL as an exchange needs it: httpcore's URL, the Host header, and the origin its pools are kept by."""
+
+    url: httpcore.URL
+    netloc: bytes
+    origin: tuple[bytes, bytes, int | None]
+
+
+@functools.lru_cache(maxsize=256)
+def _target(url: str) -> _Target:
+    """Parsed (and checked) by httpx once per URL: a vendor's base URL and its few fixed paths."""
+    u = httpx.URL(url)
+    if u.scheme not in ("http", "https") or not u.host:
+        raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol or no host: {url!r}")
+    scheme = u.scheme.encode("ascii")
+    return _Target(httpcore.URL(scheme=scheme, host=u.raw_host, port=u.port, target=u.raw_path), u.netloc,
+                   (scheme, u.raw_host, u.port))
+
+
+#: httpcore's exceptions and httpx's of the same name (the most specific first).
+_ERROR_MAP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.ProxyError, httpx.ProxyError),
+)
+_CORE_ERRORS = tuple(core for core, _ in _ERROR_MAP)
+
+
+def _as_httpx(exc: Exception) -> httpx.HTTPError:
+    for core, mapped in _ERROR_MAP:
+        if isinstance(exc, core):
+            return mapped(str(exc))
+    raise AssertionError(f"not an httpcore error: {exc!r}")  # pragma: no cover - _CORE_ERRORS is the map's keys
+
+
+def http_client() -> VendorHTTP:
+    """The process's vendor HTTP: keep-alive connections, no retries, no redirects, no cookies, no proxies.
+
+    Not ``httpx.Client``: the client's per-request work (URL merging, cookies, auth and redirect hooks, a
+    log line) and its request and response models were more than half of a delivery's HTTP CPU, and a
+    delivery uses none of it. Timeouts go on each exchange (:func:`request_timeout`).
     """
     with _lock:
         _reset_if_forked()
         transport = _state.http
         if transport is None:
-            transport = _state.http = PerThreadTransport()
+            transport = _state.http = VendorHTTP()
         return transport
 
 

@@ -10,6 +10,7 @@ import pytest
 import respx
 
 from worker import observability
+from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
 from worker.delivery.pipeline import Delivered, Pipeline, VendorAuthFailed, VendorDown
 from worker.errors import DeadLettered
@@ -54,7 +55,7 @@ def make_pipeline(client, prefix: str, auth_threshold: int = 3) -> Pipeline:
     s = settings(auth_failure_threshold=auth_threshold, auth_probe_interval=30)
     breaker = Breaker(client, prefix, threshold=10, auth_threshold=s.auth_failure_threshold,
                       auth_interval=s.auth_probe_interval)
-    return Pipeline(s, httpx.HTTPTransport(), DeadLetterStore(client, prefix, SECRETS),
+    return Pipeline(s, VendorHTTP(), DeadLetterStore(client, prefix, SECRETS),
                     {v: Unlimited() for v in VENDORS}, Throttle(), breaker=breaker,
                     schedule=RetrySchedule(client, prefix))
 

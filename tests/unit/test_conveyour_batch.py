@@ -12,6 +12,7 @@ import pytest
 import redis
 import respx
 
+from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
 from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
 from worker.errors import DeadLettered
@@ -200,7 +201,7 @@ def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_
     events = [identify(f"u{i}", plan="pro") for i in range(10)]
     events[3] = identify("u3", tags="not-an-object")
     events[7] = identify("u7", tags={"add": "vip"})
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_size=10, conveyour_batch_max_wait=NEVER),
                               events)
     assert isinstance(bodies[0], list) and len(bodies[0]) == 10, "one bulk request for all ten"
@@ -226,7 +227,7 @@ def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_
 def test_batch_size_1_sends_each_identify_alone_as_before(store):
     bodies = sandbox_route()
     events = [identify(f"u{i}") for i in range(4)]
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_size=1), events)
     assert all(isinstance(r, Delivered) for r in results)
     assert sorted(b["id"] for b in bodies) == ["u0", "u1", "u2", "u3"] and all(isinstance(b, dict) for b in bodies)
@@ -235,7 +236,7 @@ def test_batch_size_1_sends_each_identify_alone_as_before(store):
 @respx.mock
 def test_track_is_never_batched(store):
     route = respx.post(f"{BASE}/analytics/track").mock(return_value=httpx.Response(200, json={"success": True}))
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3),
                               [track(f"u{i}") for i in range(3)])
     assert all(isinstance(r, Delivered) for r in results)
@@ -249,7 +250,7 @@ def test_track_is_never_batched(store):
 def test_a_failed_bulk_request_retries_every_item(store, answer):
     route = respx.post(f"{BASE}/analytics/identify")
     route.mock(side_effect=[answer]) if isinstance(answer, Exception) else route.mock(return_value=answer)
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_size=5, conveyour_batch_max_wait=NEVER),
                               [identify(f"u{i}") for i in range(5)])
     assert route.call_count == 1
@@ -271,7 +272,7 @@ def test_a_bulk_429_penalizes_the_bucket_once_and_every_item_honours_retry_after
 
     limiter = Penalties()
     respx.post(f"{BASE}/analytics/identify").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, limiter, conveyour_batch_size=4,
                                             conveyour_batch_max_wait=NEVER),
                               [identify(f"u{i}") for i in range(4)])

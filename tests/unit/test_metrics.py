@@ -12,6 +12,7 @@ import respx
 from prometheus_client import generate_latest
 
 from tests.helpers import metric, metric_values
+from worker.clients import VendorHTTP
 from worker.delivery.pipeline import Pipeline, RetryLater
 from worker.dev.localstack import free_port
 from worker.errors import DeadLettered
@@ -105,7 +106,7 @@ def recorded(store):
                         conveyour_token="t", conveyour_base_url=f"{BASE}/cy", conveyour_batch_size=1,
                         retry_max_attempts=3)
     recorder = Recorder()
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         pipeline = Pipeline(settings, http, store, {v: Unlimited() for v in VENDORS}, Throttle(), recorder=recorder)
         yield pipeline, recorder
 

@@ -9,6 +9,7 @@ import pytest
 import redis
 import respx
 
+from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
 from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
 from worker.errors import DeadLettered
@@ -42,7 +43,7 @@ def pipeline(store):
         conveyour_appkey=None, conveyour_token=None,
         retry_max_attempts=3, retry_backoff_base=1, retry_backoff_max=8,
     )
-    with httpx.HTTPTransport() as http:
+    with VendorHTTP() as http:
         yield Pipeline(settings, http, store, {v: Unlimited() for v in VENDORS}, Throttle())
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 
+import httpcore
 import httpx
 import pytest
 
-from worker.clients import PerThreadTransport
+from worker.clients import VendorHTTP
 from worker.slots import Slots
 
 
@@ -118,71 +119,101 @@ def test_greenlets_each_new_share_the_slots_of_those_before():
     assert len(m.made) == 20 and s.idle() == 20 and s.out() == 0
 
 
-class Body(httpx.SyncByteStream):
-    """A response body read as it comes, as httpx's own transport gives it."""
+class FakePool:
+    """A connection pool that answers with ``answer(request)`` (an httpcore response) and records closing."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.closed = False
 
-    def __iter__(self):
-        yield self.data
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        return self.answer(request)
+
+    def close(self) -> None:
+        self.closed = True
 
 
-class Counting(PerThreadTransport):
-    """The product's transport over httpx's MockTransport (streamed bodies): counts the transports it makes."""
+def _host(request: httpcore.Request) -> httpcore.Response:
+    # streamed, as httpcore gives a body: the exchange must read it in full
+    return httpcore.Response(200, headers=[(b"X-Seen", b"yes")], content=iter([request.url.host, b"!"]))
 
-    def __init__(self, buffered: bool = False) -> None:
+
+class Counting(VendorHTTP):
+    """The product's vendor HTTP over fake pools: counts the pools it makes."""
+
+    def __init__(self, answer=_host) -> None:
         super().__init__(keep=2)
-        self.made = 0
-        self.buffered = buffered
+        self.made: list[FakePool] = []
+        self.answer = answer
 
-    def _new_transport(self) -> httpx.BaseTransport:
-        self.made += 1
-        if self.buffered:  # a transport that reads the body in full before returning
-            return httpx.MockTransport(lambda request: httpx.Response(200, text=request.url.host))
-        return httpx.MockTransport(lambda request: httpx.Response(200, stream=Body(request.url.host.encode())))
+    def _new_pool(self) -> FakePool:  # type: ignore[override]
+        pool = FakePool(self.answer)
+        self.made.append(pool)
+        return pool
 
 
-def test_the_http_transport_takes_a_transport_per_exchange_per_host_and_gives_it_back_when_closed():
-    t = Counting()
-    for _ in range(3):  # one after the other: one transport, reused
-        r = t.handle_request(httpx.Request("GET", "http://a.example/x"))
-        r.read()
-        r.close()
-    assert t.made == 1 and t.open_transports() == 1
-    held = t.handle_request(httpx.Request("GET", "http://a.example/x"))
-    other = t.handle_request(httpx.Request("GET", "http://a.example/y"))  # the first is still out
-    assert t.made == 2
-    held.close()
-    other.close()
-    t.handle_request(httpx.Request("GET", "http://b.example/x")).close()  # another host: its own
-    assert t.made == 3 and t.open_transports() == 3
+def test_the_vendor_http_takes_a_pool_per_exchange_per_host_and_gives_it_back():
+    inside, go = threading.Event(), threading.Event()
+
+    def answer(request: httpcore.Request) -> httpcore.Response:
+        if request.url.target == b"/slow":
+            inside.set()
+            assert go.wait(10)
+        return _host(request)
+
+    t = Counting(answer)
+    for _ in range(3):  # one after the other: one pool, reused
+        assert t.exchange("POST", "http://a.example/x", {}, {}, {}).text == "a.example!"
+    assert len(t.made) == 1 and t.open_transports() == 1
+    slow = threading.Thread(target=t.exchange, args=("POST", "http://a.example/slow", {}, {}, {}))
+    slow.start()
+    assert inside.wait(10)
+    t.exchange("POST", "http://a.example/y", {}, {}, {})  # the first pool is out: a second one
+    assert len(t.made) == 2
+    go.set()
+    slow.join()
+    t.exchange("POST", "http://b.example/x", {}, {}, {})  # another host: its own
+    assert len(t.made) == 3 and t.open_transports() == 3
     for _ in range(2):
-        t.handle_request(httpx.Request("GET", "http://a.example/x")).close()
-    assert t.made == 3
+        t.exchange("POST", "http://a.example/x", {}, {}, {})
+    assert len(t.made) == 3
     t.close()
-    assert t.open_transports() == 0
+    assert t.open_transports() == 0 and all(p.closed for p in t.made)
 
 
-def test_a_response_read_in_full_by_the_transport_gives_it_back_at_once():
-    t = Counting(buffered=True)
+def test_an_exchange_sends_what_httpx_would_and_reads_the_answer_in_full():
+    seen: list[httpcore.Request] = []
+
+    def answer(request: httpcore.Request) -> httpcore.Response:
+        seen.append(request)
+        return httpcore.Response(429, headers=[(b"Retry-After", b"3"), (b"Content-Type", b"text/plain")],
+                                 content=iter(["é".encode(), b"t"]))
+
+    t = Counting(answer)
+    body = {"name": "ünïcode", "n": [1, 2.5, None]}
+    reply = t.exchange("PUT", "https://vendor.example:8443/api/v1/x", {"Authorization": "Basic abc"}, body,
+                       {"connect": 1.0})
+    assert reply == (429, {"retry-after": "3", "content-type": "text/plain"}, "ét")
+    (request,) = seen
+    expected = httpx.Request("PUT", "https://vendor.example:8443/api/v1/x", json=body,
+                             headers={"Authorization": "Basic abc"})
+    assert request.method == b"PUT" and request.url.scheme == b"https" and request.url.port == 8443
+    assert request.url.target == b"/api/v1/x" and b"".join(request.stream) == expected.read()
+    assert {k.lower(): v for k, v in request.headers} == {k.lower(): v for k, v in expected.headers.raw}
+    assert request.extensions == {"timeout": {"connect": 1.0}}
+
+
+def test_a_failed_exchange_raises_httpx_s_error_and_gives_its_pool_back():
+    def fail(request: httpcore.Request) -> httpcore.Response:
+        raise httpcore.ConnectError("refused")
+
+    t = Counting(fail)
     for _ in range(3):
-        assert t.handle_request(httpx.Request("GET", "http://a.example/x")).read() == b"a.example"
-    assert t.made == 1
+        with pytest.raises(httpx.ConnectError, match="refused"):
+            t.exchange("POST", "http://a.example/x", {}, {}, {})
+    assert len(t.made) == 1 and t.open_transports() == 1
 
 
-def test_the_http_transport_gives_back_a_transport_whose_exchange_failed():
-    class Failing(Counting):
-        def _new_transport(self) -> httpx.BaseTransport:
-            self.made += 1
-
-            def fail(request: httpx.Request) -> httpx.Response:
-                raise httpx.ConnectError("refused", request=request)
-
-            return httpx.MockTransport(fail)
-
-    t = Failing()
-    for _ in range(3):
-        with pytest.raises(httpx.ConnectError):
-            t.handle_request(httpx.Request("GET", "http://a.example/x"))
-    assert t.made == 1 and t.open_transports() == 1
+def test_a_url_that_is_not_http_is_a_request_that_cannot_be_made():
+    with pytest.raises(httpx.UnsupportedProtocol):
+        Counting().exchange("POST", "ftp://a.example/x", {}, {}, {})

@@ -172,7 +172,7 @@ class Pipeline:
     def __init__(
         self,
         settings: Settings,
-        http: httpx.BaseTransport,
+        http: clients.VendorHTTP,
         store: DeadLetterStore,
         limiters: dict[str, RateLimiter],
         throttle: Throttle,
@@ -490,17 +490,17 @@ class Pipeline:
             return [Sent(Outcome(Verdict.REJECTED, None), error=f"{type(exc).__name__}: {exc}", batch=n, index=i)
                     for i in range(n)]
         elapsed = round(time.monotonic() - started, 4)
-        self.metrics.request(vendor.name, elapsed, response.status_code)
-        outcomes = vendor.classify_batch(response.status_code, response.headers, response.text, request, n)
+        self.metrics.request(vendor.name, elapsed, response.status)
+        outcomes = vendor.classify_batch(response.status, response.headers, response.text, request, n)
         retry_after = max((o.retry_after or 0.0 for o in outcomes if o.status == 429), default=0.0)
         if retry_after:
             self.limiters[vendor.name].penalize(retry_after)
-        self.limiters[vendor.name].observe(response.status_code, response.headers)
+        self.limiters[vendor.name].observe(response.status, response.headers)
         # A 429 says nothing about the vendor's health: the limiter's business.
-        paused = response.status_code != 429 and self._health(vendor, response.status_code)
+        paused = response.status != 429 and self._health(vendor, response.status)
         if n > 1:
             log.info("sent %s events to %s in one request: status=%s in %.0fms",
-                     n, vendor.name, response.status_code, elapsed * 1000)
+                     n, vendor.name, response.status, elapsed * 1000)
         return [Sent(o, response.text, None, n, i, elapsed, paused) for i, o in enumerate(outcomes)]
 
     def _settle(self, this: _Attempt, request: Request, sent: Sent) -> Delivered | RetryLater:
@@ -561,17 +561,10 @@ class Pipeline:
             observability.report_auth_pause(vendor.name, status, vendor.credential_env)
         return refusal.paused
 
-    def _send(self, vendor: Vendor, request: Request) -> httpx.Response:
+    def _send(self, vendor: Vendor, request: Request) -> clients.Reply:
         url = vendor.base_url(self.settings).rstrip("/") + request.path
         headers = {**_BASE_HEADERS, **request.headers, **vendor.auth_headers(self.settings)}
-        outgoing = httpx.Request(request.method, url, json=request.json, headers=headers,
-                                 extensions={"timeout": self._timeout})
-        response = self.http.handle_request(outgoing)
-        try:
-            response.read()
-        finally:
-            response.close()
-        return response
+        return self.http.exchange(request.method, url, headers, request.json, self._timeout)
 
     def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
                error: str, body: str | None = None) -> RetryLater | DeadLetter:
