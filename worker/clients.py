@@ -178,10 +178,8 @@ class _Target(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _target(url: str) -> _Target:
-    """Parsed (and checked) by httpx once per URL: a vendor's base URL and its few fixed paths."""
-    u = httpx.URL(url)
-    if u.scheme not in ("http", "https") or not u.host:
-        raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol or no host: {url!r}")
+    """Parsed by httpx once per URL: a vendor's base URL and its few fixed paths."""
+    u = httpx.URL(url)  # a missing or unsupported scheme is httpcore's to refuse, with httpx's own words
     scheme = u.scheme.encode("ascii")
     return _Target(httpcore.URL(scheme=scheme, host=u.raw_host, port=u.port, target=u.raw_path), u.netloc,
                    (scheme, u.raw_host, u.port))

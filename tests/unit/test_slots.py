@@ -214,6 +214,9 @@ def test_a_failed_exchange_raises_httpx_s_error_and_gives_its_pool_back():
     assert len(t.made) == 1 and t.open_transports() == 1
 
 
-def test_a_url_that_is_not_http_is_a_request_that_cannot_be_made():
-    with pytest.raises(httpx.UnsupportedProtocol):
-        Counting().exchange("POST", "ftp://a.example/x", {}, {}, {})
+def test_a_url_that_is_not_http_is_a_request_that_cannot_be_made_in_httpx_s_words():
+    with VendorHTTP() as http:
+        with pytest.raises(httpx.UnsupportedProtocol, match="unsupported protocol 'ftp://'"):
+            http.exchange("POST", "ftp://a.example/x", {}, {}, {})
+        with pytest.raises(httpx.UnsupportedProtocol, match="missing an 'http://' or 'https://' protocol"):
+            http.exchange("POST", "127.0.0.1:8900/loops/x", {}, {}, {})
