@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ssl
 
+import httpcore
+
+from worker import clients
 from worker.clients import VendorHTTP, _target
 
 
@@ -23,15 +26,28 @@ def test_every_pool_shares_one_tls_context_made_with_the_transport():
         transport.close()
 
 
-def test_warm_means_an_idle_transport_for_that_host():
-    transport = VendorHTTP()
+def test_warm_means_an_exchange_with_that_host_ended_recently(monkeypatch):
+    """Asked when a slot is reserved, for a later exchange: a pool busy now is back by then, so only the
+    time since the last exchange with the host counts (its connection is kept KEEPALIVE_EXPIRY)."""
+    now = [1000.0]
+    monkeypatch.setattr(clients.time, "monotonic", lambda: now[0])
+
+    class Answering(VendorHTTP):
+        def _new_pool(self):
+            pool = httpcore.ConnectionPool()
+            pool.handle_request = lambda request: httpcore.Response(200, content=b"ok")
+            return pool
+
     url = "https://vendor.example/api"
-    try:
-        assert not transport.warm(url)
-        slots = transport._slots(_target(url))
+    with Answering() as http:
+        assert not http.warm(url)  # no exchange yet: the first one connects
+        slots = http._slots(_target(url))
         held = slots.take()
-        assert not transport.warm(url)  # in use by another exchange: the next one opens its own
+        assert not http.warm(url)  # a pool made (and busy), but no exchange ended yet
         slots.give(held)
-        assert transport.warm(url) and not transport.warm("https://other.example/")
-    finally:
-        transport.close()
+        assert http.exchange("POST", url + "/events", {}, {}, {}).text == "ok"
+        assert http.warm(url) and http.warm(url + "/other") and not http.warm("https://other.example/")
+        now[0] += clients.KEEPALIVE_EXPIRY / 2 - 0.01
+        assert http.warm(url)
+        now[0] += 0.02
+        assert not http.warm(url)  # its connection may be expiring: count the next request as cold
