@@ -147,3 +147,18 @@ def test_the_ticker_can_be_asked_whether_it_runs_after_it_stopped():
     t.stop()
     t.join(5)
     assert not t.is_alive() and "stopped" in repr(t)
+
+
+def test_a_ready_worker_freezes_what_start_up_made_out_of_the_collectors_way():
+    """Full collections over start-up's objects stalled every thread now and then (late rate-limit slots)."""
+    import gc
+
+    from celery import signals
+
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        signals.worker_ready.send(sender=None)
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
