@@ -143,17 +143,24 @@ def test_a_failing_person_holds_only_their_own_calls(worker_factory, product_env
     assert state["mailing_lists"] == {VIP: True}
 
 
+@pytest.mark.parametrize("queued_first", [False, True], ids=["worker-first", "calls-queued-first"])
 def test_a_dead_letter_releases_the_person_and_replay_is_an_update_at_that_time(worker_factory, product_env,
                                                                                 sandbox_client, store,
-                                                                                unique_email):
+                                                                                unique_email, queued_first):
     """The first call is refused (422): it is dead-lettered and the calls behind it go on. Replaying it later
-    sends it as an update at that time: its traits land over the later call's."""
+    sends it as an update at that time: its traits land over the later call's.
+
+    With both calls queued before the worker starts, the refused call's own message takes the person's turn
+    (its take claims it): its dead letter must be recorded with the turn's end, or the next call's message
+    finds it still pending and sends it again, merged with its own."""
     email = unique_email
     # Twice: a merged request holding the call is refused, then the call alone, which is dead-lettered.
     sandbox_client.configure("loops", fail_next=[{"status": 422, "match": "Acme"}] * 2)
-    w = worker_factory("order-dead")
+    w = None if queued_first else worker_factory("order-dead")
     bad = worker.identify(email=email, traits={"plan": "old", "company": "Acme"}, vendors=["loops"])
     worker.identify(email=email, traits={"plan": "new"}, vendors=["loops"])
+    if w is None:
+        w = worker_factory("order-dead")
     settled(product_env["REDIS_URL"])
     (dead,) = store.find(bad)
     assert dead.reason == "rejected"

@@ -243,8 +243,8 @@ class Pipeline:
         turn the message's take made already (worker/broker/transport.py), if it did.
         """
         try:
-            return self._deliver(vendor_name, payload, attempt, task_id, first_failure, probe, person, park, tag,
-                                 defer, claimed)
+            result = self._deliver(vendor_name, payload, attempt, task_id, first_failure, probe, person, park, tag,
+                                   defer, claimed)
         except BaseException:
             if claimed is not None and claimed.state == ordering.CLAIMED and person and task_id:
                 # The take claimed the person's turn for this delivery, which ends here without it (dead letter,
@@ -254,11 +254,15 @@ class Pipeline:
                 except Exception:
                     log.warning("could not give up the turn of %s", task_id, exc_info=True)
             raise
+        # A dead letter whose turn ends with the message's acknowledgement (``defer``) is raised only here: raised
+        # inside, the turn was given up above without recording the dead call, and the person's next message sent
+        # it again, merged with its own call.
+        return _settled(result) if isinstance(result, DeadLettered) else result
 
     def _deliver(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
                  first_failure: float | None, probe: bool, person: str | None, park: Callable[[], str] | None,
                  tag: str | None, defer: Callable[[Callable[[str], object]], None] | None,
-                 claimed: ordering.Turn | None) -> Outcome_:
+                 claimed: ordering.Turn | None) -> Outcome_ | DeadLettered:
         vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
         if vendor is None:
             self._dead(
@@ -315,7 +319,7 @@ class Pipeline:
 
     def _turn(self, this: _Attempt, person: str, park: Callable[[], str], tag: str | None,
               probe: bool, defer: Callable[[Callable[[str], object]], None] | None = None,
-              claimed: ordering.Turn | None = None) -> Delivered | RetryLater | Merged | Parked | Yielded:
+              claimed: ordering.Turn | None = None) -> Outcome_ | DeadLettered:
         """Take the person's turn and deliver their pending calls from the oldest, merging runs of updates;
         or find this call delivered already (Merged), or park it behind the task that holds the turn.
 
@@ -341,6 +345,7 @@ class Pipeline:
         number, first = this.number, this.first_failure
         split = 0  # calls to send one at a time: a merged request the vendor rejected, to find which call it was
         started, requests = time.monotonic(), 0
+        deferred = False
         try:
             while turn.state == ordering.CLAIMED and turn.entries:
                 done: list[str] = []
@@ -379,7 +384,8 @@ class Pipeline:
                         done, number, first, split = ids, 1, None, max(0, split - len(run))
                 if own is not None and defer is not None:
                     defer(functools.partial(_end, order, person, task_id, done, dead))
-                    return _settled(own)
+                    deferred = True  # the turn ends with this message's acknowledgement, recording ``done``
+                    break
                 go_on = (not probe and requests < TURN_REQUESTS and time.monotonic() - started < lease / 4)
                 turn = order.finish(person, task_id, done, dead, go_on=go_on, lease=lease)
         except BaseException:
@@ -390,6 +396,9 @@ class Pipeline:
             except Exception:
                 log.warning("%s: could not give up the turn of %s", vendor.name, task_id, exc_info=True)
             raise
+        if deferred:  # a dead letter is returned, not raised: the turn ends with the ack, recording it
+            assert own is not None
+            return own
         if turn.state == ordering.CLAIMED:  # a claim that found nothing pending
             order.finish(person, task_id)
         return _settled(own) if own is not None else Yielded(vendor.name)
