@@ -64,7 +64,7 @@ docs: $(STAMP)
 doctest: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider --doctest-modules --doctest-glob='*.md' worker tests/benchmarks docs
 
-# Full sizes, noisy figures 3 runs each, about 31-36 minutes on 2 cores (28 measured before the 5-minute retries group and the 1-minute web group): table on stdout, JSON in bench-results.json,
+# Full sizes, noisy figures 3 runs each, about 31-36 minutes on 2 cores (31 measured on 2026-12-06): table on stdout, JSON in bench-results.json,
 # and docs/performance.md's Performance table rewritten from that JSON (not with --only or --no-table).
 # BENCH_ARGS e.g. --only enqueue, --profile var/profile. Again from a JSON: python -m tests.benchmarks.readme FILE
 bench: $(STAMP)
