@@ -254,9 +254,9 @@ class Pipeline:
                 except Exception:
                     log.warning("could not give up the turn of %s", task_id, exc_info=True)
             raise
-        # A dead letter whose turn ends with the message's acknowledgement (``defer``) is raised only here: raised
-        # inside, the turn was given up above without recording the dead call, and the person's next message sent
-        # it again, merged with its own call.
+        # This call's dead letter is raised only here, once its turn's end is recorded (or deferred to the ack):
+        # raised inside, the turn was given up above without recording the dead call, and the person's next
+        # message sent it again, merged with its own call.
         return _settled(result) if isinstance(result, DeadLettered) else result
 
     def _deliver(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
@@ -345,7 +345,6 @@ class Pipeline:
         number, first = this.number, this.first_failure
         split = 0  # calls to send one at a time: a merged request the vendor rejected, to find which call it was
         started, requests = time.monotonic(), 0
-        deferred = False
         try:
             while turn.state == ordering.CLAIMED and turn.entries:
                 done: list[str] = []
@@ -383,9 +382,10 @@ class Pipeline:
                         own = result if task_id in ids else own
                         done, number, first, split = ids, 1, None, max(0, split - len(run))
                 if own is not None and defer is not None:
+                    # The turn ends with this message's acknowledgement, recording ``done``; a dead letter is
+                    # returned, not raised (raised, the handler below would give the turn up unrecorded).
                     defer(functools.partial(_end, order, person, task_id, done, dead))
-                    deferred = True  # the turn ends with this message's acknowledgement, recording ``done``
-                    break
+                    return own
                 go_on = (not probe and requests < TURN_REQUESTS and time.monotonic() - started < lease / 4)
                 turn = order.finish(person, task_id, done, dead, go_on=go_on, lease=lease)
         except BaseException:
@@ -396,12 +396,9 @@ class Pipeline:
             except Exception:
                 log.warning("%s: could not give up the turn of %s", vendor.name, task_id, exc_info=True)
             raise
-        if deferred:  # a dead letter is returned, not raised: the turn ends with the ack, recording it
-            assert own is not None
-            return own
         if turn.state == ordering.CLAIMED:  # a claim that found nothing pending
             order.finish(person, task_id)
-        return _settled(own) if own is not None else Yielded(vendor.name)
+        return own if own is not None else Yielded(vendor.name)
 
     def _already(self, vendor: str, outcome: str) -> Merged:
         """This call was settled with another's request: delivered, or dead-lettered (raised again)."""
