@@ -90,11 +90,37 @@ def consumer(hub: object) -> SimpleNamespace:
                                transport_options={"unacked_restore_interval": 2.0}))
 
 
-def test_the_step_does_nothing_with_the_event_loop():
+@pytest.fixture
+def gevent_config():
+    gevent = pytest.importorskip("gevent")
+    was = gevent.config.track_greenlet_tree
+    gevent.config.track_greenlet_tree = True
+    yield gevent.config
+    gevent.config.track_greenlet_tree = was
+
+
+def test_the_step_does_nothing_with_the_event_loop(gevent_config):
     c = consumer(hub=object())
     green.GreenStep(c).start(c)
     assert c.repeated == [] and c.event_dispatcher.buffer_group == frozenset()
     assert c.connection.transport.cycle.restore_every is None
+    assert gevent_config.track_greenlet_tree is True
+
+
+def test_on_gevent_spawned_greenlets_keep_no_spawning_tree(gevent_config):
+    """gevent's debugging record of who spawned each greenlet (with its stack) is ten objects per task in
+    reference cycles, which the collector must find."""
+    import gevent
+
+    c = consumer(hub=None)
+    step = green.GreenStep(c)
+    step.start(c)
+    try:
+        assert gevent_config.track_greenlet_tree is False
+        assert gevent.Greenlet(lambda: None).spawning_stack is None
+    finally:
+        step.stop(c)
+        c.connection.transport.cycle.close()
 
 
 def test_without_the_event_loop_restores_go_on_a_timer_and_task_events_in_batches():
@@ -155,10 +181,16 @@ def test_a_ready_worker_freezes_what_start_up_made_out_of_the_collectors_way():
 
     from celery import signals
 
+    from worker.broker.app import GC_THRESHOLDS
+
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     try:
         assert gc.get_freeze_count() == 0
         signals.worker_ready.send(sender=None)
         assert gc.get_freeze_count() > 1000
+        # A delivery's few objects in reference cycles no longer start a young collection every few deliveries.
+        assert gc.get_threshold() == GC_THRESHOLDS and GC_THRESHOLDS[0] > thresholds[0]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)

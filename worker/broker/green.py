@@ -8,13 +8,15 @@ published a batch per loop turn. A green pool has no such loop: its consumer cal
 - kombu restores unacknowledged messages only after a poll that brought nothing, and then on every such
   poll: a busy worker never restores a dead worker's messages, an idle one scans Redis many times a second;
 - every task event (received, started, succeeded: three per delivery) is its own Redis ``PUBLISH``, each
-  through a new redis-py client: a third of the worker's CPU on the gevent pool.
-
+  through a new redis-py client: a third of the worker's CPU on the gevent pool;
+- gevent records, for every greenlet it spawns, the greenlet that spawned it and that one's stack (a
+  debugging aid, ``track_greenlet_tree``): ten frame objects per task, left in reference cycles;
 - the consumer waits in ``drain_events`` up to 2 s at a time, also after a delivery freed the prefetch window
   (it stopped taking messages while it was full) or the queue gate (:mod:`worker.broker.gate`) gave a queue
   back: up to 2 s lost each time.
 
-The consumer bootstep :class:`GreenStep` puts these right when the consumer has no event loop: the restore
+The consumer bootstep :class:`GreenStep` puts these right when the consumer has no event loop: spawning trees
+are not recorded on gevent (the setting gevent's documentation gives for faster spawning); the restore
 runs on the worker's timer every ``unacked_restore_interval`` seconds (and at most that often after empty
 polls: :attr:`worker.broker.transport.Poller.restore_every`); task events are buffered as on the event
 loop and published as one ``task.multi`` message per :data:`EVENT_BATCH` events, or :data:`EVENT_FLUSH`
@@ -30,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import bootsteps
@@ -60,6 +63,9 @@ class GreenStep(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         if not green(c):
             return
+        gevent = sys.modules.get("gevent")
+        if gevent is not None:  # eventlet keeps no such tree
+            gevent.config.track_greenlet_tree = False
         self._restore_on_timer(c)
         self._buffer_events(c)
 
