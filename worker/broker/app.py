@@ -74,7 +74,7 @@ def _start_metrics(**_: object) -> None:
 #: their weak references: ~10 objects), and with 700 a young collection ran every few deliveries. On a slow vendor
 #: a delivery's objects outlive several of them, were promoted, and were scanned again by older collections: on
 #: gevent with 100 ms latency the collector took 0.046 ms of CPU per delivery against 0.010 ms without. With
-#: 20,000 that figure, and the gap, shrink (docs/running-workers.md has the measurements).
+#: 20,000 that figure, and the gap, shrink (docs/pools.md has the measurements).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
