@@ -42,6 +42,12 @@ DEFAULT_SENTINEL_PORT = 26379
 SENTINEL_SCHEMES = {"sentinel": False, "sentinels": True}
 #: The query parameters a sentinels:// URL may carry (redis-py's names, as in a rediss:// URL).
 TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+#: Connections a client's pool may hold open (redis-py's pool before 8.0: no cap of its own). A pool opens one
+#: only when every open one is busy, so it holds as many as its process runs commands at once: a worker's
+#: concurrency and its few timers, a web process's requests. redis-py 8 caps a pool at 100 and then fails the
+#: command at once ("Too many connections"): on ``-P gevent -c 200``, deliveries whose acknowledgement met a
+#: full pool stayed held and were delivered a second time.
+MAX_CONNECTIONS = 2**31
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
@@ -148,8 +154,10 @@ class RedisTarget:
         """A redis-py client for this Redis (for Sentinels: the current master, followed across failovers).
 
         ``kwargs`` are redis-py's connection options (timeouts, retry). Under Sentinel the timeouts also bound
-        each Sentinel query, split between the Sentinels: finding the master costs at most one timeout.
+        each Sentinel query, split between the Sentinels: finding the master costs at most one timeout. Its pool
+        opens as many connections as commands run at once (:data:`MAX_CONNECTIONS`).
         """
+        kwargs.setdefault("max_connections", MAX_CONNECTIONS)
         if not self.is_sentinel:
             return redis.Redis.from_url(self.url, **kwargs)
         manager = Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs(kwargs))
@@ -163,6 +171,7 @@ class RedisTarget:
 
         ``kwargs`` are the same options; a ``retry`` must be ``redis.asyncio.retry.Retry``.
         """
+        kwargs.setdefault("max_connections", MAX_CONNECTIONS)
         import redis.asyncio
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 

@@ -165,3 +165,48 @@ def test_a_sentinel_that_does_not_answer_is_passed_over_at_once():
     with pytest.raises(redis.ConnectionError):
         manager.sentinels[0].ping()
     assert manager.sentinels[0].connection_pool.make_connection().retry.get_retries() == 0
+
+
+def test_a_client_opens_as_many_connections_as_commands_run_at_once(redis_server):
+    """redis-py 8 caps a pool at 100 and fails the 101st command at once ("Too many connections"): on
+    ``-P gevent -c 200`` deliveries whose acknowledgement met a full pool were delivered a second time."""
+    import threading
+
+    from worker.dev.localstack import wait_until
+
+    client = RedisTarget.parse(redis_server.url).client(socket_timeout=60)
+    key, n = "test:many-at-once", 130
+    client.delete(key)
+    got: list[object] = []
+    errors: list[BaseException] = []
+
+    def wait_for_one() -> None:
+        try:
+            got.append(client.blpop([key], timeout=50))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait_for_one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    # Every one of them holds a connection of the pool, blocked in BLPOP (or failed to get one).
+    wait_until(lambda: errors or client.info("clients")["blocked_clients"] >= n, timeout=30,
+               message=f"{n} clients blocked in BLPOP")
+    assert not errors, errors[:1]
+    client.rpush(key, *range(n))
+    for t in threads:
+        t.join(30)
+    assert not errors and len(got) == n and all(item is not None for item in got)
+    client.close()
+
+
+def test_the_brokers_pool_is_not_capped_below_a_green_pools_concurrency():
+    """kombu's own pool (acks, restores, task events) takes the same cap as the product's clients."""
+    from kombu import Connection
+
+    from worker.broker.app import app
+    from worker.redisconf import MAX_CONNECTIONS
+
+    with Connection(app.conf.broker_url, transport=app.conf.broker_transport,
+                    transport_options=app.conf.broker_transport_options) as conn:
+        assert conn.default_channel.pool.max_connections == MAX_CONNECTIONS >= 10_000

@@ -14,6 +14,7 @@ Example::
 
 from kombu import Queue
 
+from ..redisconf import MAX_CONNECTIONS
 from ..settings import get_settings
 from ..vendors import VENDORS
 
@@ -46,6 +47,10 @@ broker_transport_options = {
     "socket_timeout": 10,
     "retry_on_timeout": False,
     "health_check_interval": 30,
+    # kombu's pool of Redis connections (acks, restores, task events) opens as many as run at once, as the
+    # product's own clients do: kombu's default cap (10) fails the command past it ("Too many connections"),
+    # and a green pool runs hundreds of tasks at once.
+    "max_connections": MAX_CONNECTIONS,
     # Under Sentinel: the master's name, and how to reach the Sentinels (password, TLS, timeouts).
     **_broker["transport_options"],
 }
