@@ -257,7 +257,9 @@ class Pipeline:
         # This call's dead letter is raised only here, once its turn's end is recorded (or deferred to the ack):
         # raised inside, the turn was given up above without recording the dead call, and the person's next
         # message sent it again, merged with its own call.
-        return _settled(result) if isinstance(result, DeadLettered) else result
+        if isinstance(result, DeadLettered):
+            raise result
+        return result
 
     def _deliver(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
                  first_failure: float | None, probe: bool, person: str | None, park: Callable[[], str] | None,
@@ -613,13 +615,6 @@ class Pipeline:
         observability.tag_failure(stored.vendor, stored.status, stored.reason)
         self.metrics.record(stored.vendor, metrics.DEAD_LETTERED, stored.reason)
         return stored
-
-
-def _settled(own: Delivered | DeadLettered) -> Delivered:
-    """This call's end: delivered, or its dead letter raised."""
-    if isinstance(own, DeadLettered):
-        raise own
-    return own
 
 
 def _end(order: PersonLog, person: str, task_id: str, done: list[str], dead: dict[str, str], ack: str) -> None:
