@@ -81,3 +81,67 @@ def test_an_entry_is_written_whole(tmp_path):
     assert entry["event_id"] == "e1" and entry["messages"] == [["loops", "m1"]]
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def _count_scans(monkeypatch) -> list[str]:
+    import worker.producer.spool as spool_module
+
+    scans: list[str] = []
+    real = os.scandir
+
+    def counting(path):
+        scans.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(spool_module.os, "scandir", counting)
+    return scans
+
+
+def _on_disk(path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir())
+
+
+def test_a_call_reads_the_directory_only_for_the_first_figure(tmp_path, monkeypatch):
+    # During an outage the spool holds thousands of files: summing them on every call's thread once a second
+    # cost tens of ms a call (and held an event loop thread off the GIL). The figure is kept instead.
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    scans = _count_scans(monkeypatch)
+    spool.put("e0", [("loops", "m0")])
+    assert len(scans) == 1, "the first call sums what is there"
+    for i in range(1, 40):
+        spool.put(f"e{i}", [("loops", f"m{i}")])
+    assert len(scans) == 1, "later calls add what they wrote"
+    assert spool._size == _on_disk(tmp_path)
+    assert spool.drain(lambda messages: None, limit=15) == 15
+    assert spool._size == _on_disk(tmp_path), "what was published is taken off"
+
+
+def test_what_another_process_spooled_is_seen_by_a_refresh_and_bounds_a_call(tmp_path, monkeypatch):
+    import worker.producer.spool as spool_module
+
+    ours, theirs = Spool(tmp_path, max_bytes=4000), Spool(tmp_path, max_bytes=10**9)
+    ours.put("e0", [("loops", "m")])
+    for i in range(30):
+        theirs.put(f"t{i}", [("loops", "x" * 50)])
+    assert ours._size < _on_disk(tmp_path)
+    assert ours.refresh() is False, "summed less than SIZE_CACHE_SECONDS ago"
+    assert ours.refresh(force=True) is True and ours._size == _on_disk(tmp_path)
+    for i in range(30, 60):
+        theirs.put(f"t{i}", [("loops", "x" * 50)])
+    # Ours believes there is room; an entry that would not fit sums the directory again and is refused.
+    monkeypatch.setattr(spool_module, "SIZE_CACHE_SECONDS", 0.0)
+    with pytest.raises(SpoolFull):
+        ours.put("e1", [("loops", "y" * 100)])
+    assert ours._size == _on_disk(tmp_path)
+
+
+def test_reading_a_large_spool_yields_the_gil(tmp_path, monkeypatch):
+    import worker.producer.spool as spool_module
+
+    for i in range(3 * spool_module.SCAN_CHUNK + 1):
+        (tmp_path / f"{i:020d}-1-e{i}.json").write_bytes(b"{}")
+    pauses = []
+    monkeypatch.setattr(spool_module.time, "sleep", lambda s: pauses.append(s))
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.pending() == 3 * spool_module.SCAN_CHUNK + 1
+    assert pauses == [0, 0, 0]

@@ -336,6 +336,11 @@ class Publisher:
 
     def flush_once(self) -> bool:
         """One round: publish what the spool holds. True when Redis is up and the spool is empty."""
+        if self.spool is not None:
+            try:
+                self.spool.refresh()  # here, not on a caller's thread: what other processes spooled meanwhile
+            except OSError as exc:
+                log.warning("the spool %s cannot be read: %s", self.spool.directory, exc)
         try:
             self.redis.ping()
             if self._replicas and self.redis.wait(self._replicas, self._wait_ms) < self._replicas:

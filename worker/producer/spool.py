@@ -6,6 +6,15 @@ renamed into place, so a crash never leaves half an entry. The spool is bounded
 (``SPOOL_MAX_BYTES``): when it is full, :meth:`Spool.put` raises
 :class:`SpoolFull` and the caller gets :class:`~worker.errors.EnqueueError`.
 
+The size bound is kept without reading the directory on a caller's thread: the spool sums its files once,
+then adds what it writes and takes off what it publishes; :meth:`Spool.refresh` (the publisher's flusher
+thread calls it while anything is spooled) sums them again to see what other processes on the host wrote.
+A caller reads the directory only for a first figure, or when the entry would not fit (then the exact sum
+decides, at most once per ``SIZE_CACHE_SECONDS``). During a long outage the spool holds tens of thousands of
+files: summing them takes tens of milliseconds, which every producer call would otherwise pay once a second.
+Reading the directory yields the GIL every ``SCAN_CHUNK`` entries, so an event loop in another thread of the
+process is not held for the interpreter's whole switch interval (5 ms) meanwhile.
+
 Draining is safe with several processes on one host: a process claims a file
 by renaming it, pushes its messages, then deletes it. A claim left by a process
 that died is taken back on the next drain. A crash between the push and the
@@ -39,8 +48,14 @@ log = logging.getLogger(__name__)
 READY = ".json"
 #: Infix of an entry a process has claimed for publishing: ``<name>.json.claimed-<pid>``.
 CLAIMED = ".claimed-"
-#: Seconds the cached size of the spool may be old before the directory is summed again.
+#: Seconds the size of the spool may be old before :meth:`Spool.refresh` sums the directory again (more when
+#: summing it is slow: see ``REFRESH_COST_SHARE``), and before a refused entry sums it again for an exact figure.
 SIZE_CACHE_SECONDS = 1.0
+#: Summing the directory takes at most this share of a thread's time (a spool of 40 000 entries takes about
+#: 0.1 s to sum, so it is summed every 5 s instead of every second).
+REFRESH_COST_SHARE = 0.02
+#: Entries read between two GIL yields while the directory is read.
+SCAN_CHUNK = 256
 
 
 class SpoolFull(Exception):
@@ -54,8 +69,11 @@ class Spool:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        #: Bytes the spool holds, as last summed plus what this process wrote and published since (None: unknown).
         self._size: int | None = None
         self._size_at = 0.0
+        #: Seconds the last sum took.
+        self._sum_seconds = 0.0
 
     # -- writing ----------------------------------------------------------------
 
@@ -63,7 +81,7 @@ class Spool:
         """Store one call's messages durably; raises SpoolFull or OSError."""
         data = json.dumps({"event_id": event_id, "spooled_at": time.time(), "messages": messages}).encode()
         with self._lock:
-            used = self._used_bytes()
+            used = self._used_bytes(adding=len(data))
             if used + len(data) > self.max_bytes:
                 raise SpoolFull(f"spool {self.directory} is full ({used} of {self.max_bytes} bytes, SPOOL_MAX_BYTES)")
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -88,9 +106,23 @@ class Spool:
         return sum(1 for _ in self._entries(claimed=True))
 
     def size(self) -> int:
+        """Bytes the spool holds now (the directory summed)."""
+        self.refresh(force=True)
         with self._lock:
-            self._size = None
-            return self._used_bytes()
+            return self._size or 0
+
+    def refresh(self, force: bool = False) -> bool:
+        """Sum the directory again if the figure is older than ``SIZE_CACHE_SECONDS`` (and 1/``REFRESH_COST_SHARE``
+        times the last sum's duration), or with ``force``; True when it did. Not under the lock: a call that
+        spools meanwhile is not held up (its bytes may then be counted twice until the next sum: a figure
+        too high for a moment, never too low for long)."""
+        if not force and time.monotonic() - self._size_at < max(SIZE_CACHE_SECONDS,
+                                                                 self._sum_seconds / REFRESH_COST_SHARE):
+            return False
+        total = self._sum()
+        with self._lock:
+            self._size, self._size_at = total, time.monotonic()
+        return True
 
     def drain(self, push: Callable[[list[Message]], None], limit: int | None = None) -> int:
         """Publish waiting entries oldest first with ``push``; returns how many were published.
@@ -109,7 +141,8 @@ class Spool:
             except FileNotFoundError:  # another process took it
                 continue
             try:
-                entry = json.loads(claimed.read_bytes())
+                raw = claimed.read_bytes()
+                entry = json.loads(raw)
                 messages = [tuple(str(part) for part in item) for item in entry["messages"]]
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("spool entry %s is unreadable, set aside as %s.bad: %s", path.name, path.name, exc)
@@ -122,37 +155,47 @@ class Spool:
                 raise
             claimed.unlink()
             done += 1
-        if done:
             with self._lock:
-                self._size = None
+                if self._size is not None:
+                    self._size = max(0, self._size - len(raw))
         return done
 
     # -- internals --------------------------------------------------------------
 
-    def _entries(self, claimed: bool) -> Iterator[Path]:
+    def _scan(self) -> Iterator[os.DirEntry[str]]:
+        """The directory's entries, yielding the GIL every ``SCAN_CHUNK`` of them (none: no directory)."""
         try:
             with os.scandir(self.directory) as it:
-                for entry in it:
-                    name = entry.name
-                    if name.endswith(READY) or (claimed and CLAIMED in name):
-                        yield Path(entry.path)
+                for i, entry in enumerate(it, 1):
+                    yield entry
+                    if i % SCAN_CHUNK == 0:
+                        time.sleep(0)
         except (FileNotFoundError, NotADirectoryError):  # no spool directory there: nothing waits in it
             return
 
-    def _used_bytes(self) -> int:
-        now = time.monotonic()
-        if self._size is None or now - self._size_at > SIZE_CACHE_SECONDS:
-            total = 0
+    def _entries(self, claimed: bool) -> Iterator[Path]:
+        for entry in self._scan():
+            name = entry.name
+            if name.endswith(READY) or (claimed and CLAIMED in name):
+                yield Path(entry.path)
+
+    def _sum(self) -> int:
+        started = time.monotonic()
+        total = 0
+        for entry in self._scan():
             try:
-                with os.scandir(self.directory) as it:
-                    for entry in it:
-                        try:
-                            total += entry.stat().st_size
-                        except FileNotFoundError:
-                            pass
-            except (FileNotFoundError, NotADirectoryError):
+                total += entry.stat().st_size
+            except FileNotFoundError:
                 pass
-            self._size, self._size_at = total, now
+        self._sum_seconds = time.monotonic() - started
+        return total
+
+    def _used_bytes(self, adding: int) -> int:
+        """The size as known (called under the lock); summed first only when unknown, or when ``adding`` more
+        would not fit and the figure is older than ``SIZE_CACHE_SECONDS``."""
+        if self._size is None or (self._size + adding > self.max_bytes
+                                  and time.monotonic() - self._size_at > SIZE_CACHE_SECONDS):
+            self._size, self._size_at = self._sum(), time.monotonic()
         return self._size
 
     def _reclaim_orphans(self) -> None:
