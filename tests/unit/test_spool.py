@@ -145,3 +145,20 @@ def test_reading_a_large_spool_yields_the_gil(tmp_path, monkeypatch):
     spool = Spool(tmp_path, max_bytes=1 << 20)
     assert spool.pending() == 3 * spool_module.SCAN_CHUNK + 1
     assert pauses == [0, 0, 0]
+
+
+def test_an_entry_spooled_while_the_directory_is_summed_is_not_missed(tmp_path, monkeypatch):
+    # refresh() reads the directory without the lock: a call that spools meanwhile must still be counted, or
+    # the bound could be passed by this process's own entries until the next sum.
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.put("e0", [("loops", "m0")])
+    real_sum = spool._sum
+
+    def sum_then_a_call_spools() -> int:
+        total = real_sum()
+        spool.put("e1", [("loops", "m1")])  # after the directory was read, before the figure is set
+        return total
+
+    monkeypatch.setattr(spool, "_sum", sum_then_a_call_spools)
+    assert spool.refresh(force=True)
+    assert spool._size >= _on_disk(tmp_path)

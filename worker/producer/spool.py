@@ -74,6 +74,8 @@ class Spool:
         self._size_at = 0.0
         #: Seconds the last sum took.
         self._sum_seconds = 0.0
+        #: Bytes this process has spooled (a sum counts on from it: what was spooled while it read the directory).
+        self._written = 0
 
     # -- writing ----------------------------------------------------------------
 
@@ -97,6 +99,7 @@ class Spool:
             os.replace(tmp, final)
             _fsync_dir(self.directory)
             self._size = used + len(data)
+            self._written += len(data)
         return final
 
     # -- reading ----------------------------------------------------------------
@@ -114,14 +117,16 @@ class Spool:
     def refresh(self, force: bool = False) -> bool:
         """Sum the directory again if the figure is older than ``SIZE_CACHE_SECONDS`` (and 1/``REFRESH_COST_SHARE``
         times the last sum's duration), or with ``force``; True when it did. Not under the lock: a call that
-        spools meanwhile is not held up (its bytes may then be counted twice until the next sum: a figure
-        too high for a moment, never too low for long)."""
+        spools meanwhile is not held up. Its bytes are added to the sum, which may have read its file already:
+        counted twice until the next sum, a figure too high for a moment, never too low."""
         if not force and time.monotonic() - self._size_at < max(SIZE_CACHE_SECONDS,
                                                                  self._sum_seconds / REFRESH_COST_SHARE):
             return False
+        with self._lock:
+            written = self._written
         total = self._sum()
         with self._lock:
-            self._size, self._size_at = total, time.monotonic()
+            self._size, self._size_at = total + self._written - written, time.monotonic()
         return True
 
     def drain(self, push: Callable[[list[Message]], None], limit: int | None = None) -> int:
