@@ -65,18 +65,6 @@ def test_a_wake_ends_the_consumers_wait_as_a_timeout():
     poller.close()
 
 
-class Dispatcher:
-    def __init__(self) -> None:
-        self.enabled = True
-        self.buffer_group: frozenset[str] = frozenset()
-        self.buffer_limit = 1
-        self.on_send_buffered = None
-        self.flushes = 0
-
-    def flush(self, errors: bool = True) -> None:
-        self.flushes += 1
-
-
 def consumer(hub: object) -> SimpleNamespace:
     later: list = []
     repeated: list = []
@@ -84,7 +72,7 @@ def consumer(hub: object) -> SimpleNamespace:
                             call_repeatedly=lambda s, fun: repeated.append((s, fun)) or
                             SimpleNamespace(cancel=lambda: None))
     poller = Poller()
-    return SimpleNamespace(hub=hub, timer=timer, later=later, repeated=repeated, event_dispatcher=Dispatcher(),
+    return SimpleNamespace(hub=hub, timer=timer, later=later, repeated=repeated,
                            pool=SimpleNamespace(), connection=SimpleNamespace(
                                transport=SimpleNamespace(cycle=poller),
                                transport_options={"unacked_restore_interval": 2.0}))
@@ -102,7 +90,7 @@ def gevent_config():
 def test_the_step_does_nothing_with_the_event_loop(gevent_config):
     c = consumer(hub=object())
     green.GreenStep(c).start(c)
-    assert c.repeated == [] and c.event_dispatcher.buffer_group == frozenset()
+    assert c.repeated == []
     assert c.connection.transport.cycle.restore_every is None
     assert gevent_config.track_greenlet_tree is True
 
@@ -123,7 +111,7 @@ def test_on_gevent_spawned_greenlets_keep_no_spawning_tree(gevent_config):
         c.connection.transport.cycle.close()
 
 
-def test_without_the_event_loop_restores_go_on_a_timer_and_task_events_in_batches():
+def test_without_the_event_loop_restores_go_on_a_timer():
     c = consumer(hub=None)
     step = green.GreenStep(c)
     step.start(c)
@@ -134,17 +122,7 @@ def test_without_the_event_loop_restores_go_on_a_timer_and_task_events_in_batche
     cycle.add(channel)
     restore()
     assert channel.restores == 1
-    d = c.event_dispatcher
-    assert d.buffer_group == {"task"} and d.buffer_limit == green.EVENT_BATCH
-    d.on_send_buffered()
-    d.on_send_buffered()  # one flush scheduled for a batch, not one per event
-    assert len(c.later) == 1 and d.flushes == 0
-    c.later.pop()()
-    assert d.flushes == 1
-    d.on_send_buffered()
-    assert len(c.later) == 1
-    step.stop(c)  # what is left goes out at shutdown
-    assert d.flushes == 2
+    step.stop(c)
     cycle.close()
 
 

@@ -29,6 +29,7 @@ from ..settings import get_settings
 from .bulkhead import BulkheadStep
 from .gate import QueueGate
 from .green import GreenStep
+from .taskevents import TaskEventBatch
 from .ticker import TickerStep
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ app.steps["consumer"].add(QueueGate)
 app.steps["consumer"].add(BulkheadStep)
 app.steps["consumer"].add(TickerStep)
 app.steps["consumer"].add(GreenStep)
+app.steps["consumer"].add(TaskEventBatch)
 
 
 @signals.celeryd_init.connect

@@ -1,14 +1,14 @@
 """What a worker without Celery's event loop does differently: the gevent pool (``-P gevent``).
 
 Celery's threads pool runs its consumer on an event loop (kombu's hub): a timer restores a dead worker's
-unacknowledged messages every ``unacked_restore_interval``, and task events (for Flower) are buffered and
-published a batch per loop turn. A green pool has no such loop: its consumer calls ``drain_events`` in a loop
-(Celery's ``synloop``). Left as kombu and Celery make it:
+unacknowledged messages every ``unacked_restore_interval``. A green pool has no such loop: its consumer calls
+``drain_events`` in a loop (Celery's ``synloop``). Left as kombu and Celery make it:
 
 - kombu restores unacknowledged messages only after a poll that brought nothing, and then on every such
   poll: a busy worker never restores a dead worker's messages, an idle one scans Redis many times a second;
 - every task event (received, started, succeeded: three per delivery) is its own Redis ``PUBLISH``, each
-  through a new redis-py client: a third of the worker's CPU on the gevent pool;
+  through a new redis-py client: a third of the worker's CPU on the gevent pool (now batched on every pool:
+  :mod:`worker.broker.taskevents`);
 - gevent records, for every greenlet it spawns, the greenlet that spawned it and that one's stack (a
   debugging aid, ``track_greenlet_tree``): ten frame objects per task, left in reference cycles;
 - the consumer waits in ``drain_events`` up to 2 s at a time, also after a delivery freed the prefetch window
@@ -18,9 +18,7 @@ published a batch per loop turn. A green pool has no such loop: its consumer cal
 The consumer bootstep :class:`GreenStep` puts these right when the consumer has no event loop: spawning trees
 are not recorded on gevent (the setting gevent's documentation gives for faster spawning); the restore
 runs on the worker's timer every ``unacked_restore_interval`` seconds (and at most that often after empty
-polls: :attr:`worker.broker.transport.Poller.restore_every`); task events are buffered as on the event
-loop and published as one ``task.multi`` message per :data:`EVENT_BATCH` events, or :data:`EVENT_FLUSH`
-seconds after the first one (Flower reads both forms); and the consumer's wait can be ended
+polls: :attr:`worker.broker.transport.Poller.restore_every`); and the consumer's wait can be ended
 (:meth:`worker.broker.transport.Poller.wake`: the transport does it when the prefetch window frees, the gate
 when it changes a queue). With the threads pool it does nothing.
 
@@ -39,26 +37,19 @@ from celery import bootsteps
 
 log = logging.getLogger(__name__)
 
-#: Task events published in one message on a green pool (Celery's own buffer limit with its event loop).
-EVENT_BATCH = 24
-#: Seconds a buffered task event waits at most for the batch to fill.
-EVENT_FLUSH = 0.1
-
-
 def green(c: Any) -> bool:
     """Does consumer ``c`` run without Celery's event loop (a green pool's ``synloop``)?"""
     return c.hub is None
 
 
 class GreenStep(bootsteps.StartStopStep):
-    """Consumer bootstep: on a worker without the event loop, restores on a timer and buffers task events."""
+    """Consumer bootstep: on a worker without the event loop, restores on a timer."""
 
-    requires = {"celery.worker.consumer.events:Events", "celery.worker.consumer.tasks:Tasks"}
+    requires = {"celery.worker.consumer.tasks:Tasks"}
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self._timers: list[Any] = []
-        self._flush_due: Any = None
 
     def start(self, c: Any) -> None:
         if not green(c):
@@ -67,7 +58,6 @@ class GreenStep(bootsteps.StartStopStep):
         if gevent is not None:  # eventlet keeps no such tree
             gevent.config.track_greenlet_tree = False
         self._restore_on_timer(c)
-        self._buffer_events(c)
 
     def _restore_on_timer(self, c: Any) -> None:
         cycle = getattr(c.connection.transport, "cycle", None)
@@ -88,35 +78,9 @@ class GreenStep(bootsteps.StartStopStep):
         log.info("no event loop (%s pool): unacknowledged messages restored every %gs on a timer",
                  type(c.pool).__module__.rsplit(".", 1)[-1], interval)
 
-    def _buffer_events(self, c: Any) -> None:
-        dispatcher = c.event_dispatcher
-        if dispatcher is None or not dispatcher.enabled or dispatcher.buffer_group:
-            return
-        dispatcher.buffer_group = frozenset({"task"})
-        dispatcher.buffer_limit = EVENT_BATCH
-
-        def flush() -> None:
-            self._flush_due = None
-            try:
-                dispatcher.flush(errors=False)
-            except Exception as exc:  # noqa: BLE001 - the broker away: kept, sent with the next batch
-                log.debug("task events not published: %s", exc)
-
-        def soon() -> None:
-            if self._flush_due is None:
-                self._flush_due = c.timer.call_after(EVENT_FLUSH, flush)
-
-        dispatcher.on_send_buffered = soon
-
     def stop(self, c: Any) -> None:
         for tref in self._timers:
             tref.cancel()
         self._timers.clear()
-        dispatcher = getattr(c, "event_dispatcher", None)
-        if dispatcher is not None and dispatcher.buffer_group:
-            try:
-                dispatcher.flush(errors=False)  # what the last deliveries sent
-            except Exception as exc:  # noqa: BLE001 - shutting down: nothing more to do
-                log.debug("task events not published at shutdown: %s", exc)
 
     shutdown = stop
