@@ -67,13 +67,15 @@ class Sizes:
     throughput_events: int = 10_000
     sandbox_capacity_requests: int = 6000
     #: An extra, diagnostic 100 ms-latency run with this many threads (0: skip).
-    latency_extra_concurrency: int = 0
+    latency_extra_concurrency: int = 64
     #: Greenlets of the gevent-pool worker (``-P gevent -c N``) in the deliveries/s rows (0: skip them).
     gevent_concurrency: int = 200
     #: An extra, diagnostic run with the per-delivery INFO log lines silenced.
     diagnose_logging: bool = True
     #: An extra, diagnostic run with METRICS_ENABLED=false: what counting costs a worker.
     diagnose_metrics: bool = True
+    #: Extra, diagnostic runs (no-op tasks and deliveries) with Celery's own task-event publishing.
+    diagnose_events: bool = True
     rate_limits: tuple[float, ...] = (10.0, 50.0)
     rate_processes: tuple[int, ...] = (1, 2, 4)
     rate_warmup: float = 3.0
@@ -117,7 +119,7 @@ class Sizes:
     @classmethod
     def small(cls) -> Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
-                   latency_extra_concurrency=0, diagnose_logging=False,
+                   latency_extra_concurrency=0, diagnose_logging=False, diagnose_events=False,
                    rate_warmup=1.0, rate_window=3.0, memory_backlog=5000, memory_small_backlog=200, memory_seconds=10.0,
                    batch_warmup=1.0, batch_window=4.0, import_runs=3, capacity_events=300,
                    web_requests=200, web_spool_requests=100, web_warmup=50,

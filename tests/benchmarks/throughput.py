@@ -11,7 +11,8 @@ unacked hash, polled every 10 ms). Every event must reach the sandbox with a 200
 - ours with 100 ms sandbox latency, against ours without.
 - the gevent pool (``-P gevent -c Sizes.gevent_concurrency``): ours without latency, against the threads
   pool's, and with 100 ms latency, against its own without (docs/pools.md).
-- diagnosis: the same deliveries with ``METRICS_ENABLED=false`` (what counting costs).
+- diagnosis: the same deliveries with ``METRICS_ENABLED=false`` (what counting costs), and no-op tasks and
+  deliveries with Celery's own task-event publishing (``tests.benchmarks.stockevents``: what the batch saves).
 - reference: the sandbox's own capacity for one client process with as many threads
   (``loadgen``), to see whether the sandbox is the bottleneck.
 
@@ -124,6 +125,10 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
         kinds["nometrics"] = {"noop": False, "METRICS_ENABLED": "false"}
     if sizes.diagnose_logging:
         kinds["quiet"] = {"noop": False, "extra_args": ("--include", "tests.benchmarks.quiet")}
+    if sizes.diagnose_events:
+        stock = ("--include", "tests.benchmarks.stockevents")
+        kinds["stock_base"] = {"noop": True, "extra_args": stock}
+        kinds["stock"] = {"noop": False, "extra_args": stock}
     got: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(sizes.repeats):
         if sizes.repeats > 1:
@@ -185,6 +190,22 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
                                        f"at WARNING; worker CPU per message {quiet['cpu_ms_per_message']['worker']} "
                                        "ms (median run)",
                                  ours=got["quiet"]))
+    if "stock" in got:
+        cpu = {k: _mid(got[k])["cpu_ms_per_message"]["worker"] for k in ("ours", "stock", "base", "stock_base")}
+        rows += [
+            Row.repeated("(diagnosis) deliveries/s, task events batched (the default) vs published every loop turn "
+                         "(Celery's own)", _per_second(got["ours"]), _per_second(got["stock"]), "/s",
+                         notes=f"worker CPU per message {cpu['ours']} ms vs {cpu['stock']} ms (median runs); "
+                               "tests.benchmarks.stockevents",
+                         ours=got["ours"], baseline=got["stock"]),
+            Row.repeated("(diagnosis) no-op tasks/s, task events batched (the default) vs published every loop turn "
+                         "(Celery's own)", _per_second(got["base"]), _per_second(got["stock_base"]), "/s",
+                         notes=f"worker CPU per message {cpu['base']} ms vs {cpu['stock_base']} ms (median runs)",
+                         ours=got["base"], baseline=got["stock_base"]),
+            Row.repeated("(diagnosis) deliveries/s vs no-op tasks/s, both with Celery's own task-event publishing",
+                         _per_second(got["stock"]), _per_second(got["stock_base"]), "/s",
+                         ours=got["stock"], baseline=got["stock_base"]),
+        ]
     if profile_dir:
         out = Path(profile_dir) / "throughput-worker.pyspy.txt"
         prof = _drain(stack, n, noop=False, profile=out)
