@@ -270,4 +270,5 @@ def run(stack: BenchStack, sizes: Sizes) -> list[Row]:
 def _raw(figures: dict) -> str:
     """The footnote: the wall-clock figure, waiting for a CPU included, and how many ticks were late."""
     return (f"wall clock, waiting for a CPU included: longest {figures['max_ms']:.1f} ms; ticks over 5 ms: "
-            f"{figures['over_5ms']} of {figures['ticks']} ({figures['over_5ms_net']} less that wait)")
+            f"{figures['over_5ms']} of {figures['ticks']} ({figures['over_5ms_net']} less that wait); longest garbage "
+            f"collection {figures.get('gc_max_ms', 0):.1f} ms, {figures.get('gc_full', 0)} full ones")

@@ -12,11 +12,15 @@ lock, waiting for the GIL). ``GET /lag`` returns and resets the figures. Example
     uvicorn --port 8000 tests.benchmarks.webapps.asgi_app:app
     curl 'localhost:8000/with?n=1'      # {"event": "5f0c..."}
     curl localhost:8000/lag             # {"max_ms": 3.1, "max_net_ms": 1.1, "ticks": 812, "over_5ms": 0, ...}
+
+``gc_max_ms`` and ``gc_full`` say how long the longest garbage collection took and how many were full ones:
+a collection holds the GIL, so it stalls the loop whichever thread runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
@@ -32,8 +36,22 @@ TICK = 0.001
 #: A wake-up later than this many ms counts as a stall (the issue's bound).
 STALL_MS = 5.0
 
-_ZERO = {"max_ms": 0.0, "max_net_ms": 0.0, "ticks": 0, "over_5ms": 0, "over_5ms_net": 0}
+_ZERO = {"max_ms": 0.0, "max_net_ms": 0.0, "ticks": 0, "over_5ms": 0, "over_5ms_net": 0, "gc_max_ms": 0.0,
+         "gc_full": 0}
 _lag = dict(_ZERO)
+_gc_start = [0.0]
+
+
+def _gc_timing(phase: str, info: dict) -> None:
+    """The longest garbage collection (any thread holds the GIL for all of it) and the number of full ones."""
+    if phase == "start":
+        _gc_start[0] = time.perf_counter()
+        return
+    _lag["gc_max_ms"] = max(_lag["gc_max_ms"], (time.perf_counter() - _gc_start[0]) * 1000)
+    _lag["gc_full"] += info.get("generation") == 2
+
+
+gc.callbacks.append(_gc_timing)
 
 
 def _runqueue_wait(fd: int | None) -> float:
