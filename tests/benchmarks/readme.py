@@ -21,6 +21,8 @@ a smoke-size JSON is refused (its numbers measure nothing). Example::
 
 from __future__ import annotations
 
+from collections import Counter
+
 import argparse
 import json
 import sys
@@ -76,11 +78,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
         out.append(f"| {figure} | {_cell(format_value(r.get('ours'), r['unit'], r.get('ours_stats')))} | "
                    f"{_cell(format_value(r.get('baseline'), r['unit'], r.get('baseline_stats')))} | {ratio} | "
                    f"{_cell(r.get('target', '—'))} | {met} |")
-    runs = max((r.get("runs", 1) for r in rows), default=1)
+    counts = Counter(r["runs"] for r in rows if r.get("runs", 1) > 1)
     out.append("")
-    if runs > 1:
-        out.append(f"A value with a range is the median of {runs} runs (min–max in brackets); ratios are computed "
-                   "from the medians. Other figures are single runs.")
+    if counts:
+        usual = counts.most_common(1)[0][0]
+        other = "; ".join(f"{_cell(r['figure'])[:60]}…: {r['runs']}" for r in rows
+                          if r.get("runs", 1) > 1 and r["runs"] != usual)
+        out.append(f"A value with a range is the median of {usual} runs" + (f" ({other})" if other else "")
+                   + " (min–max in brackets); ratios are computed from the medians. Other figures are single runs.")
     else:
         out.append("Every figure is a single run.")
     if doc.get("errors"):
