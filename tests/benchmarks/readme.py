@@ -21,11 +21,10 @@ a smoke-size JSON is refused (its numbers measure nothing). Example::
 
 from __future__ import annotations
 
-from collections import Counter
-
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
