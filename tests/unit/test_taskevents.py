@@ -67,11 +67,17 @@ def send(d: EventDispatcher, n: int, start: int = 0) -> None:
         d.send("task-succeeded", uuid=str(i))
 
 
-def test_on_the_event_loop_events_wait_for_a_batch_or_a_tenth_of_a_second(dispatcher):
-    hub = Hub()
-    c = SimpleNamespace(event_dispatcher=dispatcher, hub=hub, timer=None)
+def started(dispatcher: EventDispatcher, hub: Hub | None = None, timer: Timer | None = None):
+    """The step started on a consumer with that event loop (or, without one, that timer)."""
+    c = SimpleNamespace(event_dispatcher=dispatcher, hub=hub, timer=timer)
     step = taskevents.TaskEventBatch(c)
     step.start(c)
+    return c, step
+
+
+def test_on_the_event_loop_events_wait_for_a_batch_or_a_tenth_of_a_second(dispatcher):
+    hub = Hub()
+    c, step = started(dispatcher, hub=hub)
     send(dispatcher, 3)
     assert len(hub.soon) == 1  # one flush scheduled for the batch, not one per event (Celery: one per event)
     hub.turn()
@@ -90,9 +96,7 @@ def test_on_the_event_loop_events_wait_for_a_batch_or_a_tenth_of_a_second(dispat
 
 def test_a_full_batch_goes_out_at_once_and_nothing_is_lost(dispatcher):
     hub = Hub()
-    c = SimpleNamespace(event_dispatcher=dispatcher, hub=hub, timer=None)
-    step = taskevents.TaskEventBatch(c)
-    step.start(c)
+    c, step = started(dispatcher, hub=hub)
     send(dispatcher, taskevents.EVENT_BATCH + 5)
     assert len(dispatcher.published) == 1 and len(dispatcher.published[0][1]) == taskevents.EVENT_BATCH
     hub.turn()
@@ -104,9 +108,7 @@ def test_a_full_batch_goes_out_at_once_and_nothing_is_lost(dispatcher):
 
 def test_on_a_green_pool_the_workers_timer_flushes(dispatcher):
     timer = Timer()
-    c = SimpleNamespace(event_dispatcher=dispatcher, hub=None, timer=timer)
-    step = taskevents.TaskEventBatch(c)
-    step.start(c)
+    c, step = started(dispatcher, timer=timer)
     send(dispatcher, 4)
     assert [s for s, _ in timer.later] == [taskevents.EVENT_FLUSH] and dispatcher.published == []
     timer.later.pop()[1]()
@@ -118,6 +120,5 @@ def test_on_a_green_pool_the_workers_timer_flushes(dispatcher):
 
 def test_events_off_the_step_does_nothing(dispatcher):
     dispatcher.enabled = False
-    c = SimpleNamespace(event_dispatcher=dispatcher, hub=Hub(), timer=None)
-    taskevents.TaskEventBatch(c).start(c)
+    started(dispatcher, hub=Hub())
     assert dispatcher.on_send_buffered is None and dispatcher.buffer_group == frozenset()

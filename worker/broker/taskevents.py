@@ -31,6 +31,8 @@ from typing import Any
 
 from celery import bootsteps
 
+from .green import green
+
 log = logging.getLogger(__name__)
 
 #: Task events published in one message (Celery's own buffer limit).
@@ -57,16 +59,17 @@ class TaskEventBatch(bootsteps.StartStopStep):
         dispatcher.buffer_limit = EVENT_BATCH
         self._due = False
         hub = c.hub
+        on_loop = not green(c)
 
         def flush() -> None:
             self._due = False  # first: an event sent while this flush runs schedules the next one
             self._timer = None
             try:
-                dispatcher.flush(errors=hub is not None)  # the loop's flush also retries what failed offline
+                dispatcher.flush(errors=on_loop)  # the loop's flush also retries what failed offline
             except Exception as exc:  # noqa: BLE001 - the broker away: kept, sent with the next batch
                 log.debug("task events not published: %s", exc)
 
-        if hub is None:  # a green pool: its timer takes calls from any greenlet
+        if not on_loop:  # a green pool: its timer takes calls from any greenlet
 
             def soon() -> None:
                 if not self._due:
