@@ -94,6 +94,26 @@ def test_celery_config_module_overrides_on_top(env, tmp_path):
     assert got == {"prefetch": 4, "acks_late": True}, got
 
 
+def test_one_result_backend_for_every_thread_unless_a_deployment_chooses_its_own(env, tmp_path):
+    """Celery builds a result backend per thread unless it is thread-safe; on the gevent pool every task is a
+    new greenlet ("thread"). Ours (none) is shared; a deployment's own backend gets Celery's default back."""
+    script = """
+        import json, threading, worker
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(worker.app.backend))
+        t.start(); t.join()
+        print(json.dumps({"shared": seen[0] is worker.app.backend, "backend": type(seen[0]).__name__}))
+    """
+    assert run(script, env) == {"shared": True, "backend": "DisabledBackend"}
+    (tmp_path / "results_overrides.py").write_text("result_backend = 'cache+memory://'\n")
+    got = run(script, {**env, "PYTHONPATH": str(tmp_path), "CELERY_CONFIG_MODULE": "results_overrides"})
+    assert got == {"shared": False, "backend": "CacheBackend"}, got
+    (tmp_path / "safe_overrides.py").write_text("result_backend = 'cache+memory://'\n"
+                                                "result_backend_thread_safe = True\n")
+    got = run(script, {**env, "PYTHONPATH": str(tmp_path), "CELERY_CONFIG_MODULE": "safe_overrides"})
+    assert got == {"shared": True, "backend": "CacheBackend"}, got
+
+
 def test_unknown_attribute_is_an_attribute_error():
     import worker
 

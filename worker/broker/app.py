@@ -52,7 +52,15 @@ def _overrides(name: str | None) -> dict[str, object]:
             and not isinstance(v, types.ModuleType | types.FunctionType | type)}
 
 
-app.conf.update(_overrides(os.environ.get(OVERRIDES_ENV)))
+def _own_results(overrides: dict[str, object]) -> dict[str, object]:
+    """``overrides``, with Celery's default ``result_backend_thread_safe = False`` where they choose a result
+    backend without saying whether it is thread-safe (ours, none, is: worker/broker/config.py)."""
+    if overrides.get("result_backend") is not None and "result_backend_thread_safe" not in overrides:
+        return {**overrides, "result_backend_thread_safe": False}
+    return overrides
+
+
+app.conf.update(_own_results(_overrides(os.environ.get(OVERRIDES_ENV))))
 app.steps["consumer"].add(QueueGate)
 app.steps["consumer"].add(BulkheadStep)
 app.steps["consumer"].add(TickerStep)
