@@ -70,7 +70,8 @@ doctest: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tests.benchmarks --json bench-results.json $(BENCH_ARGS)
 
-# Small sizes, each figure once, about 4 minutes on 2 cores (213 s measured before the 11-second web group): fails only if something breaks (not on a missed target);
+# Small sizes, each figure once, about 4-5 minutes on 2 cores (246-307 s in the CI runs of 2026-12-06, before the rate-limit
+# rows were cut to 1 and 4 processes in the smoke): fails only if something breaks (not on a missed target);
 # never touches docs/performance.md.
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)
