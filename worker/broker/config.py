@@ -74,7 +74,7 @@ task_ignore_result = True
 result_backend = None
 # One result backend object for the whole process. Celery makes one per thread unless the backend is declared
 # thread-safe, and on the gevent pool every task runs in a new greenlet, its own "thread": a backend was built
-# for every delivery (7 % of a gevent worker's CPU). The disabled backend holds nothing; a deployment that sets
+# for every delivery (7-9 % of a gevent worker's CPU). The disabled backend holds nothing; a deployment that sets
 # a result backend of its own gets Celery's default back (worker/broker/app.py).
 result_backend_thread_safe = True
 
