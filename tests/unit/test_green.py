@@ -173,3 +173,50 @@ def test_a_ready_worker_freezes_what_start_up_made_out_of_the_collectors_way():
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+READABILITY = r'''
+import json
+from gevent import monkey
+monkey.patch_all()
+import gevent, socket, sys
+from httpcore._backends import sync
+from worker.clients import readability_check_without_a_switch
+
+fix = sys.argv[1] == "fixed"
+done = readability_check_without_a_switch() if fix else False
+a, b = socket.socketpair()
+ran = []
+
+
+def check():
+    gevent.spawn(ran.append, 1)  # ready to run at the next switch to the hub
+    readable = sync.is_socket_readable(a)
+    return readable, bool(ran)
+
+
+idle = check()
+b.sendall(b"x")
+gevent.sleep(0.01)  # let the byte arrive (and the spawned greenlet run)
+ran.clear()
+pending = check()
+print(json.dumps({"done": done, "idle": idle, "pending": pending}))
+'''
+
+
+@pytest.mark.parametrize("variant", ["fixed", "gevent's own"])
+def test_on_gevent_a_connection_check_does_not_switch_to_other_greenlets(variant):
+    """httpcore checks a kept-alive connection (a 0 s poll) between the limiter's admission and the request:
+    gevent's poll switches to every ready greenlet first, which made a request late for its slot. The worker's
+    check answers the same (idle: not readable; data waiting: readable) without running another greenlet."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", READABILITY, "fixed" if variant == "fixed" else "stock"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if variant == "fixed":
+        assert got == {"done": True, "idle": [False, False], "pending": [True, False]}, got
+    else:  # what the fix is for: the stock check runs the other greenlet before it answers
+        assert got["idle"] == [False, True], got
