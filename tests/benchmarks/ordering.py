@@ -42,7 +42,7 @@ from typing import Any
 
 import redis
 
-from .stack import UNACKED_KEY, BenchError, BenchStack, Row, Sizes, cpu_seconds
+from .stack import UNACKED_KEY, BenchError, BenchStack, Row, Sizes, cpu_seconds, median_run
 
 GROUP = "ordering"
 VENDOR = "convertloop"
@@ -205,11 +205,6 @@ def _drain(stack: BenchStack, n: int, ordered: bool) -> dict[str, Any]:
             "redis_calls_per_delivery": total / n, "producer": published}
 
 
-def _mid(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median rate."""
-    return sorted(runs, key=lambda r: r["per_second"])[len(runs) // 2]
-
-
 def throughput_rows(stack: BenchStack, sizes: Sizes) -> list[Row]:
     from worker.settings import get_settings
 
@@ -220,7 +215,7 @@ def throughput_rows(stack: BenchStack, sizes: Sizes) -> list[Row]:
             stack.say(f"ordering run {i + 1} of {sizes.repeats}")
         for ordered in ((True, False) if i % 2 == 0 else (False, True)):  # alternate who goes first
             got[ordered].append(_drain(stack, n, ordered))
-    on, off = _mid(got[True]), _mid(got[False])
+    on, off = median_run(got[True]), median_run(got[False])
     producer_on, producer_off = on["producer"], off["producer"]
     concurrency = get_settings().worker_concurrency
     return [

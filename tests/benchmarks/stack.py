@@ -184,6 +184,12 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"values": list(values), "median": median, "min": v[0], "max": v[-1]}
 
 
+def median_run(runs: list[dict[str, Any]], key: str = "per_second") -> dict[str, Any]:
+    """The run whose ``key`` is the median of the runs' (the upper middle one of an even count): its other
+    figures (CPU, footnotes) are the ones a row quotes beside the median."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+
+
 def format_value(value: float | None, unit: str, stats: dict[str, Any] | None = None) -> str:
     """``339 /s`` or, for a repeated figure, ``339 /s (326–351)``."""
     if value is None:

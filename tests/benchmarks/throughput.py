@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .stack import REPO, BenchError, BenchStack, Row, Sizes, cpu_seconds
+from .stack import REPO, BenchError, BenchStack, Row, Sizes, cpu_seconds, median_run
 
 GROUP = "throughput"
 QUEUE = "convertloop"
@@ -103,11 +103,6 @@ def _per_second(runs: list[dict]) -> list[float]:
     return [r["per_second"] for r in runs]
 
 
-def _mid(runs: list[dict]) -> dict:
-    """The run with the median rate (its CPU figures go in the notes)."""
-    return sorted(runs, key=lambda r: r["per_second"])[len(runs) // 2]
-
-
 def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list[Row]:
     from worker.settings import get_settings
 
@@ -135,7 +130,7 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
             stack.say(f"throughput run {i + 1} of {sizes.repeats}")
         for kind, kw in kinds.items():
             got[kind].append(_drain(stack, n, **kw))
-    base, ours = _mid(got["base"]), _mid(got["ours"])
+    base, ours = median_run(got["base"]), median_run(got["ours"])
     cap = sandbox_capacity(stack, sizes.sandbox_capacity_requests, concurrency)
     rows = [
         Row.repeated(f"deliveries/s, {n:,} track → ConvertLoop, no latency, vs no-op tasks/s",
@@ -155,7 +150,7 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
             f"{concurrency} threads, ConvertLoop event_logs", cap["per_second"], None, "/s", details=cap),
     ]
     if "green" in got:
-        g, green, green_slow = sizes.gevent_concurrency, _mid(got["green"]), _mid(got["green_slow"])
+        g, green, green_slow = sizes.gevent_concurrency, median_run(got["green"]), median_run(got["green_slow"])
         rows += [
             Row.repeated(f"deliveries/s, no latency: gevent pool (-P gevent -c {g}) vs threads pool ({concurrency})",
                          _per_second(got["green"]), _per_second(got["ours"]), "/s", at_least=0.95,
@@ -175,14 +170,14 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
         rows.append(Row.repeated(f"(diagnosis) 100 ms latency with WORKER_CONCURRENCY={c}, vs no latency",
                                  _per_second(got["more"]), _per_second(got["ours"]), "/s", ours=got["more"]))
     if "nometrics" in got:
-        on, off = _mid(got["ours"]), _mid(got["nometrics"])
+        on, off = median_run(got["ours"]), median_run(got["nometrics"])
         rows.append(Row.repeated("(diagnosis) deliveries/s with metrics counted (the default) vs METRICS_ENABLED=false",
                                  _per_second(got["ours"]), _per_second(got["nometrics"]), "/s",
                                  notes=f"worker CPU per message {on['cpu_ms_per_message']['worker']} ms vs "
                                        f"{off['cpu_ms_per_message']['worker']} ms (median runs)",
                                  ours=got["ours"], baseline=got["nometrics"]))
     if "quiet" in got:
-        quiet = _mid(got["quiet"])
+        quiet = median_run(got["quiet"])
         rows.append(Row.repeated("(diagnosis) deliveries/s without per-delivery INFO lines, vs no-op tasks/s",
                                  _per_second(got["quiet"]), _per_second(got["base"]), "/s",
                                  notes="loggers httpx, worker.delivery.pipeline, celery.app.trace, "
@@ -191,7 +186,7 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
                                        "ms (median run)",
                                  ours=got["quiet"]))
     if "stock" in got:
-        cpu = {k: _mid(got[k])["cpu_ms_per_message"]["worker"] for k in ("ours", "stock", "base", "stock_base")}
+        cpu = {k: median_run(got[k])["cpu_ms_per_message"]["worker"] for k in ("ours", "stock", "base", "stock_base")}
         rows += [
             Row.repeated("(diagnosis) deliveries/s, task events batched (the default) vs published every loop turn "
                          "(Celery's own)", _per_second(got["ours"]), _per_second(got["stock"]), "/s",

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from worker.dev.localstack import AppServer, RedisServer, wait_until
 
-from .stack import REPO, BenchError, BenchStack, Row, Sizes, percentile
+from .stack import REPO, BenchError, BenchStack, Row, Sizes, median_run, percentile
 
 GROUP = "web"
 PUBLISH_TIMEOUT = 0.25
@@ -283,9 +283,8 @@ def _stall_row(figure: str, runs: list[dict], limit: float | None) -> Row:
     """The longest stall of each round's phase: the median and range over the rounds (a maximum over thousands
     of ticks is noisy on a shared machine), the median round's footnote."""
     values = [r["max_net_ms"] for r in runs]
-    mid = sorted(runs, key=lambda r: r["max_net_ms"])[len(runs) // 2]
     return Row.repeated(figure, values, [limit] if limit else None, "ms", at_most=1.0 if limit else None,
-                        notes=_raw(mid, runs), rounds=runs)
+                        notes=_raw(median_run(runs, "max_net_ms"), runs), rounds=runs)
 
 
 def _steal_ms() -> float:
