@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code: str, env: dict[str, str] | None = None, cwd: str | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (a clean import state: monkey-patching, lazy imports) and return
+    the JSON object it printed last; a failure shows its output."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 def max_in_window(times: list[float], window: float = 1.0) -> int:
     """The most timestamps that fall within any ``window`` seconds.

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 from kombu.transport.redis import Empty
 
+from tests.helpers import run_python
 from worker.broker import green
 from worker.broker.transport import Poller
 
@@ -179,12 +180,11 @@ READABILITY = r'''
 import json
 from gevent import monkey
 monkey.patch_all()
-import gevent, socket, sys
+import gevent, socket
 from httpcore._backends import sync
 from worker.clients import readability_check_without_a_switch
 
-fix = sys.argv[1] == "fixed"
-done = readability_check_without_a_switch() if fix else False
+done = readability_check_without_a_switch() if FIX else False
 a, b = socket.socketpair()
 ran = []
 
@@ -209,13 +209,7 @@ def test_on_gevent_a_connection_check_does_not_switch_to_other_greenlets(variant
     """httpcore checks a kept-alive connection (a 0 s poll) between the limiter's admission and the request:
     gevent's poll switches to every ready greenlet first, which made a request late for its slot. The worker's
     check answers the same (idle: not readable; data waiting: readable) without running another greenlet."""
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", READABILITY, "fixed" if variant == "fixed" else "stock"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = run_python(f"FIX = {variant == 'fixed'}\n" + READABILITY)
     if variant == "fixed":
         assert got == {"done": True, "idle": [False, False], "pending": [True, False]}, got
     else:  # what the fix is for: the stock check runs the other greenlet before it answers

@@ -6,23 +6,14 @@ Each check runs in a fresh interpreter: ``sys.modules`` of this test process hol
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
+from tests.helpers import run_python
+
 #: What a producer call must never load (the worker's side, the operator's side).
 HEAVY = ("celery", "kombu", "billiard", "httpx", "sentry_sdk", "prometheus_client", "flower", "click")
-
-
-def run(code: str, env: dict[str, str], cwd: str | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
@@ -34,7 +25,7 @@ def env(redis_server, tmp_path):
 
 
 def test_import_worker_and_a_track_call_load_no_worker_side_library(env):
-    got = run("""
+    got = run_python("""
         import json, sys
         import worker
         before = sorted({m.split(".")[0] for m in sys.modules})
@@ -52,7 +43,7 @@ def test_the_call_queued_a_message_a_worker_can_read(env, redis_server):
     """The light path still queues the delivery (the message format is pinned against Celery's elsewhere)."""
     import redis
 
-    got = run("""
+    got = run_python("""
         import json, worker
         print(json.dumps({"id": worker.track("signed_up", email="jill@acme.co")}))
     """, env)
@@ -61,7 +52,7 @@ def test_the_call_queued_a_message_a_worker_can_read(env, redis_server):
 
 
 def test_worker_app_is_the_celery_app_celery_finds(env):
-    got = run("""
+    got = run_python("""
         import json, sys
         from celery.app.utils import find_app
         import worker
@@ -76,7 +67,7 @@ def test_worker_app_is_the_celery_app_celery_finds(env):
 def test_an_apps_own_celeryconfig_does_not_replace_the_workers(env, tmp_path):
     """An application's ``celeryconfig.py`` on sys.path (here: the working directory) is not read."""
     (tmp_path / "celeryconfig.py").write_text("task_acks_late = False\nbroker_transport = 'redis'\n")
-    got = run("""
+    got = run_python("""
         import json, worker
         print(json.dumps({"acks_late": worker.app.conf.task_acks_late,
                           "transport": worker.app.conf.broker_transport}))
@@ -86,7 +77,7 @@ def test_an_apps_own_celeryconfig_does_not_replace_the_workers(env, tmp_path):
 
 def test_celery_config_module_overrides_on_top(env, tmp_path):
     (tmp_path / "deploy_overrides.py").write_text("worker_prefetch_multiplier = 4\nimport os\n_private = 1\n")
-    got = run("""
+    got = run_python("""
         import json, worker
         c = worker.app.conf
         print(json.dumps({"prefetch": c.worker_prefetch_multiplier, "acks_late": c.task_acks_late}))
@@ -104,13 +95,13 @@ def test_one_result_backend_for_every_thread_unless_a_deployment_chooses_its_own
         t.start(); t.join()
         print(json.dumps({"shared": seen[0] is worker.app.backend, "backend": type(seen[0]).__name__}))
     """
-    assert run(script, env) == {"shared": True, "backend": "DisabledBackend"}
+    assert run_python(script, env) == {"shared": True, "backend": "DisabledBackend"}
     (tmp_path / "results_overrides.py").write_text("result_backend = 'cache+memory://'\n")
-    got = run(script, {**env, "PYTHONPATH": str(tmp_path), "CELERY_CONFIG_MODULE": "results_overrides"})
+    got = run_python(script, {**env, "PYTHONPATH": str(tmp_path), "CELERY_CONFIG_MODULE": "results_overrides"})
     assert got == {"shared": False, "backend": "CacheBackend"}, got
     (tmp_path / "safe_overrides.py").write_text("result_backend = 'cache+memory://'\n"
                                                 "result_backend_thread_safe = True\n")
-    got = run(script, {**env, "PYTHONPATH": str(tmp_path), "CELERY_CONFIG_MODULE": "safe_overrides"})
+    got = run_python(script, {**env, "PYTHONPATH": str(tmp_path), "CELERY_CONFIG_MODULE": "safe_overrides"})
     assert got == {"shared": True, "backend": "CacheBackend"}, got
 
 
