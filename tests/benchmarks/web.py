@@ -132,7 +132,8 @@ def lag(port: int) -> dict:
 
 
 def check_delivered_to_queues(redis_url: str, ids: list[str], spools: list[Path]) -> None:
-    """Every accepted call's three messages are on the vendor queues (the spools drained first); then empty Redis."""
+    """Every accepted call's three messages are on the vendor queues (the spools drained first); then empty Redis
+    and ``ids``, for the next part."""
     import redis
 
     wait_until(lambda: not any(any(s.glob("*.json*")) for s in spools if s.exists()), timeout=60,
@@ -148,6 +149,7 @@ def check_delivered_to_queues(redis_url: str, ids: list[str], spools: list[Path]
             raise BenchError(f"web: {len(missing)} of {3 * len(ids)} messages of accepted calls are not on the "
                              f"queues, e.g. {sorted(missing)[:3]}")
         client.flushdb()
+        ids.clear()
     finally:
         client.close()
 
@@ -225,7 +227,6 @@ def run(stack: BenchStack, sizes: Sizes) -> list[Row]:
                     requests=sizes.web_spool_requests))
         server.start()
         check_delivered_to_queues(server.url, ids, list(spools.values()))
-        ids.clear()
 
         # -- the event loop: each phase once per round, Redis up, stopped (refused), SIGSTOPped (hung) ------
         port = apps["asgi"].port
@@ -234,19 +235,16 @@ def run(stack: BenchStack, sizes: Sizes) -> list[Row]:
             phases["without"].append(_phase(port, "without", sizes, ids))
             phases["up"].append(_phase(port, "with", sizes, ids))
             check_delivered_to_queues(server.url, ids, list(spools.values()))
-            ids.clear()
             server.stop(keep_data=True)
             phases["stopped"].append(_phase(port, "with", sizes, ids))
             server.start()
             check_delivered_to_queues(server.url, ids, list(spools.values()))
-            ids.clear()
             server.proc.send_signal(signal.SIGSTOP)
             try:
                 phases["hung"].append(_phase(port, "with", sizes, ids))
             finally:
                 server.proc.send_signal(signal.SIGCONT)
             check_delivered_to_queues(server.url, ids, list(spools.values()))
-            ids.clear()
     finally:
         for c in clients.values():
             c.close()
