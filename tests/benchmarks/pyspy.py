@@ -34,16 +34,17 @@ AREAS = [
 
 #: Calls worth knowing the inclusive share of: (label, regex on "function (file").
 KEY_CALLS = [
-    ("task body: worker.deliver (all of the product's work)", r"^deliver \(worker/tasks\.py"),
+    ("task body: worker.deliver (all of the product's work)", r"^deliver \(worker/broker/tasks\.py"),
     ("  parse + build request", r"^(parse_event|.*\.build|.*\.build_batch) \(worker/"),
-    ("  rate limiter / throttle", r"^(Throttle\.wait|TokenBucket\.acquire|.*acquire) \(worker/"),
-    ("  HTTP exchange (httpx Client.request)", r"^Client\.(request|send) \(httpx/"),
-    ("  dead-letter / batching store", r"\(worker/(deadletters|batching)\.py"),
+    ("  rate limiter / throttle", r"^(Throttle\.wait|\w+\.(acquire|admit|hold)) \(worker/limits/"),
+    ("  HTTP exchange (VendorHTTP.exchange)", r"^VendorHTTP\.exchange \(worker/clients\.py"),
+    ("  dead-letter / batching store", r"\(worker/delivery/(deadletters|batching)\.py"),
     ("logging, anywhere (Logger.handle)", r"^Logger\.handle \(logging/"),
     ("Celery task events (EventDispatcher.send)", r"^EventDispatcher\.send \(celery/"),
-    ("message receipt (Consumer/strategy, task_message_handler)", r"^(task_message_handler|.*strategy.*) \(celery/"),
+    ("message receipt (Celery's task_message_handler)", r"task_message_handler \(celery/worker/strategy"),
     ("ack (Message.ack)", r"^Message\.ack \(kombu/"),
-    ("kombu Redis polling (MultiChannelPoller)", r"^MultiChannelPoller\.\w+ \(kombu/"),
+    ("  the person's turn ends with it (PersonLog.finish)", r"^PersonLog\.finish \(worker/delivery/"),
+    ("taking messages (the transport's BRPOP/take)", r"^Channel\._(brpop|take)_\w+ \(worker/broker/transport"),
     ("Redis commands, anywhere (redis-py execute_command)", r"^(Redis|Pipeline)\.(execute_command|execute) \(redis/"),
 ]
 

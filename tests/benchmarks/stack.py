@@ -76,6 +76,9 @@ class Sizes:
     diagnose_metrics: bool = True
     #: Extra, diagnostic runs (no-op tasks and deliveries) with Celery's own task-event publishing.
     diagnose_events: bool = True
+    #: An extra, diagnostic run sending with the standard library's ``http.client`` (``tests.benchmarks.fasthttp``):
+    #: what the HTTP client costs a delivery.
+    diagnose_http: bool = True
     rate_limits: tuple[float, ...] = (10.0, 50.0)
     rate_processes: tuple[int, ...] = (1, 2, 4)
     rate_warmup: float = 3.0
@@ -119,7 +122,7 @@ class Sizes:
     @classmethod
     def small(cls) -> Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
-                   latency_extra_concurrency=0, diagnose_logging=False, diagnose_events=False,
+                   latency_extra_concurrency=0, diagnose_logging=False, diagnose_events=False, diagnose_http=False,
                    rate_processes=(1, 4), rate_warmup=1.0, rate_window=3.0, memory_backlog=5000,
                    memory_small_backlog=200, memory_seconds=10.0,
                    batch_warmup=1.0, batch_window=4.0, import_runs=3, capacity_events=300,

@@ -120,6 +120,8 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
         kinds["nometrics"] = {"noop": False, "METRICS_ENABLED": "false"}
     if sizes.diagnose_logging:
         kinds["quiet"] = {"noop": False, "extra_args": ("--include", "tests.benchmarks.quiet")}
+    if sizes.diagnose_http:
+        kinds["stdlib_http"] = {"noop": False, "extra_args": ("--include", "tests.benchmarks.fasthttp")}
     if sizes.diagnose_events:
         stock = ("--include", "tests.benchmarks.stockevents")
         kinds["stock_base"] = {"noop": True, "extra_args": stock}
@@ -185,6 +187,16 @@ def run(stack: BenchStack, sizes: Sizes, profile_dir: str | None = None) -> list
                                        f"at WARNING; worker CPU per message {quiet['cpu_ms_per_message']['worker']} "
                                        "ms (median run)",
                                  ours=got["quiet"]))
+    if "stdlib_http" in got:
+        plain = median_run(got["stdlib_http"])
+        rows.append(Row.repeated("(diagnosis) deliveries/s sending with http.client (a sketch, not for production) "
+                                 "vs no-op tasks/s",
+                                 _per_second(got["stdlib_http"]), _per_second(got["base"]), "/s",
+                                 notes="tests.benchmarks.fasthttp: one keep-alive http.client connection per thread "
+                                       "instead of httpcore; worker CPU per message "
+                                       f"{plain['cpu_ms_per_message']['worker']} ms vs "
+                                       f"{ours['cpu_ms_per_message']['worker']} ms with httpcore (median runs)",
+                                 ours=got["stdlib_http"]))
     if "stock" in got:
         cpu = {k: median_run(got[k])["cpu_ms_per_message"]["worker"] for k in ("ours", "stock", "base", "stock_base")}
         rows += [
