@@ -1,7 +1,7 @@
-"""One Redis client and one pooled vendor HTTP (httpcore, httpx's transport layer) per process, made on first use.
+"""One Redis client and one vendor HTTP (keep-alive connections on httpcore, httpx's transport layer) per process.
 
-Both are thread- and greenlet-safe, so every delivery thread (or greenlet) of a worker shares them. After a
-fork the child makes its own (connections must not be shared across processes).
+Both are made on first use, thread- and greenlet-safe, so every delivery thread (or greenlet) of a worker shares
+them. After a fork the child makes its own (connections must not be shared across processes).
 
 Example::
 
@@ -15,11 +15,10 @@ from __future__ import annotations
 import functools
 import math
 import os
-import select
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from json import dumps
 from typing import Any, NamedTuple
 
@@ -27,6 +26,7 @@ import httpcore
 import httpx
 import redis
 
+from . import sockets
 from .settings import Settings, get_settings
 from .slots import Slots
 
@@ -34,15 +34,10 @@ from .slots import Slots
 CONNECT_TIMEOUT_CAP = 5.0
 #: Sent with every vendor request.
 USER_AGENT = "vendor-delivery-worker/0.1"
-#: Keep-alive connections per pool (an exchange uses one at a time).
-CONNECTIONS_PER_THREAD = 4
-#: Pools per vendor host that stay open while idle (more run at once under load, and are closed after).
+#: Connections per vendor host that stay open while idle (more run at once under load, and are closed after).
 IDLE_TRANSPORTS = 256
 #: Seconds an idle keep-alive connection is kept (httpx's default).
 KEEPALIVE_EXPIRY = 5.0
-
-#: The connection pool an exchange takes for one request (one per exchange at a time, see :class:`VendorHTTP`).
-_Pool = httpcore.ConnectionPool
 
 _lock = threading.Lock()
 
@@ -72,6 +67,29 @@ class Reply(NamedTuple):
     text: str
 
 
+class Connection:
+    """One keep-alive connection to a vendor host (httpcore's ``HTTPConnection``), made again when it is closed or
+    expired. An exchange owns it while it runs: it comes from the host's :class:`~worker.slots.Slots`."""
+
+    __slots__ = ("_make", "_conn")
+
+    def __init__(self, make: Callable[[], httpcore.HTTPConnection]) -> None:
+        self._make = make
+        self._conn = make()
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        conn = self._conn
+        # Closed (the vendor said so, or a failed exchange), kept alive too long, or closed by the vendor while
+        # idle (the socket reads its end: one 0 s poll): a new connection.
+        if conn.is_closed() or conn.has_expired():
+            conn.close()
+            conn = self._conn = self._make()
+        return conn.handle_request(request)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class VendorHTTP:
     """Keep-alive connections to the vendors, reused exchange by exchange, per vendor host.
 
@@ -80,38 +98,41 @@ class VendorHTTP:
     cost about a third of a delivery's HTTP CPU, and a delivery needs none of it (its URLs are a vendor's
     base URL and a fixed path, parsed once). Failures are raised as httpx's exceptions.
 
-    httpcore's pool looks over all of its connections on every request, under a lock: with one pool sized
-    for 32+ threads that scan cost more CPU than the rest of the exchange. So each exchange takes a small
-    pool of its own for the vendor's host from a :class:`~worker.slots.Slots` pool, and gives it back (with
-    its open connection) once the answer is read. As many pools exist per host as exchanges ran there at
-    once (a thread's, or a greenlet's: the gevent pool runs each task in a new greenlet), and at most
-    ``keep`` stay idle. They share one TLS context: loading the CA certificates costs tens of milliseconds
-    of CPU per context.
+    Each exchange takes a :class:`Connection` of its own for the vendor's host from a
+    :class:`~worker.slots.Slots` pool, and gives it back (open) once the answer is read: as many connections
+    exist per host as exchanges ran there at once (a thread's, or a greenlet's: the gevent pool runs each task
+    in a new greenlet), and at most ``keep`` stay idle. httpcore's own pool is not used: it looks over all of
+    its connections on every request, under a lock, and checks an idle connection's socket twice per exchange.
+    The connections talk through :class:`worker.sockets.Backend` (a request in one write, one check, timeouts
+    set once) and share one TLS context: loading the CA certificates costs tens of milliseconds of CPU per
+    context.
     """
 
-    def __init__(self, per_thread: int = CONNECTIONS_PER_THREAD, keep: int = IDLE_TRANSPORTS) -> None:
-        self._per_thread = per_thread
+    def __init__(self, keep: int = IDLE_TRANSPORTS) -> None:
         self._keep = keep
-        self._hosts: dict[tuple[bytes, bytes, int | None], Slots[_Pool]] = {}
+        self._hosts: dict[tuple[bytes, bytes, int | None], Slots[Connection]] = {}
         #: When the last exchange with each host ended (monotonic seconds).
         self._last: dict[tuple[bytes, bytes, int | None], float] = {}
         self._lock = threading.Lock()
-        # One TLS context for every pool, as httpx makes it (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), made here:
-        # making one loads the CA bundle, ~60 ms of CPU under the GIL, which an exchange would otherwise pay
+        # One TLS context for every connection, as httpx makes it (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), made
+        # here: making one loads the CA bundle, ~60 ms of CPU under the GIL, which an exchange would otherwise pay
         # after its rate-limit slot.
         self._ssl: ssl.SSLContext = httpx.create_ssl_context()
+        self._backend = sockets.Backend()
 
-    def _new_pool(self) -> _Pool:
-        return httpcore.ConnectionPool(ssl_context=self._ssl, max_connections=self._per_thread,
-                                       max_keepalive_connections=self._per_thread, keepalive_expiry=KEEPALIVE_EXPIRY)
+    def _new_connection(self, origin: httpcore.Origin) -> Connection:
+        return Connection(functools.partial(httpcore.HTTPConnection, origin, ssl_context=self._ssl,
+                                            keepalive_expiry=KEEPALIVE_EXPIRY, network_backend=self._backend))
 
-    def _slots(self, target: _Target) -> Slots[_Pool]:
+    def _slots(self, target: _Target) -> Slots[Connection]:
         slots = self._hosts.get(target.origin)
         if slots is None:
             with self._lock:
                 slots = self._hosts.get(target.origin)
                 if slots is None:
-                    slots = self._hosts[target.origin] = Slots(self._new_pool, _close, self._keep)
+                    origin = target.url.origin
+                    slots = self._hosts[target.origin] = Slots(lambda: self._new_connection(origin), _close,
+                                                               self._keep)
         return slots
 
     def exchange(self, method: str, url: str, headers: Mapping[str, str], json: Any,
@@ -123,15 +144,17 @@ class VendorHTTP:
         a request that cannot be made.
         """
         target = _target(url)
+        if target.url.scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(_unsupported(target.url.scheme))
         body = dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         raw = [(b"Host", target.netloc), *((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items()),
                (b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode())]
         request = httpcore.Request(method.encode("ascii"), target.url, headers=raw, content=body,
                                    extensions={"timeout": timeout})
         slots = self._slots(target)
-        pool = slots.take()
+        conn = slots.take()
         try:
-            response = pool.handle_request(request)
+            response = conn.handle_request(request)
             try:
                 content = response.read()
             finally:
@@ -139,22 +162,22 @@ class VendorHTTP:
         except _CORE_ERRORS as exc:
             raise _as_httpx(exc) from exc
         finally:
-            slots.give(pool)  # on a failure too: httpcore dropped the failed connection, the pool is fine
+            slots.give(conn)  # on a failure too: the failed connection closed itself, the next one is made anew
         self._last[target.origin] = time.monotonic()
         return Reply(response.status,
                      {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers},
                      content.decode("utf-8", errors="replace"))
 
     def warm(self, url: str) -> bool:
-        """An exchange with ``url``'s host ended less than half ``KEEPALIVE_EXPIRY`` ago: its pool, with the
-        connection left open, is at hand for the next exchange there, which then need not connect first (the
+        """An exchange with ``url``'s host ended less than half ``KEEPALIVE_EXPIRY`` ago: its connection, left
+        open, is at hand for the next exchange there, which then need not connect first (the
         rate limiter's margin for it is the warm one). Asked when a rate-limit slot is reserved, for an
-        exchange that comes later: a pool busy now is given back by then, so only the time counts (asking
-        for an idle pool now made ~5 % of requests at 50/s cold, each holding its place 0.3 s longer)."""
+        exchange that comes later: a connection busy now is given back by then, so only the time counts (asking
+        for an idle one now made ~5 % of requests at 50/s cold, each holding its place 0.3 s longer)."""
         return time.monotonic() - self._last.get(_target(url).origin, -math.inf) < KEEPALIVE_EXPIRY / 2
 
     def open_transports(self) -> int:
-        """Pools (each a few keep-alive connections) open now: idle and in use."""
+        """Connections (open or made on their next exchange) that exist now: idle and in use."""
         with self._lock:
             hosts = list(self._hosts.values())
         return sum(s.idle() + s.out() for s in hosts)
@@ -172,8 +195,8 @@ class VendorHTTP:
         self.close()
 
 
-def _close(pool: _Pool) -> None:
-    pool.close()
+def _close(conn: Connection) -> None:
+    conn.close()
 
 
 class _Target(NamedTuple):
@@ -187,10 +210,17 @@ class _Target(NamedTuple):
 @functools.lru_cache(maxsize=256)
 def _target(url: str) -> _Target:
     """Parsed by httpx once per URL: a vendor's base URL and its few fixed paths."""
-    u = httpx.URL(url)  # a missing or unsupported scheme is httpcore's to refuse, with httpx's own words
+    u = httpx.URL(url)  # a missing or unsupported scheme is refused by the exchange, in httpcore's own words
     scheme = u.scheme.encode("ascii")
     return _Target(httpcore.URL(scheme=scheme, host=u.raw_host, port=u.port, target=u.raw_path), u.netloc,
                    (scheme, u.raw_host, u.port))
+
+
+def _unsupported(scheme: bytes) -> str:
+    """httpcore's words for a URL it cannot send (its connection pool checks; a single connection does not)."""
+    if not scheme:
+        return "Request URL is missing an 'http://' or 'https://' protocol."
+    return f"Request URL has an unsupported protocol '{scheme.decode()}://'."
 
 
 #: httpcore's exceptions and httpx's of the same name (the most specific first).
@@ -218,40 +248,6 @@ def _as_httpx(exc: Exception) -> httpx.HTTPError:
         if isinstance(exc, core):
             return mapped(str(exc))
     raise AssertionError(f"not an httpcore error: {exc!r}")  # pragma: no cover - _CORE_ERRORS is the map's keys
-
-
-def readability_check_without_a_switch() -> bool:
-    """On gevent: make httpcore's check that an idle keep-alive connection is still open a plain ``poll`` with a
-    0 s timeout, which never blocks, instead of gevent's cooperative one; True when it did.
-
-    gevent's ``poll`` waits even a 0 s timeout in its hub, so the check switched to every other ready greenlet.
-    It runs when a delivery takes its connection: after the rate limiter admitted its slot, before the request
-    is written. So the request could leave tens of milliseconds after its slot (measured at the sandbox: 35 ms
-    late, a 429 from a strict 5/s window, once in ~20 runs of the gevent rate-limit test), later than the
-    limiter's margin allows. The standard library's ``poll`` (``gevent.monkey.get_original``) answers at once.
-    """
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    if not monkey.is_module_patched("select"):
-        return False
-    from httpcore._backends import sync  # the name its streams call (httpcore 1.x)
-
-    if not hasattr(sync, "is_socket_readable"):
-        return False
-    poll = monkey.get_original("select", "poll")
-
-    def is_socket_readable(sock: Any) -> bool:
-        fd = None if sock is None else sock.fileno()
-        if fd is None or fd < 0:
-            return True  # no socket: as httpcore, readable (its next read returns the end)
-        p = poll()
-        p.register(fd, select.POLLIN)
-        return bool(p.poll(0))
-
-    sync.is_socket_readable = is_socket_readable
-    return True
 
 
 def http_client() -> VendorHTTP:

@@ -1,7 +1,7 @@
 """A bounded pool of reusable slots: an object checked out for one piece of work and given back after it.
 
-The worker's HTTP transport keeps its keep-alive connections this way (:class:`worker.clients.PerThreadTransport`,
-one pool of slots per vendor host): a delivery takes a transport for one exchange and gives it back when the
+The worker's HTTP transport keeps its keep-alive connections this way (:class:`worker.clients.VendorHTTP`,
+one pool of slots per vendor host): a delivery takes a connection for one exchange and gives it back when the
 response is closed, so the next delivery reuses its open connection. Unlike a ``threading.local`` per thread,
 this does not depend on what runs the deliveries: Celery's threads pool keeps its threads, but its gevent pool
 runs every task in a new greenlet (a greenlet-local object would be made for every task and never closed).

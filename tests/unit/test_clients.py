@@ -1,4 +1,4 @@
-"""The process's vendor HTTP: keep-alive pools per vendor host, one TLS context for all of them."""
+"""The process's vendor HTTP: keep-alive connections per vendor host, one TLS context for all of them."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from worker import clients
 from worker.clients import VendorHTTP, _target
 
 
-def test_every_pool_shares_one_tls_context_made_with_the_transport():
+def test_every_connection_shares_one_tls_context_made_with_the_transport():
     """Making a TLS context loads the CA bundle (tens of ms under the GIL): an exchange must not pay it
     after its rate-limit slot, so it is made once, when the transport is, before any request."""
     transport = VendorHTTP()
     try:
         assert isinstance(transport._ssl, ssl.SSLContext)
         slots = transport._slots(_target("https://vendor.example/api"))
-        a, b = slots.take(), slots.take()  # two exchanges at once: two pools
+        a, b = slots.take(), slots.take()  # two exchanges at once: two connections
         assert a is not b
-        assert a._ssl_context is transport._ssl and b._ssl_context is transport._ssl
+        assert a._conn._ssl_context is transport._ssl and b._conn._ssl_context is transport._ssl
         slots.give(a)
         slots.give(b)
     finally:
@@ -32,18 +32,20 @@ def test_warm_means_an_exchange_with_that_host_ended_recently(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(clients.time, "monotonic", lambda: now[0])
 
+    class Answered(clients.Connection):
+        def handle_request(self, request):
+            return httpcore.Response(200, content=b"ok")
+
     class Answering(VendorHTTP):
-        def _new_pool(self):
-            pool = httpcore.ConnectionPool()
-            pool.handle_request = lambda request: httpcore.Response(200, content=b"ok")
-            return pool
+        def _new_connection(self, origin):
+            return Answered(lambda: httpcore.HTTPConnection(origin))
 
     url = "https://vendor.example/api"
     with Answering() as http:
         assert not http.warm(url)  # no exchange yet: the first one connects
         slots = http._slots(_target(url))
         held = slots.take()
-        assert not http.warm(url)  # a pool made (and busy), but no exchange ended yet
+        assert not http.warm(url)  # a connection made (and busy), but no exchange ended yet
         slots.give(held)
         assert http.exchange("POST", url + "/events", {}, {}, {}).text == "ok"
         assert http.warm(url) and http.warm(url + "/other") and not http.warm("https://other.example/")

@@ -178,20 +178,21 @@ def test_a_ready_worker_freezes_what_start_up_made_out_of_the_collectors_way():
 
 READABILITY = r'''
 import json
+import select
 from gevent import monkey
 monkey.patch_all()
 import gevent, socket
-from httpcore._backends import sync
-from worker.clients import readability_check_without_a_switch
+from worker import sockets
 
-done = readability_check_without_a_switch() if FIX else False
+poll = sockets.plain_poll() if FIX else select.poll  # select.poll: gevent's own, after patch_all
 a, b = socket.socketpair()
+stream = sockets.Stream(a, poll)
 ran = []
 
 
 def check():
     gevent.spawn(ran.append, 1)  # ready to run at the next switch to the hub
-    readable = sync.is_socket_readable(a)
+    readable = stream.get_extra_info("is_readable")
     return readable, bool(ran)
 
 
@@ -200,17 +201,18 @@ b.sendall(b"x")
 gevent.sleep(0.01)  # let the byte arrive (and the spawned greenlet run)
 ran.clear()
 pending = check()
-print(json.dumps({"done": done, "idle": idle, "pending": pending}))
+print(json.dumps({"original": poll is monkey.get_original("select", "poll"), "idle": idle, "pending": pending}))
 '''
 
 
 @pytest.mark.parametrize("variant", ["fixed", "gevent's own"])
 def test_on_gevent_a_connection_check_does_not_switch_to_other_greenlets(variant):
-    """httpcore checks a kept-alive connection (a 0 s poll) between the limiter's admission and the request:
+    """An exchange checks its kept-alive connection (a 0 s poll) between the limiter's admission and the request:
     gevent's poll switches to every ready greenlet first, which made a request late for its slot. The worker's
-    check answers the same (idle: not readable; data waiting: readable) without running another greenlet."""
+    streams (:mod:`worker.sockets`) answer the same (idle: not readable; data waiting: readable) without running
+    another greenlet."""
     got = run_python(f"FIX = {variant == 'fixed'}\n" + READABILITY)
     if variant == "fixed":
-        assert got == {"done": True, "idle": [False, False], "pending": [True, False]}, got
-    else:  # what the fix is for: the stock check runs the other greenlet before it answers
-        assert got["idle"] == [False, True], got
+        assert got == {"original": True, "idle": [False, False], "pending": [True, False]}, got
+    else:  # what the fix is for: gevent's check runs the other greenlet before it answers
+        assert got["original"] is False and got["idle"] == [False, True], got

@@ -119,8 +119,8 @@ def test_greenlets_each_new_share_the_slots_of_those_before():
     assert len(m.made) == 20 and s.idle() == 20 and s.out() == 0
 
 
-class FakePool:
-    """A connection pool that answers with ``answer(request)`` (an httpcore response) and records closing."""
+class FakeConnection:
+    """A connection that answers with ``answer(request)`` (an httpcore response) and records closing."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
@@ -139,20 +139,20 @@ def _host(request: httpcore.Request) -> httpcore.Response:
 
 
 class Counting(VendorHTTP):
-    """The product's vendor HTTP over fake pools: counts the pools it makes."""
+    """The product's vendor HTTP over fake connections: counts the connections it makes."""
 
     def __init__(self, answer=_host) -> None:
         super().__init__(keep=2)
-        self.made: list[FakePool] = []
+        self.made: list[FakeConnection] = []
         self.answer = answer
 
-    def _new_pool(self) -> FakePool:  # type: ignore[override]
-        pool = FakePool(self.answer)
-        self.made.append(pool)
-        return pool
+    def _new_connection(self, origin: httpcore.Origin) -> FakeConnection:  # type: ignore[override]
+        conn = FakeConnection(self.answer)
+        self.made.append(conn)
+        return conn
 
 
-def test_the_vendor_http_takes_a_pool_per_exchange_per_host_and_gives_it_back():
+def test_the_vendor_http_takes_a_connection_per_exchange_per_host_and_gives_it_back():
     inside, go = threading.Event(), threading.Event()
 
     def answer(request: httpcore.Request) -> httpcore.Response:
@@ -162,13 +162,13 @@ def test_the_vendor_http_takes_a_pool_per_exchange_per_host_and_gives_it_back():
         return _host(request)
 
     t = Counting(answer)
-    for _ in range(3):  # one after the other: one pool, reused
+    for _ in range(3):  # one after the other: one connection, reused
         assert t.exchange("POST", "http://a.example/x", {}, {}, {}).text == "a.example!"
     assert len(t.made) == 1 and t.open_transports() == 1
     slow = threading.Thread(target=t.exchange, args=("POST", "http://a.example/slow", {}, {}, {}))
     slow.start()
     assert inside.wait(10)
-    t.exchange("POST", "http://a.example/y", {}, {}, {})  # the first pool is out: a second one
+    t.exchange("POST", "http://a.example/y", {}, {}, {})  # the first connection is out: a second one
     assert len(t.made) == 2
     go.set()
     slow.join()
@@ -203,7 +203,7 @@ def test_an_exchange_sends_what_httpx_would_and_reads_the_answer_in_full():
     assert request.extensions == {"timeout": {"connect": 1.0}}
 
 
-def test_a_failed_exchange_raises_httpx_s_error_and_gives_its_pool_back():
+def test_a_failed_exchange_raises_httpx_s_error_and_gives_its_connection_back():
     def fail(request: httpcore.Request) -> httpcore.Response:
         raise httpcore.ConnectError("refused")
 

@@ -11,16 +11,12 @@ unacknowledged messages every ``unacked_restore_interval``. A green pool has no 
   :mod:`worker.broker.taskevents`);
 - gevent records, for every greenlet it spawns, the greenlet that spawned it and that one's stack (a
   debugging aid, ``track_greenlet_tree``): ten frame objects per task, left in reference cycles;
-- httpcore checks that a kept-alive connection is still open with a 0 s ``poll``, which gevent waits in its
-  hub, running every other ready greenlet first: between the rate limiter's admission of a request and its
-  sending (:func:`worker.clients.readability_check_without_a_switch`);
 - the consumer waits in ``drain_events`` up to 2 s at a time, also after a delivery freed the prefetch window
   (it stopped taking messages while it was full) or the queue gate (:mod:`worker.broker.gate`) gave a queue
   back: up to 2 s lost each time.
 
 The consumer bootstep :class:`GreenStep` puts these right when the consumer has no event loop: spawning trees
-are not recorded on gevent (the setting gevent's documentation gives for faster spawning); the connection
-check uses the standard library's ``poll``; the restore
+are not recorded on gevent (the setting gevent's documentation gives for faster spawning); the restore
 runs on the worker's timer every ``unacked_restore_interval`` seconds (and at most that often after empty
 polls: :attr:`worker.broker.transport.Poller.restore_every`); and the consumer's wait can be ended
 (:meth:`worker.broker.transport.Poller.wake`: the transport does it when the prefetch window frees, the gate
@@ -38,8 +34,6 @@ import sys
 from typing import Any
 
 from celery import bootsteps
-
-from ..clients import readability_check_without_a_switch
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +57,6 @@ class GreenStep(bootsteps.StartStopStep):
         gevent = sys.modules.get("gevent")
         if gevent is not None:  # eventlet keeps no such tree
             gevent.config.track_greenlet_tree = False
-        if readability_check_without_a_switch():
-            log.info("green pool: keep-alive connections are checked without a switch to other greenlets")
         self._restore_on_timer(c)
 
     def _restore_on_timer(self, c: Any) -> None:
