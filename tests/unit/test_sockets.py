@@ -11,6 +11,7 @@ import httpcore
 import httpx
 import pytest
 
+from tests.helpers import run_python
 from worker.clients import VendorHTTP
 from worker.dev.localstack import make_tls_files, wait_until
 from worker.sockets import Stream, plain_poll
@@ -180,3 +181,33 @@ def test_failures_are_httpcore_s_write_and_read_errors(method, error, raised):
     stream.write(b"GET / HTTP/1.1\r\n\r\n", timeout=1.0)
     with pytest.raises(raised):
         stream.read(100, timeout=1.0)
+
+
+SILENT_VENDOR = r'''
+import json, socket
+if GEVENT:
+    from gevent import monkey
+    monkey.patch_all()
+import httpx
+from worker.clients import VendorHTTP
+
+listener = socket.create_server(("127.0.0.1", 0))  # never accepts: the kernel completes the handshake, no answer
+port = listener.getsockname()[1]
+got = {}
+with VendorHTTP() as http:
+    try:  # no timeout but the read's: a read that ignored it would wait forever
+        http.exchange("POST", f"http://127.0.0.1:{port}/x", {}, {"a": 1},
+                      {"connect": None, "read": 0.2, "write": None, "pool": None})
+        got["read"] = "answered"
+    except httpx.HTTPError as exc:
+        got["read"] = type(exc).__name__
+print(json.dumps(got))
+'''
+
+
+@pytest.mark.parametrize("pool", ["threads", "gevent"])
+def test_a_vendor_that_never_answers_is_a_read_timeout_on_either_pool(pool):
+    """The exchange's read timeout holds on a plain socket and on a gevent-patched one (gevent keeps its own
+    timeouts): the delivery gets httpx's ReadTimeout, an attempt to retry, instead of waiting forever."""
+    got = run_python(f"GEVENT = {pool == 'gevent'}\n" + SILENT_VENDOR)
+    assert got == {"read": "ReadTimeout"}, got
