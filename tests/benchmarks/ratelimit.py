@@ -23,12 +23,14 @@ import time
 from typing import Any
 
 from tests.helpers import max_in_window
+from worker.settings import DEFAULT_WORKER_CONCURRENCY
 
 from .stack import BenchStack, Row, Sizes
 
 GROUP = "ratelimit"
 VENDOR = "loops"
-THREADS = 32
+#: The product's default threads per process.
+THREADS = DEFAULT_WORKER_CONCURRENCY
 #: Seconds of the steady window in full size (the shared ``Sizes.rate_window`` is for smoke).
 FULL_WINDOW = 30.0
 LATENCY = {"latency_ms": 100, "latency_jitter_ms": 50}

@@ -66,8 +66,8 @@ class Sizes:
     enqueue_block: int = 50
     throughput_events: int = 10_000
     sandbox_capacity_requests: int = 6000
-    #: An extra, diagnostic 100 ms-latency run with this many threads (0: skip).
-    latency_extra_concurrency: int = 64
+    #: An extra, diagnostic 100 ms-latency run with this many threads (0: skip): 32, the default until 2026-12-07.
+    latency_extra_concurrency: int = 32
     #: Greenlets of the gevent-pool worker (``-P gevent -c N``) in the deliveries/s rows (0: skip them).
     gevent_concurrency: int = 200
     #: An extra, diagnostic run with the per-delivery INFO log lines silenced.

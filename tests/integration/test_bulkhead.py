@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Loops answers 200, after this long.
 LATENCY = 8.0
-#: Events per vendor.
-N = 100
+#: Events per vendor: more than the default threads, so that without the bulkhead Loops would hold every one.
+N = 200
 
 
 def mine(sandbox_client, vendor, tag):
@@ -31,6 +31,7 @@ def test_a_slow_vendor_holds_only_its_share_of_the_threads(worker_factory, redis
     threads = DEFAULT_WORKER_CONCURRENCY
     queues = ("convertloop", "loops", "conveyour")
     share = thread_share(threads, len(queues), DEFAULT_BULKHEAD_SHARE)
+    assert N > threads, f"the test needs more Loops events ({N}) than threads ({threads})"
     # Every vendor queue, the product's default threads; HTTP_TIMEOUT above the latency: Loops is slow, not failing.
     worker_factory("bulkhead", WORKER_CONCURRENCY=threads, HTTP_TIMEOUT=LATENCY + 10)
     sandbox_client.configure("loops", latency_ms=LATENCY * 1000)

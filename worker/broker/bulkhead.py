@@ -14,7 +14,7 @@ take); when one of those deliveries ends, it takes the queue again — unless a 
 circuit breaker still stops it. A message already taken when the queue stops still runs, and nothing is
 acknowledged any earlier: the bulkhead only decides what the consumer takes next.
 
-The share is ``BULKHEAD_SHARE`` of the threads (half by default: 16 of 32) when the worker consumes several
+The share is ``BULKHEAD_SHARE`` of the threads (half by default: 64 of 128) when the worker consumes several
 queues, and every thread when it consumes one (``-Q loops``): :func:`thread_share`. It is a hard cap, also
 while the other vendors have no work: a thread lent to a slow vendor could only be had back once its delivery
 ends, seconds later.
