@@ -6,8 +6,8 @@ kept-alive connection, a ``poll`` (is the idle connection still open?), a ``sett
 before every read and write, and one ``send`` for the request's head and another for its body; CPython adds a
 ``poll`` before each timed ``send`` and ``recv``. With httpcore's pool, which checks the idle connection twice,
 that was eleven system calls per exchange (strace, 1,000 exchanges), each of which lets go of the GIL. On the
-threads pool every one is a chance for the 32 other threads and the consumer to take the GIL first, and the
-delivery then waits for it back. With this backend and one connection per exchange
+threads pool every one is a chance for the other threads (127 by default) and the consumer to take the GIL
+first, and the delivery then waits for it back. With this backend and one connection per exchange
 (:class:`worker.clients.Connection`) it is five: the check's ``poll``, one ``sendall`` of head and body
 together, the ``recv`` of the answer, and CPython's ``poll`` before each of those two.
 
