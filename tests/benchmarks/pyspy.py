@@ -21,7 +21,7 @@ from pathlib import Path
 #: (area, pattern on the frame's file as py-spy prints it, e.g. "celery/app/trace.py") — first match wins.
 AREAS = [
     ("logging", r"^logging/|^celery/utils/log|^kombu/log"),
-    ("HTTP client (httpx/httpcore/h11)", r"^httpx/|^httpcore/|^h11/"),
+    ("HTTP client (worker/http11, httpx/httpcore/h11)", r"^worker/http11\.py|^httpx/|^httpcore/|^h11/"),
     ("Redis client (redis-py)", r"^redis/"),
     ("JSON", r"^json/|^kombu/utils/json"),
     ("pydantic", r"^pydantic"),

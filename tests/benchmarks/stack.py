@@ -76,8 +76,8 @@ class Sizes:
     diagnose_metrics: bool = True
     #: Extra, diagnostic runs (no-op tasks and deliveries) with Celery's own task-event publishing.
     diagnose_events: bool = True
-    #: An extra, diagnostic run sending with the standard library's ``http.client`` (``tests.benchmarks.fasthttp``):
-    #: what the HTTP client costs a delivery.
+    #: An extra, diagnostic run sending with httpcore, the library (``tests.benchmarks.libhttp``): what the worker's
+    #: own HTTP/1.1 exchange saves a delivery.
     diagnose_http: bool = True
     rate_limits: tuple[float, ...] = (10.0, 50.0)
     rate_processes: tuple[int, ...] = (1, 2, 4)

@@ -7,8 +7,8 @@ import logging
 
 import httpx
 import pytest
-import respx
 
+from tests.vendormock import vendor_http
 from worker import observability
 from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
@@ -70,10 +70,10 @@ def identify(i: int = 1) -> dict:
             "identity": {"email": f"p{i}@a.co"}, "traits": {"plan": "pro"}}
 
 
-@respx.mock
+@vendor_http
 def test_a_run_of_401s_pauses_the_vendor_and_only_the_first_answers_are_dead_letters(client, prefix, reports, caplog):
     p = make_pipeline(client, prefix)
-    route = respx.post(f"{BASE}/loops/events/send").mock(
+    route = vendor_http.post(f"{BASE}/loops/events/send").mock(
         return_value=httpx.Response(401, json={"message": "Invalid API key"}))
     for i in (1, 2):  # fewer than AUTH_FAILURE_THRESHOLD in a row: rejected, as any 4xx
         with pytest.raises(DeadLettered):
@@ -102,10 +102,10 @@ def test_a_run_of_401s_pauses_the_vendor_and_only_the_first_answers_are_dead_let
     assert reports == [("loops", 401, "LOOPS_API_KEY")]
 
 
-@respx.mock
+@vendor_http
 def test_403s_count_too_and_an_accepted_answer_ends_the_run(client, prefix, reports):
     p = make_pipeline(client, prefix)
-    route = respx.post(f"{BASE}/cl/event_logs").mock(side_effect=[
+    route = vendor_http.post(f"{BASE}/cl/event_logs").mock(side_effect=[
         httpx.Response(403), httpx.Response(403), httpx.Response(200),
         httpx.Response(403), httpx.Response(403), httpx.Response(403)])
     for _ in range(2):
@@ -122,20 +122,20 @@ def test_403s_count_too_and_an_accepted_answer_ends_the_run(client, prefix, repo
     assert reports == [("convertloop", 403, VENDORS["convertloop"].credential_env)]
 
 
-@respx.mock
+@vendor_http
 def test_a_bulk_request_refused_while_paused_sends_every_item_back(client, prefix, reports):
     p = make_pipeline(client, prefix, auth_threshold=1)
-    respx.post(f"{BASE}/cy/analytics/identify").mock(return_value=httpx.Response(401, json={"error": "bad token"}))
+    vendor_http.post(f"{BASE}/cy/analytics/identify").respond(401, json={"error": "bad token"})
     with pytest.raises(VendorAuthFailed) as paused:  # through the ConveYour batcher
         p.deliver("conveyour", identify())
     assert "CONVEYOUR_APPKEY" in str(paused.value) and p.store.list() == []
     assert reports == [("conveyour", 401, VENDORS["conveyour"].credential_env)]
 
 
-@respx.mock
+@vendor_http
 def test_with_the_threshold_zero_every_401_is_a_dead_letter_as_before(client, prefix, reports):
     p = make_pipeline(client, prefix, auth_threshold=0)
-    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(401))
+    vendor_http.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(401))
     for i in range(5):
         with pytest.raises(DeadLettered):
             p.deliver("loops", track(i))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-import httpcore
-
-from worker import clients
+from worker import clients, http11
 from worker.clients import VendorHTTP, _target
 
 
@@ -19,7 +17,7 @@ def test_every_connection_shares_one_tls_context_made_with_the_transport():
         slots = transport._slots(_target("https://vendor.example/api"))
         a, b = slots.take(), slots.take()  # two exchanges at once: two connections
         assert a is not b
-        assert a._conn._ssl_context is transport._ssl and b._conn._ssl_context is transport._ssl
+        assert a._ssl is transport._ssl and b._ssl is transport._ssl
         slots.give(a)
         slots.give(b)
     finally:
@@ -32,13 +30,13 @@ def test_warm_means_an_exchange_with_that_host_ended_recently(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(clients.time, "monotonic", lambda: now[0])
 
-    class Answered(clients.Connection):
-        def handle_request(self, request):
-            return httpcore.Response(200, content=b"ok")
+    class Answered(http11.Connection):
+        def request(self, data, timeout, head_only=False):
+            return http11.Reply(200, {}, "ok")
 
     class Answering(VendorHTTP):
         def _new_connection(self, origin):
-            return Answered(lambda: httpcore.HTTPConnection(origin))
+            return Answered(origin, self._ssl)
 
     url = "https://vendor.example/api"
     with Answering() as http:
@@ -53,3 +51,4 @@ def test_warm_means_an_exchange_with_that_host_ended_recently(monkeypatch):
         assert http.warm(url)
         now[0] += 0.02
         assert not http.warm(url)  # its connection may be expiring: count the next request as cold
+

@@ -10,8 +10,8 @@ import httpx
 import pydantic
 import pytest
 import redis
-import respx
 
+from tests.vendormock import vendor_http
 from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
 from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
@@ -176,7 +176,7 @@ def sandbox_route():
         status, body = api.handle("POST", "/analytics/identify", request.headers, request.content)
         return httpx.Response(status, json=body)
 
-    respx.post(f"{BASE}/analytics/identify").mock(side_effect=answer)
+    vendor_http.post(f"{BASE}/analytics/identify").mock(side_effect=answer)
     return bodies
 
 
@@ -195,7 +195,7 @@ def deliver_all(pipeline: Pipeline, events) -> list:
         return list(pool.map(one, events))
 
 
-@respx.mock
+@vendor_http
 def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_lettered(store):
     bodies = sandbox_route()
     events = [identify(f"u{i}", plan="pro") for i in range(10)]
@@ -223,7 +223,7 @@ def test_concurrent_identifies_go_in_one_request_and_only_invalid_ones_are_dead_
     assert not any(secret in raw for secret in SECRETS)
 
 
-@respx.mock
+@vendor_http
 def test_batch_size_1_sends_each_identify_alone_as_before(store):
     bodies = sandbox_route()
     events = [identify(f"u{i}") for i in range(4)]
@@ -233,9 +233,9 @@ def test_batch_size_1_sends_each_identify_alone_as_before(store):
     assert sorted(b["id"] for b in bodies) == ["u0", "u1", "u2", "u3"] and all(isinstance(b, dict) for b in bodies)
 
 
-@respx.mock
+@vendor_http
 def test_track_is_never_batched(store):
-    route = respx.post(f"{BASE}/analytics/track").mock(return_value=httpx.Response(200, json={"success": True}))
+    route = vendor_http.post(f"{BASE}/analytics/track").mock(return_value=httpx.Response(200, json={"success": True}))
     with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_max_wait=0.3),
                               [track(f"u{i}") for i in range(3)])
@@ -245,10 +245,10 @@ def test_track_is_never_batched(store):
     assert route.call_count == 3
 
 
-@respx.mock
+@vendor_http
 @pytest.mark.parametrize("answer", [httpx.Response(503, text="busy"), httpx.ConnectError("refused")])
 def test_a_failed_bulk_request_retries_every_item(store, answer):
-    route = respx.post(f"{BASE}/analytics/identify")
+    route = vendor_http.post(f"{BASE}/analytics/identify")
     route.mock(side_effect=[answer]) if isinstance(answer, Exception) else route.mock(return_value=answer)
     with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, conveyour_batch_size=5, conveyour_batch_max_wait=NEVER),
@@ -258,7 +258,7 @@ def test_a_failed_bulk_request_retries_every_item(store, answer):
     assert store.list() == []
 
 
-@respx.mock
+@vendor_http
 def test_a_bulk_429_penalizes_the_bucket_once_and_every_item_honours_retry_after(store):
     class Penalties(RateLimiter):
         def __init__(self):
@@ -271,7 +271,7 @@ def test_a_bulk_429_penalizes_the_bucket_once_and_every_item_honours_retry_after
             self.penalties.append(seconds)
 
     limiter = Penalties()
-    respx.post(f"{BASE}/analytics/identify").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
+    vendor_http.post(f"{BASE}/analytics/identify").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
     with VendorHTTP() as http:
         results = deliver_all(make_pipeline(store, http, limiter, conveyour_batch_size=4,
                                             conveyour_batch_max_wait=NEVER),

@@ -182,17 +182,17 @@ import select
 from gevent import monkey
 monkey.patch_all()
 import gevent, socket
-from worker import sockets
+from worker import http11
 
-poll = sockets.plain_poll() if FIX else select.poll  # select.poll: gevent's own, after patch_all
+poll = http11.plain_poll() if FIX else select.poll  # select.poll: gevent's own, after patch_all
 a, b = socket.socketpair()
-stream = sockets.Stream(a, poll)
+conn = http11.Connection(http11.Origin("http", "127.0.0.1", 1), None, poll=poll)
 ran = []
 
 
 def check():
     gevent.spawn(ran.append, 1)  # ready to run at the next switch to the hub
-    readable = stream.get_extra_info("is_readable")
+    readable = conn._readable(a)
     return readable, bool(ran)
 
 
@@ -209,7 +209,7 @@ print(json.dumps({"original": poll is monkey.get_original("select", "poll"), "id
 def test_on_gevent_a_connection_check_does_not_switch_to_other_greenlets(variant):
     """An exchange checks its kept-alive connection (a 0 s poll) between the limiter's admission and the request:
     gevent's poll switches to every ready greenlet first, which made a request late for its slot. The worker's
-    streams (:mod:`worker.sockets`) answer the same (idle: not readable; data waiting: readable) without running
+    connections (:mod:`worker.http11`) answer the same (idle: not readable; data waiting: readable) without running
     another greenlet."""
     got = run_python(f"FIX = {variant == 'fixed'}\n" + READABILITY)
     if variant == "fixed":

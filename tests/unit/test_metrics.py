@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import respx
 from prometheus_client import generate_latest
 
 from tests.helpers import metric, metric_values
+from tests.vendormock import vendor_http
 from worker.clients import VendorHTTP
 from worker.delivery.pipeline import Pipeline, RetryLater
 from worker.dev.localstack import free_port
@@ -111,15 +111,15 @@ def recorded(store):
         yield pipeline, recorder
 
 
-@respx.mock
+@vendor_http
 def test_the_pipeline_records_each_outcome_its_requests_and_429s(recorded):
     pipeline, recorder = recorded
-    respx.post(f"{BASE}/loops/events/send").mock(side_effect=[
+    vendor_http.post(f"{BASE}/loops/events/send").mock(side_effect=[
         httpx.Response(200, json={"success": True}),
         httpx.Response(429, headers={"Retry-After": "1"}),
         httpx.Response(503),
     ])
-    respx.post(f"{BASE}/cy/analytics/track").mock(return_value=httpx.Response(422, json={"message": "bad"}))
+    vendor_http.post(f"{BASE}/cy/analytics/track").mock(return_value=httpx.Response(422, json={"message": "bad"}))
     pipeline.deliver("loops", track(), attempt=1)
     assert isinstance(pipeline.deliver("loops", track(), attempt=1), RetryLater)
     assert isinstance(pipeline.deliver("loops", track(), attempt=1), RetryLater)

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 import redis
-import respx
 
+from tests.vendormock import vendor_http
 from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
 from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
@@ -52,9 +52,9 @@ def track(n_props: int = 1, email: str = "j@a.co") -> dict:
             "event": "sale", "properties": {f"p{i}": i for i in range(n_props)}, "occurred_at": None}
 
 
-@respx.mock
+@vendor_http
 def test_2xx_is_delivered_with_credentials_only_in_headers(pipeline):
-    route = respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(200, json={"success": True}))
+    route = vendor_http.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(200, json={"success": True}))
     result = pipeline.deliver("loops", track(), attempt=1)
     assert isinstance(result, Delivered) and result.status == 200
     sent = route.calls.last.request
@@ -63,9 +63,9 @@ def test_2xx_is_delivered_with_credentials_only_in_headers(pipeline):
     assert json.loads(sent.content)["eventName"] == "sale"
 
 
-@respx.mock
+@vendor_http
 def test_5xx_retries_with_backoff_then_dead_letters_when_exhausted(pipeline, store):
-    respx.post(f"{BASE}/cl/event_logs").mock(return_value=httpx.Response(503, text="busy"))
+    vendor_http.post(f"{BASE}/cl/event_logs").mock(return_value=httpx.Response(503, text="busy"))
     first = pipeline.deliver("convertloop", track(), attempt=1)
     assert isinstance(first, RetryLater) and first.status == 503 and 0 <= first.countdown <= 1
     second = pipeline.deliver("convertloop", track(), attempt=2)
@@ -77,24 +77,24 @@ def test_5xx_retries_with_backoff_then_dead_letters_when_exhausted(pipeline, sto
     assert info.value.entry_id == entry.id and "status=503" in str(info.value)
 
 
-@respx.mock
+@vendor_http
 def test_429_retry_after_sets_the_countdown(pipeline):
-    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
+    vendor_http.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(429, headers={"Retry-After": "5"}))
     result = pipeline.deliver("loops", track(), attempt=1)
     assert isinstance(result, RetryLater) and 5 <= result.countdown <= 5.5
 
 
-@respx.mock
+@vendor_http
 def test_network_errors_are_retried(pipeline):
-    respx.post(f"{BASE}/loops/events/send").mock(side_effect=httpx.ConnectError("refused"))
+    vendor_http.post(f"{BASE}/loops/events/send").mock(side_effect=httpx.ConnectError("refused"))
     result = pipeline.deliver("loops", track(), attempt=1)
     assert isinstance(result, RetryLater) and result.status is None and "ConnectError" in result.error
 
 
-@respx.mock
+@vendor_http
 def test_422_is_dead_lettered_with_body_and_without_secrets(pipeline, store):
     echo = f"bad key {SANDBOX_CREDENTIALS['LOOPS_API_KEY']}"
-    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(422, text=echo))
+    vendor_http.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(422, text=echo))
     with pytest.raises(DeadLettered):
         pipeline.deliver("loops", track(), attempt=1)
     (entry,) = store.list()
@@ -105,9 +105,9 @@ def test_422_is_dead_lettered_with_body_and_without_secrets(pipeline, store):
     assert entry.request["path"] == "/events/send" and "authorization" not in json.dumps(entry.request).lower()
 
 
-@respx.mock
+@vendor_http
 def test_property_cap_dead_letters_without_sending(pipeline, store):
-    route = respx.post(f"{BASE}/loops/events/send")
+    route = vendor_http.post(f"{BASE}/loops/events/send")
     with pytest.raises(DeadLettered):
         pipeline.deliver("loops", track(n_props=16), attempt=1)
     assert not route.called
@@ -133,7 +133,7 @@ def test_disabled_vendor_is_dead_lettered_for_later_replay(pipeline, store):
     assert entry.reason == "vendor_disabled" and "CONVEYOUR_APPKEY" in entry.error and entry.replayable
 
 
-@respx.mock
+@vendor_http
 def test_the_retry_window_ends_in_retries_exhausted_with_first_and_last_failure(pipeline, store, monkeypatch):
     import time
 
@@ -153,7 +153,7 @@ def test_the_retry_window_ends_in_retries_exhausted_with_first_and_last_failure(
     clock = Clock(time.time(), time.monotonic)
     monkeypatch.setattr(pipeline_module, "time", clock)
     pipeline.settings = pipeline.settings.model_copy(update={"retry_max_attempts": 0, "retry_window": 3600})
-    respx.post(f"{BASE}/cl/event_logs").mock(return_value=httpx.Response(500))
+    vendor_http.post(f"{BASE}/cl/event_logs").mock(return_value=httpx.Response(500))
     first = pipeline.deliver("convertloop", track(), attempt=1)
     assert isinstance(first, RetryLater) and first.state.attempts == 1
     assert first.state.first_failure == clock.now  # the window starts at the first failure
@@ -170,11 +170,11 @@ def test_the_retry_window_ends_in_retries_exhausted_with_first_and_last_failure(
     assert entry.first_failed_at == utc_iso(clock.now - 3601) and "RETRY_WINDOW" in entry.error
 
 
-@respx.mock
+@vendor_http
 def test_a_429_never_counts_an_attempt_nor_ends_the_window(pipeline, store):
     import time
 
-    respx.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(429, headers={"Retry-After": "2"}))
+    vendor_http.post(f"{BASE}/loops/events/send").mock(return_value=httpx.Response(429, headers={"Retry-After": "2"}))
     # attempt 3 of RETRY_MAX_ATTEMPTS=3 and far past the window: a 5xx would dead-letter, a 429 does not.
     pipeline.settings = pipeline.settings.model_copy(update={"retry_window": 60})
     result = pipeline.deliver("loops", track(), attempt=3, first_failure=time.time() - 3600)
@@ -183,7 +183,7 @@ def test_a_429_never_counts_an_attempt_nor_ends_the_window(pipeline, store):
     assert store.list() == []
 
 
-@respx.mock
+@vendor_http
 def test_an_open_breaker_sends_nothing_but_the_probe(pipeline, redis_server):
     import uuid
 
@@ -191,7 +191,7 @@ def test_an_open_breaker_sends_nothing_but_the_probe(pipeline, redis_server):
     from worker.retries.breaker import Breaker
 
     pipeline.breaker = Breaker(redis.Redis.from_url(redis_server.url), f"unit-{uuid.uuid4().hex[:8]}", threshold=2)
-    route = respx.post(f"{BASE}/loops/events/send").mock(
+    route = vendor_http.post(f"{BASE}/loops/events/send").mock(
         side_effect=[httpx.Response(503), httpx.Response(503), httpx.Response(200, json={"success": True})])
     for attempt in (1, 2):
         assert isinstance(pipeline.deliver("loops", track(), attempt=attempt), RetryLater)
