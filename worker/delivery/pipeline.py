@@ -351,7 +351,7 @@ class Pipeline:
             while turn.state == ordering.CLAIMED and turn.entries:
                 done: list[str] = []
                 dead: dict[str, str] = {}
-                run = self._run(vendor, turn.entries, number, first, single=split > 0 or probe)
+                run = self._run(vendor, turn.entries, number, first, single=split > 0 or probe, own=this)
                 if isinstance(run, DeadLetter):  # the oldest call cannot be sent at all: its dead letter
                     stored = self._store_dead(run)
                     assert stored.task_id is not None
@@ -410,10 +410,11 @@ class Pipeline:
         return Merged(vendor)
 
     def _run(self, vendor: Vendor, entries: Sequence[Entry], number: int, first: float | None,
-             single: bool) -> list[_Attempt] | DeadLetter:
+             single: bool, own: _Attempt | None = None) -> list[_Attempt] | DeadLetter:
         """The oldest pending call, and the updates after it that go in the same request; or the oldest call's
-        dead letter (not stored yet) when it cannot be sent."""
-        head = self._entry(vendor, entries[0], number, first)
+        dead letter (not stored yet) when it cannot be sent. ``own``: this task's call, parsed from its message
+        already (its entry is the same event: the producer writes both in one step)."""
+        head = self._entry(vendor, entries[0], number, first, own)
         if isinstance(head, DeadLetter):
             return head
         refused = self._cannot_carry(head)
@@ -423,15 +424,18 @@ class Pipeline:
         if single or not vendor.mergeable(head.event):
             return run
         for entry in entries[1:]:
-            nxt = self._entry(vendor, entry, number, first)
+            nxt = self._entry(vendor, entry, number, first, own)
             if isinstance(nxt, DeadLetter) or not vendor.mergeable(nxt.event) or self._cannot_carry(nxt):
                 break
             run.append(nxt)
         return run
 
     @staticmethod
-    def _entry(vendor: Vendor, entry: Entry, number: int, first: float | None) -> _Attempt | DeadLetter:
+    def _entry(vendor: Vendor, entry: Entry, number: int, first: float | None,
+               own: _Attempt | None = None) -> _Attempt | DeadLetter:
         """A pending call as an attempt; a call that does not parse as its (malformed) dead letter."""
+        if own is not None and entry.task_id == own.task_id:
+            return _Attempt(vendor, own.event, own.payload, number, entry.task_id, first)
         try:
             payload = json.loads(entry.event_json)
             event = parse_event(payload)
@@ -463,7 +467,7 @@ class Pipeline:
         if batcher is not None:
             return request, batcher.submit(event)
         self.throttle.wait(vendor.name, self.limiters[vendor.name])
-        (sent,) = self._exchange(vendor, [event])
+        (sent,) = self._exchange(vendor, [event], request)
         return request, sent
 
     # -- steps ----------------------------------------------------------------
@@ -482,10 +486,12 @@ class Pipeline:
                     deadline=self.settings.visibility_timeout / 2)
             return batcher
 
-    def _exchange(self, vendor: Vendor, events: list[AnyEvent]) -> list[Sent]:
-        """One request carrying ``events`` (a token is already held): one :class:`Sent` per event."""
+    def _exchange(self, vendor: Vendor, events: list[AnyEvent], request: Request | None = None) -> list[Sent]:
+        """One request carrying ``events`` (a token is already held): one :class:`Sent` per event. ``request``:
+        the one event's request, built already."""
         n = len(events)
-        request = vendor.build_batch(events, self.settings)
+        if request is None or n != 1:
+            request = vendor.build_batch(events, self.settings)
         started = time.monotonic()
         try:
             response = self._send(vendor, request)
