@@ -31,7 +31,7 @@ FULL_FOR = 15
 EVENTS = 40
 
 
-def test_a_full_redis_loses_no_event_and_kills_no_worker(worker_factory, product_env, sandbox_client, redis_server,
+def test_a_full_redis_loses_no_event_and_kills_no_worker(start_worker, product_env, sandbox_client, redis_server,
                                                           store, unique_email, monkeypatch, tmp_path):
     import worker
     from worker.producer.publisher import Publisher
@@ -42,7 +42,7 @@ def test_a_full_redis_loses_no_event_and_kills_no_worker(worker_factory, product
     Publisher.reset_default()
     tag = unique_email.split("@")[0]
     sandbox_client.configure("loops", fail_all=503)
-    consumer = worker_factory("full", BREAKER_THRESHOLD="0", RETRY_MAX_ATTEMPTS="0")
+    consumer = start_worker("full", BREAKER_THRESHOLD="0", RETRY_MAX_ATTEMPTS="0")
     pid = consumer.proc.pid
     client = redis_server.client()
 
@@ -95,3 +95,52 @@ def test_a_full_redis_loses_no_event_and_kills_no_worker(worker_factory, product
     print(f"\n{len(before)} events before and {len(during)} spooled while Redis was full for {FULL_FOR}s: all "
           f"{len(expected)} delivered ({len(dead_lettered() & expected)} dead-lettered); deliveries held while full: "
           f"{held}; worker pid {pid} alive throughout")
+
+
+def test_a_queue_given_back_while_redis_is_full_is_taken_again(start_worker, product_env, sandbox_client,
+                                                                redis_server, unique_email):
+    """The consumer stops taking a queue (the bulkhead, a throttle pause, an open breaker) and takes it again later:
+    kombu declares the queue again as it adds it, and a full Redis refuses that (``LLEN`` in a MULTI, the binding's
+    ``SADD``). Here the bulkhead stops Loops while its deliveries hold their share of four threads; their answers
+    come while Redis is full, and the consumer tries to take Loops again then.
+
+    On main before the fix the consumer logged "could not resume queue loops" once and never took Loops again: the
+    worker ran on, its Loops backlog untouched (seen in a CI run of the test above, 100 of 100 events missing
+    after two minutes: a throttle pause that ended while Redis was full).
+    """
+    import worker
+    from worker.broker.bulkhead import thread_share
+    from worker.settings import DEFAULT_BULKHEAD_SHARE
+
+    threads, latency = 4, 3.0
+    share = thread_share(threads, 3, DEFAULT_BULKHEAD_SHARE)
+    tag = unique_email.split("@")[0]
+    # Every vendor queue (so the bulkhead applies), no breaker; Loops answers after `latency`.
+    consumer = start_worker("full-gate", WORKER_CONCURRENCY=str(threads), BREAKER_THRESHOLD="0",
+                            HTTP_TIMEOUT=str(latency + 20))
+    sandbox_client.configure("loops", latency_ms=latency * 1000)
+    ids = [worker.track("full_gate", email=f"{i}-{tag}@example.com", vendors=["loops"]) for i in range(share + 3)]
+    # Loops holds its share: that many requests arrived (answered `latency` later); the rest wait on the queue.
+    sandbox_client.wait_for(lambda r: tag in r["body"].get("email", ""), vendor="loops", status=None, count=share,
+                            timeout=30)
+    client = redis_server.client()
+    try:
+        client.config_set("maxmemory", 1)
+        # The answers come, the deliveries end, the bulkhead gives Loops back: its declaration is refused.
+        wait_until(lambda: "could not take messages from loops again" in consumer.log()
+                   or "could not resume queue loops" in consumer.log(), timeout=60,
+                   message="the consumer to try to take Loops again while Redis is full")
+    finally:
+        client.config_set("maxmemory", 0)
+    sandbox_client.configure("loops", latency_ms=None)
+
+    def delivered() -> set[str]:
+        return {r["headers"].get("idempotency-key") for r in sandbox_client.requests(vendor="loops", status=200)}
+
+    try:
+        wait_until(lambda: set(ids) <= delivered(), timeout=60, message="every Loops event delivered")
+    except AssertionError:
+        missing = sorted(set(ids) - delivered())
+        raise AssertionError(f"{len(missing)} of {len(ids)} Loops events never delivered; worker alive: "
+                             f"{consumer.proc.poll() is None}\n{consumer.log()[-3000:]}") from None
+    assert consumer.proc.poll() is None

@@ -37,6 +37,10 @@ _paused: set[str] = set()
 _held: set[str] = set()
 _full: set[str] = set()
 _lock = threading.Lock()
+#: Queues whose resume failed (Redis refused the queue's declaration) and is being tried again.
+_failing: set[str] = set()
+#: Seconds before a resume that failed is tried again.
+RESUME_RETRY = 1.0
 #: The thread running the consumer's loop (its bootstep starts there), else None.
 _consumer_thread: int | None = None
 
@@ -58,6 +62,7 @@ class QueueGate(bootsteps.StartStopStep):
         _paused.clear()
         _held.clear()
         _full.clear()
+        _failing.clear()
 
     shutdown = stop
 
@@ -177,5 +182,17 @@ def _resume(c, queue: str, pause_over: bool = False) -> None:
             if not c.task_consumer.consuming_from(queue):
                 c.task_consumer.add_queue(c.app.amqp.queues[queue])
                 c.task_consumer.consume()
-    except Exception:
-        log.exception("could not resume queue %s", queue)
+    except Exception as exc:  # noqa: BLE001 - whatever stopped it, giving up would stop the queue for good
+        # kombu declares the queue again as it adds it: writes that a full Redis refuses (OutOfMemoryError) and an
+        # unreachable one fails. Given up, the queue would stay unconsumed for the worker's life: try again.
+        if c is not _consumer:
+            return
+        first = queue not in _failing
+        _failing.add(queue)
+        log.log(logging.WARNING if first else logging.DEBUG, "could not take messages from %s again (%s: %s); "
+                "trying again every %g s", queue, type(exc).__name__, exc, RESUME_RETRY)
+        c.timer.call_after(RESUME_RETRY, _soon, (c, _resume, c, queue))
+        return
+    if queue in _failing:
+        _failing.discard(queue)
+        log.warning("taking messages from %s again", queue)
