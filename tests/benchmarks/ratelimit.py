@@ -13,7 +13,8 @@ again with vendor latency 100 ± 50 ms.
 The adaptive row: workers configured for 10/s against a vendor that really allows
 5/s and does not say so in headers (ConvertLoop, sliding): how many seconds until
 the share of 429 from then on stays under 1 %, and the utilisation of the real
-limit after that.
+limit after that; the median of ``Sizes.repeats`` runs (one 60-second run ranged
+0.81-0.88 in the same code's runs of 2026-12-07).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from tests.helpers import max_in_window
 from worker.settings import DEFAULT_WORKER_CONCURRENCY
 
-from .stack import BenchStack, Row, Sizes
+from .stack import BenchStack, Row, Sizes, spread
 
 GROUP = "ratelimit"
 VENDOR = "loops"
@@ -117,8 +118,7 @@ def settle_time(records: list[dict[str, Any]], first: float, end: float, share: 
     return settled
 
 
-def measure_adaptive(stack: BenchStack, sizes: Sizes) -> Row:
-    seconds = ADAPT_SECONDS_SMOKE if sizes.smoke else ADAPT_SECONDS_FULL
+def _adapt_once(stack: BenchStack, seconds: float) -> dict[str, Any]:
     first, records = _run(stack, ADAPT_VENDOR, ADAPT_CONFIGURED, ADAPT_REAL, 2, seconds, {}, "rl-adapt")
     end = first + seconds
     settled = settle_time(records, first, end)
@@ -130,13 +130,32 @@ def measure_adaptive(stack: BenchStack, sizes: Sizes) -> Row:
     stack.say(f"configured {ADAPT_CONFIGURED:g}/s, vendor allows {ADAPT_REAL:g}/s ({ADAPT_VENDOR}, no headers): "
               f"429 share under 1 % after {settled if settled is None else round(settled, 1)} s, "
               f"utilisation afterwards {after if after is None else round(after, 2)}, {n429} x 429 in {seconds:g} s")
+    return {"settled": settled, "after": after, "responses_429": n429, "requests_total": len(records)}
+
+
+def measure_adaptive(stack: BenchStack, sizes: Sizes) -> Row:
+    """The adaptive row, ``sizes.repeats`` runs: the median settling time and the median utilisation afterwards
+    (each with its range); met when every run settled and the median utilisation is >= 0.85."""
+    seconds = ADAPT_SECONDS_SMOKE if sizes.smoke else ADAPT_SECONDS_FULL
+    runs = [_adapt_once(stack, seconds) for _ in range(sizes.repeats)]
+    settled_all = all(r["settled"] is not None for r in runs)
+    settle = spread([r["settled"] for r in runs]) if settled_all else None
+    after = spread([r["after"] for r in runs]) if settled_all else None
+    n429 = [r["responses_429"] for r in runs]
+    per_run = "; ".join(f"{r['settled'] if r['settled'] is None else round(r['settled'], 1)} s, "
+                        f"{r['after'] if r['after'] is None else round(r['after'], 2)}, {r['responses_429']} x 429"
+                        for r in runs)
     row = Row(f"configured {ADAPT_CONFIGURED:g}/s, vendor really allows {ADAPT_REAL:g}/s (2 processes): "
               "seconds until 429 < 1 %, then utilisation of the real limit",
-              settled, None, "s", target="settles; >= 0.85 afterwards",
-              ratio=after, met=settled is not None and after is not None and after >= 0.85,
-              notes=f"{n429} x 429 in {seconds:g} s; utilisation afterwards {after and round(after, 2)}",
-              details={"seconds": seconds, "responses_429": n429, "requests_total": len(records),
-                       "utilisation_after": after})
+              settle["median"] if settle else None, None, "s", target="settles; >= 0.85 afterwards",
+              ratio=after["median"] if after else None, met=bool(after and after["median"] >= 0.85),
+              notes=(f"median of {len(runs)} runs of {seconds:g} s (settled, utilisation afterwards, 429s: {per_run})"
+                     if len(runs) > 1 else f"{n429[0]} x 429 in {seconds:g} s; utilisation afterwards "
+                     f"{after and round(after['median'], 2)}"),
+              details={"seconds": seconds, "runs": runs, "responses_429": n429,
+                       "utilisation_after": after, "settled": settle})
+    if len(runs) > 1 and settle:
+        row.ours_stats, row.runs = settle, len(runs)
     return row
 
 
