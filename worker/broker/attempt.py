@@ -50,6 +50,7 @@ def _schedule(pipeline: Pipeline, vendor: str, event: dict[str, Any], task_id: s
     message = _retry_message(vendor, event, task_id, retries + 1, result.state, person)
     assert pipeline.schedule is not None, "the default pipeline has a retry schedule"
     pipeline.schedule.add(vendor, message, result.countdown, ack_tag=tag)
+    transport.acked(tag)
 
 
 def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str | None, retries: int,
@@ -72,6 +73,8 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
                               first_failure=state.first_failure, probe=probe, person=person, tag=tag,
                               park=lambda: _retry_message(vendor, event, task_id, retries, state, person),
                               defer=defer, claimed=transport.take_claim(tag) if person is not None else None)
+    if isinstance(result, Parked):
+        transport.acked(tag)  # the park acknowledged it
     if isinstance(result, RetryLater):
         _schedule(pipeline, vendor, event, task_id, retries, result, tag, person)
         if person is not None:  # the person's later calls wait for this retry: the turn lasts until it is due
