@@ -132,22 +132,13 @@ def acked(tag: str | None) -> None:
             _acked.add(tag)
 
 
-def _acked_already(tag: str) -> bool:
+def _marked(tags: set[str], tag: str) -> bool:
+    """Whether ``tag`` was in ``tags`` (:data:`_kept`, :data:`_acked`); it is taken out (once)."""
     with _kept_lock:
-        try:
-            _acked.remove(tag)
+        if tag in tags:
+            tags.discard(tag)
             return True
-        except KeyError:
-            return False
-
-
-def _kept_back(tag: str) -> bool:
-    with _kept_lock:
-        try:
-            _kept.remove(tag)
-            return True
-        except KeyError:
-            return False
+        return False
 
 
 #: kombu's Redis channel internals this transport overrides or calls; missing from other kombu versions.
@@ -332,10 +323,10 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if _kept_back(delivery_tag):  # its task could not record what became of it: held, delivered again
+        if _marked(_kept, delivery_tag):  # its task could not record what became of it: held, delivered again
             self._keep(delivery_tag)
             return
-        if _acked_already(delivery_tag):  # its task removed the record already
+        if _marked(_acked, delivery_tag):  # its task removed the record already
             self._settled(delivery_tag)
             return
         with _kept_lock:
@@ -366,7 +357,7 @@ class QoS(kombu_redis.QoS):
         self._settled(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if _acked_already(delivery_tag):  # its task acknowledged it: nothing to put back
+        if _marked(_acked, delivery_tag):  # its task acknowledged it: nothing to put back
             self._settled(delivery_tag)
             return
         with _kept_lock:
