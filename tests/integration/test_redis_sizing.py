@@ -35,7 +35,7 @@ def _used(client) -> int:
 def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatch, tmp_path):
     import worker
     from worker import clients
-    from worker.broker.transport import _TAKE
+    from worker.broker.transport import take_args
     from worker.envelope import TaskMessages, decode_body
     from worker.producer.publisher import Publisher
     from worker.retries.attempts import RetryState
@@ -85,8 +85,7 @@ def test_bytes_per_queued_delivery_and_per_waiting_retry(product_env, monkeypatc
         # Held by a worker (taken, not yet acknowledged): the queue's entries moved to kombu's unacked record.
         before = _used(client)
         for _ in range(N):
-            client.execute_command("EVAL", _TAKE, 3, "loops", UNACKED, UNACKED_INDEX, repr(time.time()), "vdw", 35000,
-                                   "loops")
+            client.execute_command(*take_args(["loops"], ["loops"], UNACKED, UNACKED_INDEX, 1))
         assert client.llen("loops") == 0 and client.hlen(UNACKED) == N
         held = (_used(client) - before + queued * N) / N  # the delta is net of the queue entries it freed
         held_keys = (client.memory_usage(UNACKED, samples=0) + client.memory_usage(UNACKED_INDEX, samples=0)) / N

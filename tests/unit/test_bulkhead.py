@@ -50,8 +50,9 @@ def test_queues_are_counted_apart_and_other_queues_not_at_all():
     assert b.enter("b.loops", "loops") is True
     assert b.full() == {"loops"}
     assert b.held("convertloop") == 1
+    assert (b.room("loops"), b.room("convertloop")) == (0, 1)  # what a take may still bring of each
     assert b.enter("x.noop", "noop") is False   # not a queue of this worker
-    assert b.held("noop") == 0
+    assert b.held("noop") == 0 and b.room("noop") is None
     assert b.leave("x.noop") is None
     assert b.leave("never-received") is None
     assert b.leave("a.convertloop") is None

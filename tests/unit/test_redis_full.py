@@ -146,19 +146,19 @@ def _envelope(tag: str, queue: str = "q") -> dict:
 
 def test_a_take_refused_by_a_full_redis_leaves_the_message_on_its_queue(full_redis):
     """The take records before it pops: a full Redis refuses its first write and nothing changes."""
-    from worker.broker.transport import _TAKE
+    from worker.broker.transport import take_args
 
     client = full_redis.client()
     message = json.dumps(_envelope("t1"))
     client.lpush("q", message)
-    take = ("EVAL", _TAKE, 3, "q", "unacked", "unacked_index", "1.0", "q")
+    take = take_args(["q"], ["q"], "unacked", "unacked_index", 1)
     full_redis.fill()
     with pytest.raises(redis.OutOfMemoryError):
         client.execute_command(*take)
     assert client.lrange("q", 0, -1) == [message.encode()]
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
     full_redis.room()
-    queue, taken, recorded = client.execute_command(*take)
+    [(queue, taken, recorded)] = client.execute_command(*take)
     assert (queue, taken, recorded) == (b"q", message.encode(), 1)
     assert client.llen("q") == 0 and json.loads(client.hget("unacked", "t1"))[0] == _envelope("t1")
 

@@ -100,3 +100,78 @@ def test_a_channel_of_several_queues_watches_briefly_while_the_gate_leaves_it_on
     assert watch(["loops"], []) == ["BLMOVE", "loops", "loops", "RIGHT", "RIGHT", 1]
     assert watch(["loops", "convertloop"], ["convertloop"]) == \
         ["BLMOVE", "loops", "loops", "RIGHT", "RIGHT", transport.WATCH_EACH]
+
+
+def _message(tag: str, queue: str) -> str:
+    import json
+
+    return json.dumps({"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8",
+                       "headers": {"id": tag},
+                       "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}})
+
+
+def test_a_take_brings_up_to_its_most_each_queue_in_turn_and_within_its_room(redis_server):
+    """One round trip takes several messages: oldest first, one queue's then the next's in turn, never more of a
+    queue than its room (the bulkhead's) except the first message, each recorded as held as it is popped."""
+    import json
+
+    from worker.broker.transport import take_args
+
+    client = redis_server.client()
+    queues = ["tb-a", "tb-b"]
+    unacked = ("tb-unacked", "tb-unacked-index")
+
+    def fill(counts: dict[str, int]) -> None:
+        client.delete(*queues, *unacked)
+        for q, n in counts.items():
+            for i in range(n):
+                client.lpush(q, _message(f"{q}-{i}", q))  # kombu's publish: LPUSH, taken from the tail
+
+    def take(most: int, rooms: list | None = None) -> list[str]:
+        reply = client.execute_command(*take_args(queues, queues, *unacked, most, rooms)) or []
+        assert all(recorded == 1 for _, _, recorded, *_ in reply)
+        return [json.loads(m)["properties"]["delivery_tag"] for _, m, _, *_ in reply]
+
+    fill({"tb-a": 10, "tb-b": 10})
+    assert take(5) == ["tb-a-0", "tb-b-0", "tb-a-1", "tb-b-1", "tb-a-2"]
+    assert sorted(k.decode() for k in client.hkeys(unacked[0])) == sorted(["tb-a-0", "tb-a-1", "tb-a-2", "tb-b-0",
+                                                                           "tb-b-1"])
+    assert client.zcard(unacked[1]) == 5 and client.llen("tb-a") == 7 and client.llen("tb-b") == 8
+    assert take(20) == [t for i in range(7) for t in (f"tb-a-{i + 3}", f"tb-b-{i + 2}")] + ["tb-b-9"]
+    assert client.hlen(unacked[0]) == 20
+
+    fill({"tb-a": 10, "tb-b": 3})
+    assert take(16, [2, None]) == ["tb-a-0", "tb-b-0", "tb-a-1", "tb-b-1", "tb-b-2"]
+    fill({"tb-a": 10, "tb-b": 3})
+    assert take(16, [0, 0]) == ["tb-a-0"], "the first message is taken whatever the room: as one take always was"
+    fill({})
+    assert client.execute_command(*take_args(queues, queues, *unacked, 16)) is None
+    client.delete(*queues, *unacked)
+
+
+def test_a_take_of_several_hands_on_every_good_message_around_a_malformed_one(redis_server, monkeypatch):
+    from worker.broker import transport
+
+    quarantined: list[tuple[str, str]] = []
+    monkeypatch.setattr(transport, "quarantine", lambda queue, raw, error: quarantined.append((queue, raw)))
+    client = redis_server.client()
+    client.delete("tb-m")
+    for entry in [_message("m-0", "tb-m"), "not json {", _message("m-2", "tb-m"), '{"no": "envelope"}',
+                  _message("m-4", "tb-m")]:
+        client.lpush("tb-m", entry)
+    conn = Connection(redis_server.url, transport="worker.broker.transport:Transport")
+    got: list[str] = []
+    try:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=16)
+        channel.basic_consume("tb-m", no_ack=False, consumer_tag="tb-m",
+                              callback=lambda message: got.append(message.delivery_tag))
+        while len(got) < 3:
+            conn.drain_events(timeout=5)
+        assert got == ["m-0", "m-2", "m-4"]
+        assert [raw for _, raw in quarantined] == ["not json {", '{"no": "envelope"}']
+        assert client.llen("tb-m") == 0
+        assert sorted(client.hkeys(channel.unacked_key)) == [b"m-0", b"m-2", b"m-4"]
+    finally:
+        conn.release()
+        client.delete("tb-m")

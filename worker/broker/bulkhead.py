@@ -40,7 +40,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from . import gate
+from . import gate, transport
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,12 @@ class Bulkhead:
         """Deliveries from ``queue`` this process holds now."""
         return self._held[queue]
 
+    def room(self, queue: str) -> int | None:
+        """How many more deliveries from ``queue`` this process may take now (None: a queue not counted)."""
+        if queue not in self.queues:
+            return None
+        return max(0, self.limit - self._held[queue])
+
     def full(self) -> set[str]:
         """The queues at their share now (not being taken)."""
         with self._lock:
@@ -163,11 +169,13 @@ class BulkheadStep(bootsteps.StartStopStep):
         if not in_process or limit >= concurrency:
             # Prefork runs tasks in other processes, where the end of a delivery cannot be counted here.
             _bulkhead = None
+            transport.queue_room = None
             return
         if _bulkhead is None or _bulkhead.limit != limit or _bulkhead.queues != frozenset(queues):
             _bulkhead = Bulkhead(limit, queues)
             log.info("bulkhead: the deliveries of each of %s hold at most %d of the %d threads",
                      ", ".join(queues), limit, concurrency)
+        transport.queue_room = _bulkhead.room  # a take brings no more of a queue than its room
         for queue in _bulkhead.full():
             gate.limit(queue)
         self._timer = c.timer.call_repeatedly(RECONCILE_INTERVAL, _reconcile)

@@ -3,8 +3,10 @@
 Stock kombu takes a message with BRPOP and records it as unacknowledged (the
 ``unacked`` hash kombu restores from) in a second command. A worker that dies
 between the two — SIGKILL, OOM, a frozen host — takes the message with it: it
-is in neither place. Here a worker takes a message with one Lua script that
-pops it and records it in the same atomic step (:data:`_TAKE`). When every
+is in neither place. Here a worker takes messages with one Lua script that
+pops each and records it in the same atomic step (:data:`_TAKE`): up to
+:data:`TAKE_MOST` in one round trip, within the prefetch window and each queue's
+bulkhead room (:mod:`worker.broker.bulkhead`), one queue's at a time in turn. When every
 queue is empty the worker waits for one to fill with ``BLMOVE q q RIGHT RIGHT``,
 which returns the tail without removing it, then takes. With one queue that
 wait is as long as BRPOP's; with several it watches each for at most
@@ -236,58 +238,101 @@ def _is_envelope(message: Any) -> bool:
 WATCH_EACH = 0.1
 
 # KEYS: the lists to take from in order (kombu's priority keys for each queue), then unacked, unacked_index.
-# ARGV: now (the client's clock, as kombu's own unacked index), the key prefix, the turn's lease (ms), then each
-# list's queue name.
-# Takes the first message found and records it as held, as kombu's QoS.append does, in one step: the
-# record is [message, exchange, routing key] with the message's JSON text spliced in unchanged.
-# Returns {list, message, recorded (1/0)}, or false when every list is empty. Not a kombu envelope:
-# popped and returned unrecorded, for the transport to quarantine.
+# ARGV: now (the client's clock, as kombu's own unacked index), the key prefix, the turn's lease (ms), the most
+# messages to take, then each list's queue name, then each list's room (the most messages of its queue to take,
+# -1 for no cap; the first message found is taken whatever its queue's room).
+# Takes up to that many messages, in passes over the lists: each pass takes at most one message per queue (the
+# first of its lists, in priority order, that has one), so one queue's backlog never crowds out another's; a
+# pass that finds nothing ends it. Each message is recorded as held, as kombu's QoS.append does, in the same
+# step: the record is [message, exchange, routing key] with the message's JSON text spliced in unchanged.
+# Returns {{list, message, recorded (1/0), claim...}, ...}, or false when every list is empty. Not a kombu
+# envelope: popped and returned unrecorded, for the transport to quarantine.
 #
 # The order matters on a full Redis. Redis does not roll a script back; it checks maxmemory at the
 # script's first write only: a command that adds memory (HSET, ZADD, LPUSH: "deny-oom") is refused if it
 # is the script's first write, and once anything was written (even an RPOP of an empty list) the rest
 # runs past maxmemory. Popping first, as before, meant the take always went through on a full Redis
 # (a record written past maxmemory, and the worker went on taking work whose outcome it could not write).
-# So the message is read (LINDEX), recorded (HSET: the first write; refused whole when Redis is full,
+# So the first message is read (LINDEX), recorded (HSET: the first write; refused whole when Redis is full,
 # nothing changed, the message still on its queue), and only then popped (RPOP of the same, tail, element).
+# A take that went through runs whole: at most TAKE_MOST records written past maxmemory by a Redis that
+# filled up in this very step.
 #
 # A delivery kept in its person's order (``vdw_order`` header: worker/delivery/ordering.py) is claimed for its person
 # in the same step (``vdw_claim``, ARGV: the key prefix and the turn's lease): the claim's answer follows the
 # record flag, and the task starts from it instead of asking Redis again.
 _TAKE = ordering.CLAIM_FN + """
 local n = #KEYS - 2
+local most = tonumber(ARGV[4])
+local room = {}
 for i = 1, n do
-  local m = redis.call('LINDEX', KEYS[i], -1)
-  if m then
-    local ok, d = pcall(cjson.decode, m)
-    local props = ok and type(d) == 'table' and d['properties']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if type(tag) ~= 'string' then
-      redis.call('RPOP', KEYS[i])
-      return {KEYS[i], m, 0}
-    end
-    local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
-    local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
-    local queue = ARGV[i + 3]
-    local rk = type(info['routing_key']) == 'string' and info['routing_key'] or queue
-    redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
-    redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
-    redis.call('RPOP', KEYS[i])
-    local h = type(d['headers']) == 'table' and d['headers'] or {}
-    local person, task = h['vdw_order'], h['id']
-    if type(person) == 'string' and type(task) == 'string' then
-      local base = ARGV[2] .. ':order:' .. queue
-      local claim = vdw_claim(base .. ':' .. person, base .. ':events', base .. ':turn:' .. person,
-                              base .. ':outcome', task, ARGV[3], ordering_most)
-      local out = {KEYS[i], m, 1}
-      for j = 1, #claim do out[#out + 1] = claim[j] end
-      return out
-    end
-    return {KEYS[i], m, 1}
-  end
+  local q = ARGV[i + 4]
+  local r = tonumber(ARGV[n + i + 4])
+  if room[q] == nil then room[q] = (r == nil or r < 0) and most or r end
 end
-return false
+local out = {}
+local function take(i, queue, m)
+  local ok, d = pcall(cjson.decode, m)
+  local props = ok and type(d) == 'table' and d['properties']
+  local tag = type(props) == 'table' and props['delivery_tag']
+  if type(tag) ~= 'string' then
+    redis.call('RPOP', KEYS[i])
+    return {KEYS[i], m, 0}
+  end
+  local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
+  local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
+  local rk = type(info['routing_key']) == 'string' and info['routing_key'] or queue
+  redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+  redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
+  redis.call('RPOP', KEYS[i])
+  room[queue] = room[queue] - 1
+  local entry = {KEYS[i], m, 1}
+  local h = type(d['headers']) == 'table' and d['headers'] or {}
+  local person, task = h['vdw_order'], h['id']
+  if type(person) == 'string' and type(task) == 'string' then
+    local base = ARGV[2] .. ':order:' .. queue
+    local claim = vdw_claim(base .. ':' .. person, base .. ':events', base .. ':turn:' .. person,
+                            base .. ':outcome', task, ARGV[3], ordering_most)
+    for j = 1, #claim do entry[#entry + 1] = claim[j] end
+  end
+  return entry
+end
+while #out < most do
+  local pass = {}
+  local found = false
+  for i = 1, n do
+    local queue = ARGV[i + 4]
+    if #out < most and not pass[queue] and (room[queue] > 0 or #out == 0) then
+      local m = redis.call('LINDEX', KEYS[i], -1)
+      if m then
+        pass[queue] = true
+        found = true
+        out[#out + 1] = take(i, queue, m)
+      end
+    end
+  end
+  if not found then break end
+end
+if #out == 0 then return false end
+return out
 """.replace("ordering_most", str(ordering.MAX_ENTRIES))
+
+#: The most messages one take brings (one round trip), within the prefetch window's and each queue's room.
+TAKE_MOST = 16
+
+#: How many more messages of a queue this worker process may hold now (the bulkhead's room:
+#: :func:`worker.broker.bulkhead.room`), or None for no cap; set while the worker runs a bulkhead.
+queue_room: Callable[[str], int | None] | None = None
+
+
+def take_args(keys: list[str], names: list[str], unacked: str, unacked_index: str, most: int,
+              rooms: list[int | None] | None = None) -> list[Any]:
+    """The ``EVAL`` of :data:`_TAKE`: up to ``most`` messages from ``keys`` (lists of the queues ``names``), each
+    queue's at most its ``rooms`` entry (None: no cap)."""
+    s = get_settings()
+    caps = ["-1" if r is None else str(r) for r in (rooms or [None] * len(keys))]
+    return ["EVAL", _TAKE, len(keys) + 2, *keys, unacked, unacked_index, repr(time.time()), s.key_prefix,
+            int(s.visibility_timeout * 1000), most, *names, *caps]
 
 #: Claims the take made, by delivery tag, until the task takes its own (:func:`take_claim`).
 _claims: dict[str, ordering.Turn] = {}
@@ -473,9 +518,11 @@ class Channel(kombu_redis.Channel):
         else:
             keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
             names = [q for pri in self.priority_steps for q in queues]
-            s = get_settings()
-            args = ["EVAL", _TAKE, len(keys) + 2, *keys, self.unacked_key, self.unacked_index_key,
-                    repr(time.time()), s.key_prefix, int(s.visibility_timeout * 1000), *names]
+            window = self.qos.can_consume_max_estimate()
+            most = max(1, min(TAKE_MOST, TAKE_MOST if window is None else window))
+            room = queue_room
+            rooms = None if room is None or most == 1 else [room(q) for q in names]
+            args = take_args(keys, names, self.unacked_key, self.unacked_index_key, most, rooms)
             self._pending = "take"
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's class default is None
@@ -549,35 +596,50 @@ class Channel(kombu_redis.Channel):
             if pending == "pause":
                 self._pending = None  # take again
                 raise kombu_redis.Empty()
-            if pending == "watch" or (reply and reply[2]):
+            if pending == "watch" or (reply and any(entry[2] for entry in reply)):
                 FULLNESS.room()  # Redis took a write: a record, or a watch (refused when full)
             if pending == "watch" or not reply:
                 # A watch that saw a message (or timed out) is followed by a take; a take that found
                 # nothing, by a watch.
                 self._pending = "empty" if pending == "take" else None
                 raise kombu_redis.Empty()
-            key, item, recorded, *claim = reply
-            dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            try:
-                message = loads(bytes_to_str(item))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                quarantine(dest, bytes_to_str(item), f"{type(exc).__name__}: {exc}")
-                raise kombu_redis.Empty() from None
-            if recorded:
-                tag = message["properties"]["delivery_tag"]
-                if not _is_envelope(message):  # quarantined by _deliver: nothing holds it
-                    self.qos._remove_from_indices(tag).execute()
-                else:
-                    self._recorded.add(tag)
-                    if claim:
-                        with _kept_lock:
-                            _claims[tag] = ordering.turn_from_reply(claim)
-            self.connection._deliver(message, dest)
+            # Every message the take brought is handed on, even if one of them fails to be: each is recorded
+            # as held, and one left out would wait for the visibility timeout. The first failure is raised after.
+            delivered, failure = False, None
+            for key, item, recorded, *claim in reply:
+                try:
+                    delivered = self._take_one(bytes_to_str(key), item, recorded, claim) or delivered
+                except Exception as exc:  # noqa: BLE001 - raised below, once the rest are handed on
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
+            if not delivered:
+                raise kombu_redis.Empty()
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu's class default is False
             self._flush_brpop_reauth()
+
+    def _take_one(self, key: str, item: bytes, recorded: int, claim: list[Any]) -> bool:
+        """Hand one taken message to its consumer; False if it was quarantined instead."""
+        dest = key.rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(dest)
+        try:
+            message = loads(bytes_to_str(item))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            quarantine(dest, bytes_to_str(item), f"{type(exc).__name__}: {exc}")
+            return False
+        if recorded:
+            tag = message["properties"]["delivery_tag"]
+            if not _is_envelope(message):  # quarantined by _deliver: nothing holds it
+                self.qos._remove_from_indices(tag).execute()
+            else:
+                self._recorded.add(tag)
+                if claim:
+                    with _kept_lock:
+                        _claims[tag] = ordering.turn_from_reply(claim)
+        self.connection._deliver(message, dest)
+        return True
 
 
 class Poller(kombu_redis.MultiChannelPoller):
