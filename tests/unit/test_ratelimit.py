@@ -487,3 +487,20 @@ def test_an_answer_read_late_is_not_sent_on(client, key):
     assert second.granted and second.rtt == pytest.approx(0.03)
     clock.now += 0.03  # what the thread did not see: Redis' clock went on meanwhile
     assert limiter.hold(second, time.sleep) == Admission(False, 0.0, "late")
+
+
+def test_a_vendor_whose_limit_binds_is_taken_one_message_at_a_time(client, key):
+    """While a delivery found no token free at once in the last BINDING_FOR seconds, the consumer takes the vendor's
+    queue one message at a time (room 0): a take of several would mostly be thrown back as Throttled."""
+    from worker.limits import throttle as throttling
+
+    clock = Clock()
+    throttle = Throttle(max_waiters=1, clock=clock, sleep=lambda seconds: None)
+    throttle.wait("bound-v", Unlimited())
+    assert throttling.room("bound-v") is None, "a token free at once: no cap"
+    bucket = TokenBucket(client, key, rate=1)
+    bucket.acquire()
+    throttle.wait("bound-v", bucket)  # waited (the sleep stubbed) for the next token
+    assert throttling.room("bound-v") == 0 and throttling.room("other-v") is None
+    clock.now += throttling.BINDING_FOR + 0.1
+    assert throttling.room("bound-v") is None

@@ -169,13 +169,11 @@ class BulkheadStep(bootsteps.StartStopStep):
         if not in_process or limit >= concurrency:
             # Prefork runs tasks in other processes, where the end of a delivery cannot be counted here.
             _bulkhead = None
-            transport.queue_room = None
             return
         if _bulkhead is None or _bulkhead.limit != limit or _bulkhead.queues != frozenset(queues):
             _bulkhead = Bulkhead(limit, queues)
             log.info("bulkhead: the deliveries of each of %s hold at most %d of the %d threads",
                      ", ".join(queues), limit, concurrency)
-        transport.queue_room = _bulkhead.room  # a take brings no more of a queue than its room
         for queue in _bulkhead.full():
             gate.limit(queue)
         self._timer = c.timer.call_repeatedly(RECONCILE_INTERVAL, _reconcile)
@@ -186,6 +184,14 @@ class BulkheadStep(bootsteps.StartStopStep):
             self._timer = None
 
     shutdown = stop
+
+
+def _room(queue: str) -> int | None:
+    b = _bulkhead
+    return None if b is None else b.room(queue)
+
+
+transport.add_room(_room)  # a take brings no more of a queue than its share has room for
 
 
 def _reconcile() -> None:

@@ -38,6 +38,7 @@ from ..delivery.pipeline import Delivered, Merged, Parked, RetryableError, Vendo
 from ..envelope import DELIVER_TASK
 from ..errors import DeadLettered
 from ..keys import HEADER
+from ..limits import throttle
 from ..limits.throttle import Throttled
 from ..redisconf import REDIS_FULL
 from ..retries.attempts import RetryState
@@ -46,6 +47,9 @@ from .app import app
 from .attempt import attempt, unexpected
 
 log = logging.getLogger(__name__)
+
+# A take brings one message of a vendor's queue at a time while its rate limit binds.
+transport.add_room(throttle.room)
 
 
 class ThrottledReject(Reject):

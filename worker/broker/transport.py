@@ -320,9 +320,22 @@ return out
 #: The most messages one take brings (one round trip), within the prefetch window's and each queue's room.
 TAKE_MOST = 16
 
-#: How many more messages of a queue this worker process may hold now (the bulkhead's room:
-#: :func:`worker.broker.bulkhead.room`), or None for no cap; set while the worker runs a bulkhead.
-queue_room: Callable[[str], int | None] | None = None
+#: What caps how many more messages of a queue this worker process takes now, each answering a number or None
+#: (no cap): the bulkhead's room (:meth:`worker.broker.bulkhead.Bulkhead.room`), the throttle's (none while a
+#: vendor's rate limit binds: :func:`worker.limits.throttle.room`). :func:`add_room` adds one.
+_rooms: list[Callable[[str], int | None]] = []
+
+
+def add_room(room: Callable[[str], int | None]) -> None:
+    """Cap each take of a queue by ``room(queue)`` (None: no cap), besides the prefetch window and :data:`TAKE_MOST`."""
+    if room not in _rooms:
+        _rooms.append(room)
+
+
+def room(queue: str) -> int | None:
+    """How many more messages of ``queue`` a take may bring now: the least of every cap (None: none caps it)."""
+    caps = [n for r in _rooms if (n := r(queue)) is not None]
+    return min(caps) if caps else None
 
 
 def take_args(keys: list[str], names: list[str], unacked: str, unacked_index: str, most: int,
@@ -520,8 +533,7 @@ class Channel(kombu_redis.Channel):
             names = [q for pri in self.priority_steps for q in queues]
             window = self.qos.can_consume_max_estimate()
             most = max(1, min(TAKE_MOST, TAKE_MOST if window is None else window))
-            room = queue_room
-            rooms = None if room is None or most == 1 else [room(q) for q in names]
+            rooms = None if most == 1 or not _rooms else [room(q) for q in names]
             args = take_args(keys, names, self.unacked_key, self.unacked_index_key, most, rooms)
             self._pending = "take"
         self._in_poll = self.client.connection

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
@@ -41,6 +42,9 @@ DEFAULT_HORIZON = 2.0
 RESUME_LEAD = 0.25
 #: A waiter that keeps waking too late takes at most this many new slots, then sends anyway.
 MAX_LATE_RETAKES = 3
+#: Seconds after a delivery last found no token free at once during which its vendor's limit counts as binding
+#: (:func:`room`).
+BINDING_FOR = 1.0
 #: Seconds a thread may wait for a token in all; then its message is requeued (:class:`Throttled`), so no
 #: delivery holds its message longer than the broker's visibility timeout allows for (the settings count it in).
 DEFAULT_MAX_TOTAL = TOKEN_WAIT_MAX
@@ -71,15 +75,24 @@ class Throttle:
         self.clock = clock
         self._lock = threading.Lock()
         self._waiters: Counter[str] = Counter()
+        self._binding: dict[str, float] = {}
+        _throttles.add(self)
 
     def waiting(self, vendor: str) -> int:
         return self._waiters[vendor]
+
+    def binds(self, vendor: str) -> bool:
+        """Whether ``vendor``'s limit binds in this throttle: a delivery found no token free at once in the last
+        :data:`BINDING_FOR` seconds."""
+        since = self._binding.get(vendor)
+        return since is not None and self.clock() - since <= BINDING_FOR
 
     def wait(self, vendor: str, limiter: RateLimiter) -> None:
         """Return when this thread holds a token for ``vendor``; raise :class:`Throttled` instead of queueing up."""
         now = limiter.acquire(max_wait=0.0)
         if now.granted and limiter.hold(now, self.sleep).admitted:  # a token now (and its answer read in time)
             return
+        self._binding[vendor] = self.clock()
         with self._lock:
             full = self._waiters[vendor] >= self.max_waiters
             if not full:
@@ -105,3 +118,19 @@ class Throttle:
         finally:
             with self._lock:
                 self._waiters[vendor] -= 1
+
+
+#: Every throttle of this process (one per delivery pipeline).
+_throttles: weakref.WeakSet[Throttle] = weakref.WeakSet()
+
+
+def room(vendor: str) -> int | None:
+    """How many more of ``vendor``'s deliveries this process's consumer should take at once: none beyond one while
+    its rate limit binds in a throttle of the process (:meth:`Throttle.binds`), else None (no cap). The consumer
+    then takes such a vendor's messages one at a time (:mod:`worker.broker.transport`), as fast as its tokens come:
+    a take of several would mostly be thrown back (:class:`Throttled`) and put on the queue again.
+
+    >>> room("a-vendor-never-throttled") is None
+    True
+    """
+    return 0 if any(t.binds(vendor) for t in list(_throttles)) else None
