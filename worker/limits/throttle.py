@@ -43,8 +43,9 @@ RESUME_LEAD = 0.25
 #: A waiter that keeps waking too late takes at most this many new slots, then sends anyway.
 MAX_LATE_RETAKES = 3
 #: Seconds after a delivery last found no token free at once during which its vendor's limit counts as binding
-#: (:func:`room`).
-BINDING_FOR = 1.0
+#: (:func:`room`): longer than a throttled queue's pause (at most 2 s, :mod:`worker.broker.gate`) plus the
+#: horizon, in which no delivery of it comes to find out.
+BINDING_FOR = 5.0
 #: Seconds a thread may wait for a token in all; then its message is requeued (:class:`Throttled`), so no
 #: delivery holds its message longer than the broker's visibility timeout allows for (the settings count it in).
 DEFAULT_MAX_TOTAL = TOKEN_WAIT_MAX
