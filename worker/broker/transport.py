@@ -6,7 +6,8 @@ between the two — SIGKILL, OOM, a frozen host — takes the message with it: i
 is in neither place. Here a worker takes messages with one Lua script that
 pops each and records it in the same atomic step (:data:`_TAKE`): up to
 :data:`TAKE_MOST` in one round trip, within the prefetch window and each queue's
-bulkhead room (:mod:`worker.broker.bulkhead`), one queue's at a time in turn. When every
+bulkhead room (:mod:`worker.broker.bulkhead`), one queue's at a time in turn, and one
+at a time of a vendor whose rate limit binds (:func:`worker.limits.throttle.room`). When every
 queue is empty the worker waits for one to fill with ``BLMOVE q q RIGHT RIGHT``,
 which returns the tail without removing it, then takes. With one queue that
 wait is as long as BRPOP's; with several it watches each for at most

@@ -77,7 +77,8 @@ class Throttle:
         self._lock = threading.Lock()
         self._waiters: Counter[str] = Counter()
         self._binding: dict[str, float] = {}
-        _throttles.add(self)
+        with _throttles_lock:
+            _throttles.add(self)
 
     def waiting(self, vendor: str) -> int:
         return self._waiters[vendor]
@@ -121,8 +122,10 @@ class Throttle:
                 self._waiters[vendor] -= 1
 
 
-#: Every throttle of this process (one per delivery pipeline).
+#: Every throttle of this process (one per delivery pipeline); added to and read under the lock: a pipeline is made
+#: on a delivery thread while the consumer's thread may be reading them (:func:`room`).
 _throttles: weakref.WeakSet[Throttle] = weakref.WeakSet()
+_throttles_lock = threading.Lock()
 
 
 def room(vendor: str) -> int | None:
@@ -134,4 +137,6 @@ def room(vendor: str) -> int | None:
     >>> room("a-vendor-never-throttled") is None
     True
     """
-    return 0 if any(t.binds(vendor) for t in list(_throttles)) else None
+    with _throttles_lock:
+        throttles = list(_throttles)
+    return 0 if any(t.binds(vendor) for t in throttles) else None
