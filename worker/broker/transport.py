@@ -534,7 +534,10 @@ class Channel(kombu_redis.Channel):
             names = [q for pri in self.priority_steps for q in queues]
             window = self.qos.can_consume_max_estimate()
             most = max(1, min(TAKE_MOST, TAKE_MOST if window is None else window))
-            rooms = None if most == 1 or not _rooms else [room(q) for q in names]
+            rooms = None
+            if most > 1 and _rooms:
+                caps = {q: room(q) for q in queues}  # once per queue: names repeats each per priority step
+                rooms = [caps[q] for q in names]
             args = take_args(keys, names, self.unacked_key, self.unacked_index_key, most, rooms)
             self._pending = "take"
         self._in_poll = self.client.connection
