@@ -8,6 +8,12 @@ import sys
 import textwrap
 
 
+def kombu_envelope(tag: str, queue: str = "q") -> dict:
+    """A minimal kombu message envelope on ``queue`` with delivery tag ``tag``, as a worker takes one."""
+    return {"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8", "headers": {},
+            "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+
 def run_python(code: str, env: dict[str, str] | None = None, cwd: str | None = None) -> dict:
     """Run ``code`` in a fresh interpreter (a clean import state: monkey-patching, lazy imports) and return
     the JSON object it printed last; a failure shows its output."""

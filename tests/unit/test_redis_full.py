@@ -14,6 +14,7 @@ import logging
 import pytest
 import redis
 
+from tests.helpers import kombu_envelope
 from worker.dev.localstack import RedisServer, wait_until
 from worker.redisconf import REDIS_FULL
 
@@ -139,17 +140,12 @@ def test_the_asyncio_api_spools_on_a_full_redis_too(full_redis, producer_on, cap
 # -- the worker's Redis writes -------------------------------------------------------------------------------
 
 
-def _envelope(tag: str, queue: str = "q") -> dict:
-    return {"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8", "headers": {},
-            "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}}
-
-
 def test_a_take_refused_by_a_full_redis_leaves_the_message_on_its_queue(full_redis):
     """The take records before it pops: a full Redis refuses its first write and nothing changes."""
     from worker.broker.transport import take_args
 
     client = full_redis.client()
-    message = json.dumps(_envelope("t1"))
+    message = json.dumps(kombu_envelope("t1"))
     client.lpush("q", message)
     take = take_args(["q"], ["q"], "unacked", "unacked_index", 1)
     full_redis.fill()
@@ -160,7 +156,7 @@ def test_a_take_refused_by_a_full_redis_leaves_the_message_on_its_queue(full_red
     full_redis.room()
     [(queue, taken, recorded)] = client.execute_command(*take)
     assert (queue, taken, recorded) == (b"q", message.encode(), 1)
-    assert client.llen("q") == 0 and json.loads(client.hget("unacked", "t1"))[0] == _envelope("t1")
+    assert client.llen("q") == 0 and json.loads(client.hget("unacked", "t1"))[0] == kombu_envelope("t1")
 
 
 def _channel(server: RedisServer):
@@ -172,7 +168,7 @@ def _channel(server: RedisServer):
 
 def _hold(client: redis.Redis, tag: str, score: float = 1.0) -> None:
     """A message a worker took, as kombu records it."""
-    client.hset("unacked", tag, json.dumps([_envelope(tag), "", "q"]))
+    client.hset("unacked", tag, json.dumps([kombu_envelope(tag), "", "q"]))
     client.zadd("unacked_index", {tag: score})
 
 
@@ -233,8 +229,8 @@ def test_a_probe_claims_nothing_from_a_full_redis(full_redis):
 
     client = full_redis.client()
     schedule = RetrySchedule(client, "vdw")
-    client.lpush("loops", json.dumps(_envelope("q1", "loops")))
-    client.zadd(schedule.key("loops"), {json.dumps(_envelope("r1", "loops")): 1})
+    client.lpush("loops", json.dumps(kombu_envelope("q1", "loops")))
+    client.zadd(schedule.key("loops"), {json.dumps(kombu_envelope("r1", "loops")): 1})
     full_redis.fill()
     with pytest.raises(redis.OutOfMemoryError):
         schedule.claim_one("loops")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from kombu import Connection
 
+from tests.helpers import kombu_envelope
+
 
 def test_a_channel_keeps_its_redis_address_after_the_transport_lets_go(redis_server):
     conn = Connection(redis_server.url, transport="worker.broker.transport:Transport")
@@ -105,9 +107,7 @@ def test_a_channel_of_several_queues_watches_briefly_while_the_gate_leaves_it_on
 def _message(tag: str, queue: str) -> str:
     import json
 
-    return json.dumps({"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8",
-                       "headers": {"id": tag},
-                       "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}}})
+    return json.dumps(kombu_envelope(tag, queue))
 
 
 def test_a_take_brings_up_to_its_most_each_queue_in_turn_and_within_its_room(redis_server):
