@@ -144,3 +144,7 @@ def test_a_queue_given_back_while_redis_is_full_is_taken_again(start_worker, pro
         raise AssertionError(f"{len(missing)} of {len(ids)} Loops events never delivered; worker alive: "
                              f"{consumer.proc.poll() is None}\n{consumer.log()[-3000:]}") from None
     assert consumer.proc.poll() is None
+    # Said as the transport says it, in one line: the test above finds no "OutOfMemoryError" in a worker's log.
+    log = consumer.log()
+    assert f"could not take messages from loops again ({REDIS_FULL}" in log and "OutOfMemoryError" not in log, \
+        log[-3000:]

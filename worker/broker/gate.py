@@ -23,7 +23,10 @@ import logging
 import threading
 from typing import Any
 
+import redis
 from celery import bootsteps
+
+from ..redisconf import REDIS_FULL
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +192,10 @@ def _resume(c, queue: str, pause_over: bool = False) -> None:
             return
         first = queue not in _failing
         _failing.add(queue)
-        log.log(logging.WARNING if first else logging.DEBUG, "could not take messages from %s again (%s: %s); "
-                "trying again every %g s", queue, type(exc).__name__, exc, RESUME_RETRY)
+        # Named as the transport names a full Redis (one line, no exception class: it is no traceback).
+        why = f"{REDIS_FULL} ({exc})" if isinstance(exc, redis.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+        log.log(logging.WARNING if first else logging.DEBUG, "could not take messages from %s again (%s); "
+                "trying again every %g s", queue, why, RESUME_RETRY)
         c.timer.call_after(RESUME_RETRY, _soon, (c, _resume, c, queue))
         return
     if queue in _failing:
