@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -122,3 +123,33 @@ def test_events_off_the_step_does_nothing(dispatcher):
     dispatcher.enabled = False
     started(dispatcher, hub=Hub())
     assert dispatcher.on_send_buffered is None and dispatcher.buffer_group == frozenset()
+
+
+def test_senders_do_not_queue_behind_a_flush_under_way_and_what_they_send_goes_out_in_one_batch(dispatcher):
+    """While one flush writes to the socket, other senders that fill the buffer go on instead of waiting for the
+    dispatcher's lock and each then publishing the few events that came in meanwhile (Celery's own behaviour)."""
+    timer = Timer()
+    c, step = started(dispatcher, timer=timer)
+    record = dispatcher._publish
+    writing, go = threading.Event(), threading.Event()
+
+    def slow_write(event, producer, routing_key, **kw):
+        writing.set()
+        assert go.wait(60)  # the socket write under way
+        record(event, producer, routing_key)
+
+    dispatcher._publish = slow_write
+    first = threading.Thread(target=send, args=(dispatcher, taskevents.EVENT_BATCH))
+    first.start()
+    assert writing.wait(60)
+    more = threading.Thread(target=send, args=(dispatcher, taskevents.EVENT_BATCH + 2, taskevents.EVENT_BATCH))
+    more.start()
+    more.join(60)  # a deadlock guard only: returns at once unless the sender waits for the flush under way
+    assert not more.is_alive()
+    go.set()
+    first.join(60)
+    assert [len(body) for _, body in dispatcher.published] == [taskevents.EVENT_BATCH]
+    timer.later.pop()[1]()  # the flush under way armed the timer for what came in during its write
+    assert [len(body) for _, body in dispatcher.published] == [taskevents.EVENT_BATCH, taskevents.EVENT_BATCH + 2]
+    assert events(dispatcher.published) == [str(i) for i in range(2 * taskevents.EVENT_BATCH + 2)]
+    step.stop(c)
