@@ -30,14 +30,16 @@ SITECUSTOMIZE = textwrap.dedent('''
         "breaker": ("worker.retries.breaker", "Breaker", "is_open", "redis.exceptions:TimeoutError"),
         "schedule": ("worker.retries.schedule", "RetrySchedule", "add", "redis.exceptions:OutOfMemoryError"),
         "deadletters": ("worker.delivery.deadletters", "DeadLetterStore", "add", "redis.exceptions:OutOfMemoryError"),
-        "order": ("worker.delivery.ordering", "PersonLog", "finish", "redis.exceptions:ConnectionError"),
+        # The turn's end made with the message's acknowledgement (on the threads pool, a loop turn's together).
+        "order": ("worker.scripts", None, "run_together", "redis.exceptions:ConnectionError"),
         "vendor": ("worker.vendors.loops", "Loops", "build", "builtins:KeyError"),
     }
     spec = os.environ.get("VDW_TEST_FAULT")
     if spec:
         target, count = spec.split(":")
         module, cls, name, error = TARGETS[target]
-        owner = getattr(importlib.import_module(module), cls)
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
         err_module, err_name = error.split(":")
         exc = getattr(importlib.import_module(err_module), err_name)
         original = getattr(owner, name)
@@ -49,7 +51,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                 fire = left[0] > 0
                 left[0] -= 1
             if fire:
-                raise exc(f"injected fault in {cls}.{name}")
+                raise exc(f"injected fault in {cls or module}.{name}")
             return original(*args, **kwargs)
 
         setattr(owner, name, faulty)

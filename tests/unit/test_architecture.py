@@ -29,7 +29,7 @@ ROLES = [
     ("worker.testing", "producer"),
     ("worker.errors", "core"), ("worker.settings", "core"), ("worker.redisconf", "core"),
     ("worker.events", "core"), ("worker.scrub", "core"), ("worker.keys", "core"), ("worker.envelope", "core"),
-    ("worker.clients", "core"), ("worker.http11", "core"), ("worker.slots", "core"),
+    ("worker.clients", "core"), ("worker.http11", "core"), ("worker.slots", "core"), ("worker.scripts", "core"),
     ("worker.observability", "core"),
     ("worker", "producer"),  # the package itself: the producer API
 ]

@@ -26,6 +26,7 @@ from ..errors import DeadLettered
 from ..keys import HEADER
 from ..retries.attempts import RetryState
 from ..retries.schedule import poke
+from ..scripts import ScriptCall
 from . import transport
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def attempt(vendor: Any, event: Any, state: RetryState, task_id: str, tag: str |
     person = person if isinstance(person, str) and person else None
     defer = None
     if tag and not probe:  # a Celery delivery: the turn ends with the message's acknowledgement
-        def defer(end: Callable[[str], object]) -> None:
-            transport.ack_with(tag, functools.partial(end, tag))
+        def defer(end: Callable[[str], ScriptCall]) -> None:
+            transport.ack_with(tag, end(tag))
     result = pipeline.deliver(vendor, event, attempt=state.next_attempt, task_id=task_id,
                               first_failure=state.first_failure, probe=probe, person=person, tag=tag,
                               park=lambda: _retry_message(vendor, event, task_id, retries, state, person),

@@ -80,8 +80,10 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.eventio import READ
 from kombu.utils.json import dumps, loads
 
+from .. import scripts
 from ..delivery import ordering
 from ..redisconf import REDIS_FULL
+from ..scripts import ScriptCall
 from ..settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -109,13 +111,14 @@ def keep_unacked(tag: str | None) -> None:
 
 # Delivery tags whose acknowledgement is a function of the task's (a delivery's end and its ack in one round
 # trip: worker/delivery/ordering.py PersonLog.finish with ``ack``).
-_acks: dict[str, Callable[[], object]] = {}
+_acks: dict[str, ScriptCall] = {}
 
 
-def ack_with(tag: str, ack: Callable[[], object]) -> None:
-    """Acknowledge message ``tag`` by calling ``ack`` (which removes kombu's record of it) instead of kombu's
-    own two commands. If ``ack`` raises, the message stays held in Redis and comes back after the visibility
-    timeout (at least once: what it recorded is redone)."""
+def ack_with(tag: str, ack: ScriptCall) -> None:
+    """Acknowledge message ``tag`` by making the script call ``ack`` (which removes kombu's record of it) instead
+    of kombu's own two commands. If it fails, the message stays held in Redis and comes back after the visibility
+    timeout (at least once: what it recorded is redone). On the event loop's thread (the threads pool) the
+    acknowledgements of one turn of the loop go together, in one round trip (:meth:`QoS.flush_acks`)."""
     with _kept_lock:
         _acks[tag] = ack
 
@@ -374,6 +377,8 @@ class QoS(kombu_redis.QoS):
         # Held messages whose delivery ended here without a record of its outcome: (tag, score of its record
         # in the unacked index), to put back on their queue as soon as Redis takes writes (Channel._restore_kept).
         self.kept: list[tuple[str, float | None]] = []
+        # Acknowledgements by script made on the event loop's thread and not sent yet: (tag, call).
+        self._ack_batch: list[tuple[str, ScriptCall]] = []
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.taken_and_recorded(delivery_tag):
@@ -402,18 +407,48 @@ class QoS(kombu_redis.QoS):
             return
         self._settled(delivery_tag)
 
-    def _acks_with(self, delivery_tag: str, ack: Callable[[], object]) -> None:
-        """Acknowledge with the delivery's own script (its end recorded in the same step)."""
+    def _acks_with(self, delivery_tag: str, ack: ScriptCall) -> None:
+        """Acknowledge with the delivery's own script (its end recorded in the same step): at once, or, on the
+        event loop's thread, with the loop's next turn, together with the others of this one."""
+        loop = self.channel.connection.loop_here()
+        if loop is not None:
+            self._ack_batch.append((delivery_tag, ack))
+            if len(self._ack_batch) == 1:
+                loop.call_soon(self.flush_acks)
+            return
         try:
-            ack()
-        except redis.RedisError as exc:  # Redis full or away: held, delivered again (what it recorded is redone)
-            if isinstance(exc, redis.OutOfMemoryError):
-                FULLNESS.seen(exc)
+            reply = ack()
+        except Exception as exc:  # noqa: BLE001 - Redis full or away, or anything: held, delivered again
+            reply = exc
+        self._acked_with(delivery_tag, reply)
+
+    def flush_acks(self) -> None:
+        """Make the acknowledgements gathered on the event loop's thread, in one round trip. (The consumer's
+        one thread makes every acknowledgement of the threads pool; one round trip each, while a hundred pool
+        threads wait for the GIL too, was what bounded a worker with slow vendors.)"""
+        batch, self._ack_batch = self._ack_batch, []
+        if not batch:
+            return
+        try:
+            replies = scripts.run_together([call for _, call in batch])
+        except Exception as exc:  # noqa: BLE001 - it returns Redis' errors; anything else: each held, delivered again
+            replies = [exc] * len(batch)
+        for (tag, _), reply in zip(batch, replies, strict=True):
+            self._acked_with(tag, reply)
+
+    def _acked_with(self, delivery_tag: str, reply: object) -> None:
+        if isinstance(reply, Exception):  # Redis full or away (or a bug): held, delivered again (its record redone)
+            if isinstance(reply, redis.OutOfMemoryError):
+                FULLNESS.seen(reply)
             log.warning("could not acknowledge %s with its delivery's end (%s); it stays held and comes back",
-                        delivery_tag, exc)
+                        delivery_tag, reply)
             self._keep(delivery_tag)
             return
         self._settled(delivery_tag)
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        self.flush_acks()  # shutting down: what ended here is acknowledged, not restored and delivered again
+        return super().restore_unacked_once(stderr)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if _marked(_acked, delivery_tag):  # its task acknowledged it: nothing to put back
@@ -742,6 +777,16 @@ class Transport(kombu_redis.Transport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cycle = Poller()  # type: ignore[assignment]  # kombu's base class types it as the virtual FairCycle
+        self._loop: Any = None
+        self._loop_thread: int | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self._loop, self._loop_thread = loop, threading.get_ident()  # the consumer's thread runs its loop
+        super().register_with_event_loop(connection, loop)
+
+    def loop_here(self) -> Any:
+        """The event loop this transport polls with, if the caller runs on its thread (else None)."""
+        return self._loop if self._loop_thread == threading.get_ident() else None
 
     def _deliver(self, message: Any, queue: str) -> None:
         if not _is_envelope(message):

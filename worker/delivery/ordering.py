@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import redis
 
 from ..keys import UNACKED, UNACKED_INDEX, order_keys
+from ..scripts import ScriptCall
 
 #: Pending calls one claim (or one round of a turn) reads: a merged request carries at most this many.
 MAX_ENTRIES = 100
@@ -262,11 +263,18 @@ class PersonLog:
         still to come); then, with ``go_on``, keep the turn for the calls left (CLAIMED with them), else give
         it up and unpark the person's parked messages ("released"). ``ack``: also acknowledge that delivery
         tag (remove kombu's record of the held message), in the same step."""
+        return turn_from_reply(self.finish_call(person, task_id, done, dead, go_on, lease, most, ack)())
+
+    def finish_call(self, person: str, task_id: str, done: Iterable[str] = (), dead: dict[str, str] | None = None,
+                    go_on: bool = False, lease: float = 0.0, most: int = MAX_ENTRIES,
+                    ack: str | None = None) -> ScriptCall:
+        """:meth:`finish`'s script call, to be made later (with the message's acknowledgement: its reply is
+        not needed there) or together with others (:func:`worker.scripts.run_together`)."""
         done = list(done)
         pairs = [x for item in (dead or {}).items() for x in item]
         keys = [*self._keys(person), f"{self.base}:parked:{person}", self.queue, self.held, UNACKED, UNACKED_INDEX]
         args = [task_id, _ms(lease), most, "1" if go_on else "0", person, ack or "", len(done), *done, *pairs]
-        return turn_from_reply(self._finish(keys=keys, args=args))
+        return ScriptCall(self._finish, keys, args)
 
     def extend(self, person: str, task_id: str, lease: float) -> bool:
         """The holder keeps its turn ``lease`` seconds from now (a retry waiting for its time)."""

@@ -56,6 +56,7 @@ from ..retries import backoff
 from ..retries.attempts import RetryState
 from ..retries.breaker import Breaker
 from ..retries.schedule import RetrySchedule
+from ..scripts import ScriptCall
 from ..settings import Settings, get_settings
 from ..vendors import VENDORS, Outcome, Request, Vendor, Verdict
 from ..vendors.base import AnyEvent
@@ -231,15 +232,15 @@ class Pipeline:
     def deliver(self, vendor_name: Any, payload: Any, attempt: int = 1, task_id: str | None = None,
                 first_failure: float | None = None, probe: bool = False, person: str | None = None,
                 park: Callable[[], str] | None = None, tag: str | None = None,
-                defer: Callable[[Callable[[str], object]], None] | None = None,
+                defer: Callable[[Callable[[str], ScriptCall]], None] | None = None,
                 claimed: ordering.Turn | None = None) -> Outcome_:
         """Deliver ``payload`` to ``vendor_name``: attempt number ``attempt`` (counted failures so far + 1).
 
         ``probe``: this delivery tests an open breaker, so it goes even though the breaker is open (alone,
         never in a batch). ``person`` (the message's :data:`~worker.delivery.ordering.HEADER`): the call is kept in that
         person's order (:meth:`_turn`); ``park`` makes the message that runs this task again if it must wait,
-        ``tag`` is its delivery tag; ``defer(end)``, when given, has the message's acknowledgement call
-        ``end(tag)`` instead: the turn's end and the ack in one round trip; ``claimed``: the claim of the person's
+        ``tag`` is its delivery tag; ``defer(end)``, when given, has the message's acknowledgement make the script
+        call ``end(tag)`` instead: the turn's end and the ack in one round trip; ``claimed``: the claim of the person's
         turn the message's take made already (worker/broker/transport.py), if it did.
         """
         try:
@@ -263,7 +264,7 @@ class Pipeline:
 
     def _deliver(self, vendor_name: Any, payload: Any, attempt: int, task_id: str | None,
                  first_failure: float | None, probe: bool, person: str | None, park: Callable[[], str] | None,
-                 tag: str | None, defer: Callable[[Callable[[str], object]], None] | None,
+                 tag: str | None, defer: Callable[[Callable[[str], ScriptCall]], None] | None,
                  claimed: ordering.Turn | None) -> Outcome_ | DeadLettered:
         vendor = self.vendors.get(vendor_name) if isinstance(vendor_name, str) else None
         if vendor is None:
@@ -320,7 +321,7 @@ class Pipeline:
         return log_
 
     def _turn(self, this: _Attempt, person: str, park: Callable[[], str], tag: str | None,
-              probe: bool, defer: Callable[[Callable[[str], object]], None] | None = None,
+              probe: bool, defer: Callable[[Callable[[str], ScriptCall]], None] | None = None,
               claimed: ordering.Turn | None = None) -> Outcome_ | DeadLettered:
         """Take the person's turn and deliver their pending calls from the oldest, merging runs of updates;
         or find this call delivered already (Merged), or park it behind the task that holds the turn.
@@ -623,9 +624,10 @@ class Pipeline:
         return stored
 
 
-def _end(order: PersonLog, person: str, task_id: str, done: list[str], dead: dict[str, str], ack: str) -> None:
-    """The turn's end, recorded with the acknowledgement of delivery tag ``ack``."""
-    order.finish(person, task_id, done, dead, ack=ack)
+def _end(order: PersonLog, person: str, task_id: str, done: list[str], dead: dict[str, str],
+         ack: str) -> ScriptCall:
+    """The turn's end, recorded with the acknowledgement of delivery tag ``ack``: the script call to make then."""
+    return order.finish_call(person, task_id, done, dead, ack=ack)
 
 
 def _outcome(stored: DeadLetter) -> str:
