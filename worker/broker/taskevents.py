@@ -1,4 +1,4 @@
-"""Task events for Flower, published in batches: one ``task.multi`` message per 24 events or 0.1 s, on any pool.
+"""Task events for Flower, published in batches: one ``task.multi`` message per 24+ events or 0.1 s, on any pool.
 
 A worker sends three task events per delivery (received, started, succeeded) so that Flower can show it.
 Celery buffers them and publishes the buffer on the next turn of its event loop (the threads pool), or each
