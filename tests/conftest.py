@@ -157,10 +157,14 @@ def worker_factory(base_env, tmp_path_factory, redis_server, leak_watch, request
     For workers of one test, use ``start_worker``: they are stopped when that test ends. A module-scoped
     fixture that starts a worker every test of the module shares uses this one.
 
-    When the module ends the private Redis is emptied, so that messages a module left queued
+    When the module starts and ends the private Redis is emptied, so that messages a module left queued
     (a throttled backlog, pending retries) do not reach the next module's workers.
     What the module left in Redis, and the workers' logs, go to ``leak_watch`` first.
     """
+    # The module starts on an empty Redis too: what tests without workers left (the unit tests' calls, queued or
+    # pending in a person's order under the product's prefix) must not reach this module's workers or checks.
+    leak_watch.add_redis(redis_server.url, f"redis before {request.module.__name__}")
+    redis.Redis.from_url(redis_server.url).flushdb()
     workers = Workers(base_env, str(tmp_path_factory.mktemp("worker-logs")))
     yield workers
     stop_workers(workers.started)
