@@ -114,6 +114,7 @@ def test_on_a_green_pool_the_workers_timer_flushes(dispatcher):
     assert [s for s, _ in timer.later] == [taskevents.EVENT_FLUSH] and dispatcher.published == []
     timer.later.pop()[1]()
     assert len(dispatcher.published) == 1 and events(dispatcher.published) == ["0", "1", "2", "3"]
+    assert timer.later == []  # nothing sent since: the timer is not armed again (no wake-ups on an idle worker)
     send(dispatcher, 1, start=4)
     step.stop(c)
     assert events(dispatcher.published) == ["0", "1", "2", "3", "4"]

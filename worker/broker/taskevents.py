@@ -73,22 +73,29 @@ class TaskEventBatch(bootsteps.StartStopStep):
         # dispatcher's lock, as before). Not a lock: gevent's yields to the hub whenever a try finds it taken.
         busy = [False]
 
-        def flush_once(errors: bool = True, groups: bool = True) -> None:
-            """The dispatcher's flush, unless one is under way (then it, or the timer it arms, takes the rest)."""
+        def publish_once(errors: bool = True, groups: bool = True) -> bool:
+            """The dispatcher's flush, unless one is under way (False: it takes what came in, or its timer)."""
             if busy[0]:
-                return
+                return False
             busy[0] = True
             try:
                 publish(errors=errors, groups=groups)
             finally:
                 busy[0] = False
-            soon()  # what was sent during the write waits at most EVENT_FLUSH
+            return True
+
+        def flush_once(errors: bool = True, groups: bool = True) -> None:
+            """What Celery's send calls when a batch is full."""
+            if publish_once(errors, groups):
+                # Events sent during the write with the buffer still full called this, not the timer: they wait
+                # at most EVENT_FLUSH. (The timer's own flush does not re-arm: an event sent meanwhile arms it.)
+                soon()
 
         def flush() -> None:
             self._due = False  # first: an event sent while this flush runs schedules the next one
             self._timer = None
             try:
-                flush_once(errors=on_loop)  # the loop's flush also retries what failed offline
+                publish_once(errors=on_loop)  # the loop's flush also retries what failed offline
             except Exception as exc:  # noqa: BLE001 - the broker away: kept, sent with the next batch
                 log.debug("task events not published: %s", exc)
 

@@ -110,7 +110,7 @@ def keep_unacked(tag: str | None) -> None:
 
 
 # Delivery tags whose acknowledgement is a function of the task's (a delivery's end and its ack in one round
-# trip: worker/delivery/ordering.py PersonLog.finish with ``ack``).
+# trip: worker/delivery/ordering.py PersonLog.finish_call with ``ack``).
 _acks: dict[str, ScriptCall] = {}
 
 
