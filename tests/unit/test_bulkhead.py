@@ -4,6 +4,7 @@ with throttle pauses and circuit-breaker holds (worker/broker/gate.py), on a sta
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -166,7 +167,7 @@ def consumer(monkeypatch):
     monkeypatch.setattr(gate, "_consumer", c)
     monkeypatch.setattr(gate, "_consumer_thread", threading.get_ident())  # this test is the consumer's thread
     yield c
-    for s in (gate._paused, gate._held, gate._full):
+    for s in (gate._paused, gate._held, gate._full, gate._crowded):
         s.clear()
 
 
@@ -186,6 +187,60 @@ def test_limit_from_another_thread_goes_through_the_consumers_loop(consumer):
     assert consumer.consuming("loops")
     consumer.run_soon()
     assert not consumer.consuming("loops")
+
+
+def test_a_crowded_queue_is_taken_again_once_uncrowded_unless_something_else_stops_it(consumer):
+    t = threading.Thread(target=gate.crowd, args=("loops",))  # told from a delivery thread
+    t.start()
+    t.join()
+    consumer.run_soon()
+    assert not consumer.consuming("loops") and consumer.consuming("convertloop")
+    gate.pause("loops", 0.1)  # a throttled delivery's pause ends: still crowded
+    consumer.run_soon()
+    consumer.run_timers()
+    assert not consumer.consuming("loops")
+    gate.hold("loops")  # the breaker opens meanwhile
+    gate.uncrowd("loops")
+    consumer.run_soon()
+    assert not consumer.consuming("loops")
+    gate.release("loops")
+    consumer.run_soon()
+    assert consumer.consuming("loops")
+
+
+def test_the_worker_stops_taking_a_vendor_while_its_token_waiters_crowd(consumer, monkeypatch):
+    """The worker's task module listens to the throttle: two thirds of the waiters taken stops the vendor's
+    queue; back to a third takes it again."""
+    from worker.broker import tasks
+    from worker.limits import throttle as throttling
+    from worker.limits.ratelimit import RateLimiter, Reservation
+    from worker.limits.throttle import Throttle
+
+    assert tasks._crowded in throttling._listeners
+
+    class Shut(RateLimiter):
+        opened = threading.Event()
+
+        def acquire(self, max_wait: float = 0.0) -> Reservation:
+            return Reservation(True, 0.0) if self.opened.is_set() else Reservation(False, 0.01)
+
+    throttle = Throttle(max_waiters=3, sleep=lambda seconds: time.sleep(min(seconds, 0.005)))
+    limiter = Shut()
+    waiters = [threading.Thread(target=throttle.wait, args=("loops", limiter)) for _ in range(2)]
+    for t in waiters:
+        t.start()
+    deadline = time.monotonic() + 20
+    while not consumer.soon:  # the second waiter asks the consumer's loop to stop the queue
+        assert time.monotonic() < deadline, "the queue was never stopped"
+        time.sleep(0.005)
+    consumer.run_soon()
+    assert not consumer.consuming("loops") and consumer.consuming("convertloop")
+    limiter.opened.set()
+    for t in waiters:
+        t.join(20)
+    assert throttle.waiting("loops") == 0
+    consumer.run_soon()
+    assert consumer.consuming("loops")
 
 
 def test_the_bulkhead_never_resumes_a_queue_the_breaker_holds(consumer):

@@ -14,7 +14,15 @@ import redis
 
 from tests.helpers import max_in_window
 from worker.limits import adaptive
-from worker.limits.ratelimit import Admission, TokenBucket, Unlimited, WindowLimiter, limiter_for
+from worker.limits.ratelimit import (
+    Admission,
+    RateLimiter,
+    Reservation,
+    TokenBucket,
+    Unlimited,
+    WindowLimiter,
+    limiter_for,
+)
 from worker.limits.throttle import Throttle, Throttled
 
 
@@ -504,3 +512,63 @@ def test_a_vendor_whose_limit_binds_is_taken_one_message_at_a_time(client, key):
     assert throttling.room("bound-v") == 0 and throttling.room("other-v") is None
     clock.now += throttling.BINDING_FOR + 0.1
     assert throttling.room("bound-v") is None
+
+
+class _Shut(RateLimiter):
+    """No token until ``opened``; then every acquire is granted at once."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.asked: set[tuple[int, bool]] = set()  # (thread, as a waiter)
+
+    def acquire(self, max_wait: float = 0.0) -> Reservation:
+        self.asked.add((threading.get_ident(), max_wait > 0))
+        return Reservation(True, 0.0) if self.opened.is_set() else Reservation(False, 0.01)
+
+
+def _until(check, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_the_throttle_tells_its_listeners_when_a_vendors_waiters_crowd_and_when_they_thin_out(monkeypatch):
+    """Two thirds of the waiters taken: told (vendor, True), once; a third or fewer again: (vendor, False), once.
+    The hard cap still throws a delivery back; a listener that fails fails no delivery."""
+    from worker.limits import throttle as throttling
+
+    told: list[tuple[str, bool, int]] = []
+    throttle = Throttle(max_waiters=6, sleep=lambda seconds: time.sleep(min(seconds, 0.005)))
+    assert (throttle.crowd_at, throttle.uncrowd_at) == (4, 2)
+
+    def listener(vendor: str, crowded: bool) -> None:
+        told.append((vendor, crowded, throttle.waiting(vendor)))
+
+    def broken(vendor: str, crowded: bool) -> None:
+        raise RuntimeError("a listener's bug")
+
+    monkeypatch.setattr(throttling, "_listeners", [])
+    throttling.watch(broken)
+    throttling.watch(listener)
+    throttling.watch(listener)  # once is enough
+    limiter = _Shut()
+    threads = []
+    for n in range(1, 7):
+        t = threading.Thread(target=throttle.wait, args=("v", limiter))
+        t.start()
+        threads.append(t)
+        # A waiter asks for a token again after it told the listeners (if it did): all have asked so.
+        _until(lambda n=n: sum(waiter for _, waiter in limiter.asked) == n, f"waiter {n} never waited")
+        assert throttle.waiting("v") == n
+        assert told == ([] if n < 4 else [("v", True, 4)])
+    with pytest.raises(Throttled):  # the sixth waits: a seventh is thrown back
+        throttle.wait("v", limiter)
+    throttle.wait("other", Unlimited())  # another vendor is not crowded
+    assert told == [("v", True, 4)]
+    limiter.opened.set()
+    for t in threads:
+        t.join(20)
+    assert throttle.waiting("v") == 0
+    assert [(v, crowded) for v, crowded, _ in told] == [("v", True), ("v", False)]
+    assert told[1][2] <= 2, "told thinned out only at a third of the waiters"

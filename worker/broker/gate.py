@@ -5,16 +5,18 @@ call from any delivery thread) hands the work to the consumer's own loop,
 which stops fetching from the queue and resumes after ``seconds``. :func:`hold`
 stops fetching until :func:`release` (a vendor whose circuit breaker is open);
 :func:`limit` until :func:`unlimit` (the vendor's deliveries hold their share of
-the worker's threads: :mod:`worker.broker.bulkhead`). A queue is fetched from
-again only when none of the three stops it: ending one never resumes a queue
-another still stops. Outside a worker (e.g. a test calling the pipeline) they do
-nothing.
+the worker's threads: :mod:`worker.broker.bulkhead`); :func:`crowd` until
+:func:`uncrowd` (the process's threads that may wait for the vendor's tokens are
+all waiting: :mod:`worker.limits.throttle`). A queue is fetched from again only
+when none of the four stops it: ending one never resumes a queue another still
+stops. Outside a worker (e.g. a test calling the pipeline) they do nothing.
 
 Example::
 
     >>> pause("loops", 0.2)   # no-op outside a worker
     >>> hold("loops"); release("loops")
     >>> limit("loops"); unlimit("loops")
+    >>> crowd("loops"); uncrowd("loops")
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _consumer: Any = None
 _paused: set[str] = set()
 _held: set[str] = set()
 _full: set[str] = set()
+_crowded: set[str] = set()
 _lock = threading.Lock()
 #: Queues whose resume failed (Redis refused the queue's declaration) and is being tried again.
 _failing: set[str] = set()
@@ -65,6 +68,7 @@ class QueueGate(bootsteps.StartStopStep):
         _paused.clear()
         _held.clear()
         _full.clear()
+        _crowded.clear()
         _failing.clear()
 
     shutdown = stop
@@ -145,6 +149,40 @@ def limited(queue: str) -> bool:
     return queue in _full
 
 
+def crowd(queue: str) -> None:
+    """Stop fetching from ``queue`` until :func:`uncrowd`: every thread of this process that may wait for the
+    vendor's tokens waits already, so a message taken now would only be put back on its queue (its delivery
+    throttled: a whole task run, a rejection and a requeue, for nothing)."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue in _crowded:
+            return
+        _crowded.add(queue)
+    if threading.get_ident() == _consumer_thread:
+        _cancel(c, queue)
+    else:
+        _soon(c, _cancel, c, queue)
+    log.debug("stopped taking messages from %s: its token waiters are all taken", queue)
+
+
+def uncrowd(queue: str) -> None:
+    """Fetch from ``queue`` again after :func:`crowd`, unless something else still stops it."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue not in _crowded:
+            return
+        _crowded.discard(queue)
+    _soon(c, _resume, c, queue)
+
+
+def crowded(queue: str) -> bool:
+    return queue in _crowded
+
+
 def _soon(c, fn, *args) -> None:
     """Run ``fn(*args)`` on the consumer's loop (its thread, or its greenlet on the gevent pool), soon: its event
     loop wakes for it; without one (a green pool) the consumer's wait for messages is ended
@@ -178,7 +216,7 @@ def _resume(c, queue: str, pause_over: bool = False) -> None:
     with _lock:
         if pause_over:
             _paused.discard(queue)
-        if queue in _held or queue in _full or queue in _paused:
+        if queue in _held or queue in _full or queue in _paused or queue in _crowded:
             return
     try:
         if c is _consumer and c.task_consumer is not None:

@@ -52,6 +52,14 @@ log = logging.getLogger(__name__)
 transport.add_room(throttle.room)
 
 
+def _crowded(vendor: str, crowded: bool) -> None:
+    """The process's waiters for ``vendor``'s tokens are all taken (stop taking its queue) or half free again."""
+    (gate.crowd if crowded else gate.uncrowd)(vendor)
+
+
+throttle.watch(_crowded)
+
+
 class ThrottledReject(Reject):
     """The message goes back on its queue: the vendor's tokens are all spoken for, or it is down."""
 
