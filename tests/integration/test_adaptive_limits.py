@@ -50,7 +50,7 @@ def test_retry_after_pauses_the_vendor_for_every_worker_process(start_worker, pr
 def test_throttled_delivery_goes_back_on_its_queue_and_is_delivered(start_worker, product_env, sandbox_client,
                                                                      unique_email):
     """A backlog there before the worker: its first takes bring 24 deliveries at once (the limit does not bind yet),
-    so beyond the 12 token waiters some are thrown back; each is delivered once all the same."""
+    so beyond the 8 token waiters some are thrown back; each is delivered once all the same."""
     n = 24
     for i in range(n):
         worker.identify(email=f"{i}-{unique_email}", vendors=["loops"])
@@ -61,7 +61,7 @@ def test_throttled_delivery_goes_back_on_its_queue_and_is_delivered(start_worker
     emails = sorted(r["body"]["email"] for r in got)
     assert emails == sorted(f"{i}-{unique_email}" for i in range(n)), "each delivered exactly once"
     w.stop()
-    assert "requeued: loops: rate limited" in w.log(), "24 at once, at most 12 waiters: some must have been requeued"
+    assert "requeued: loops: rate limited" in w.log(), "24 at once, at most 8 waiters: some must have been requeued"
 
 
 def test_announced_lower_limit_is_followed_without_a_429_storm(start_worker, product_env, sandbox_client,

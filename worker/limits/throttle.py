@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 #: Threads per process that may wait for one vendor's tokens at a time: the worker stops taking the vendor's
 #: messages at two thirds of them (:func:`watch`), and takes them again at a third.
-DEFAULT_MAX_WAITERS = 12
+DEFAULT_MAX_WAITERS = 8
 #: How far ahead (seconds) a waiter may reserve a token.
 DEFAULT_HORIZON = 2.0
 #: A throttled vendor's queue resumes this many seconds (or half the wait, if less) before the next free slot.
