@@ -6,8 +6,8 @@ which stops fetching from the queue and resumes after ``seconds``. :func:`hold`
 stops fetching until :func:`release` (a vendor whose circuit breaker is open);
 :func:`limit` until :func:`unlimit` (the vendor's deliveries hold their share of
 the worker's threads: :mod:`worker.broker.bulkhead`); :func:`crowd` until
-:func:`uncrowd` (the process's threads that may wait for the vendor's tokens are
-all waiting: :mod:`worker.limits.throttle`). A queue is fetched from again only
+:func:`uncrowd` (two thirds of the process's threads that may wait for the
+vendor's tokens wait already: :mod:`worker.limits.throttle`). A queue is fetched from again only
 when none of the four stops it: ending one never resumes a queue another still
 stops. Outside a worker (e.g. a test calling the pipeline) they do nothing.
 
@@ -150,9 +150,9 @@ def limited(queue: str) -> bool:
 
 
 def crowd(queue: str) -> None:
-    """Stop fetching from ``queue`` until :func:`uncrowd`: every thread of this process that may wait for the
-    vendor's tokens waits already, so a message taken now would only be put back on its queue (its delivery
-    throttled: a whole task run, a rejection and a requeue, for nothing)."""
+    """Stop fetching from ``queue`` until :func:`uncrowd`: two thirds of this process's threads that may wait for
+    the vendor's tokens wait already, so the next messages would soon only be put back on the queue (each a
+    throttled delivery: a whole task run, a rejection and a requeue, for nothing)."""
     c = _consumer
     if c is None:
         return
@@ -164,7 +164,7 @@ def crowd(queue: str) -> None:
         _cancel(c, queue)
     else:
         _soon(c, _cancel, c, queue)
-    log.debug("stopped taking messages from %s: its token waiters are all taken", queue)
+    log.debug("stopped taking messages from %s: enough of its deliveries wait for tokens", queue)
 
 
 def uncrowd(queue: str) -> None:

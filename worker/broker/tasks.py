@@ -53,7 +53,7 @@ transport.add_room(throttle.room)
 
 
 def _crowded(vendor: str, crowded: bool) -> None:
-    """The process's waiters for ``vendor``'s tokens are all taken (stop taking its queue) or half free again."""
+    """Two thirds of the process's waiters for ``vendor``'s tokens wait (stop taking its queue), or a third again."""
     (gate.crowd if crowded else gate.uncrowd)(vendor)
 
 
