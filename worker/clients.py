@@ -42,6 +42,11 @@ KEEPALIVE_EXPIRY = 5.0
 _lock = threading.Lock()
 
 
+class SlotMissed(Exception):
+    """A request not sent: it would have left later than its rate-limit slot allows (its thread got no CPU in
+    time). Nothing was written; take another slot and send it then."""
+
+
 class _Clients:
     """This process's clients, made on first use; ``pid`` is the process they belong to."""
 
@@ -98,8 +103,12 @@ class VendorHTTP:
         return slots
 
     def exchange(self, method: str, url: str, headers: Mapping[str, str], json: Any,
-                 timeout: Mapping[str, float | None]) -> Reply:
+                 timeout: Mapping[str, float | None], send_by: float | None = None) -> Reply:
         """Send ``json`` (compact UTF-8 JSON) with ``headers`` and read the answer in full.
+
+        ``send_by``: the latest ``time.monotonic()`` at which the request may leave (its rate-limit slot's,
+        :meth:`worker.limits.throttle.Throttle.wait`); checked with the request encoded and its connection in
+        hand, just before the write: past it, nothing is sent and :class:`SlotMissed` is raised.
 
         Raises httpx's exceptions: :class:`httpx.TimeoutException`, :class:`httpx.NetworkError` and
         :class:`httpx.RemoteProtocolError` are worth another attempt; any other :class:`httpx.HTTPError` is
@@ -110,6 +119,9 @@ class VendorHTTP:
         data = http11.encode_request(method, target.path, target.netloc, headers, body)
         slots = self._slots(target)
         conn = slots.take()
+        if send_by is not None and (late := time.monotonic() - send_by) > 0:
+            slots.give(conn)
+            raise SlotMissed(f"not sent: {late * 1000:.1f} ms past its rate-limit slot's last moment")
         try:
             reply = conn.request(data, timeout, head_only=method == "HEAD")
         finally:

@@ -34,7 +34,7 @@ def _connections() -> httpcore.ConnectionPool:
 
 
 def exchange(self: clients.VendorHTTP, method: str, url: str, headers: Mapping[str, str], json_: Any,
-             timeout: Mapping[str, float | None]) -> clients.Reply:
+             timeout: Mapping[str, float | None], send_by: float | None = None) -> clients.Reply:
     body = json.dumps(json_, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     response = _connections().request(method, url, headers={**headers, "Content-Type": "application/json"},
                                       content=body, extensions={"timeout": dict(timeout)})

@@ -367,3 +367,20 @@ def test_a_vendor_that_never_answers_is_a_read_timeout_on_either_pool(pool):
     timeouts): the delivery gets httpx's ReadTimeout, an attempt to retry, instead of waiting forever."""
     got = run_python(f"GEVENT = {pool == 'gevent'}\n" + SILENT_VENDOR)
     assert got == {"read": "ReadTimeout"}, got
+
+
+def test_a_request_past_its_slots_deadline_is_not_sent_and_the_connection_stays_usable(server):
+    """``send_by`` is checked with the request encoded and its connection in hand: past it, nothing is written
+    (the vendor sees no request) and SlotMissed says so; the next exchange goes out on the same connection."""
+    import time
+
+    from worker.clients import SlotMissed
+
+    url = f"http://127.0.0.1:{server.port}"
+    with VendorHTTP() as http:
+        assert http.exchange("POST", f"{url}/first", {}, {}, TIMEOUT, send_by=time.monotonic() + 60).text == "/first"
+        with pytest.raises(SlotMissed, match="past its rate-limit slot"):
+            http.exchange("POST", f"{url}/late", {}, {"n": 1}, TIMEOUT, send_by=time.monotonic() - 0.001)
+        assert http.exchange("POST", f"{url}/again", {}, {}, TIMEOUT).text == "/again"
+    assert [r.split(b" ")[1] for r in server.requests] == [b"/first", b"/again"]
+    assert server.connections == 1

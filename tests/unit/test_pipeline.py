@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from tests.vendormock import vendor_http
+from worker import clients
 from worker.clients import VendorHTTP
 from worker.delivery.deadletters import DeadLetterStore
 from worker.delivery.pipeline import Delivered, Pipeline, RetryLater
@@ -200,3 +201,41 @@ def test_an_open_breaker_sends_nothing_but_the_probe(pipeline, redis_server):
     assert route.call_count == 2
     assert isinstance(pipeline.deliver("loops", track(), attempt=3, probe=True), Delivered)
     assert not pipeline.breaker.is_open("loops") and route.call_count == 3
+
+
+def test_a_request_whose_slot_passed_before_it_could_leave_takes_another_slot_and_is_sent_once(pipeline):
+    """The throttle hands out a token with a deadline; an exchange past it sends nothing (SlotMissed) and the
+    delivery waits for another token. After MAX_SLOTS_MISSED missed ones the request goes without a deadline."""
+    import time
+
+    from worker.clients import SlotMissed
+    from worker.delivery import pipeline as pipeline_module
+
+    class Deadlines(Throttle):
+        def __init__(self, missed: int) -> None:
+            super().__init__()
+            self.missed = missed
+            self.tokens = 0
+
+        def wait(self, vendor, limiter):
+            self.tokens += 1
+            return time.monotonic() - 1 if self.tokens <= self.missed else time.monotonic() + 60
+
+    class Exchange:
+        def __init__(self) -> None:
+            self.deadlines: list[float | None] = []
+
+        def exchange(self, method, url, headers, json, timeout, send_by=None):
+            self.deadlines.append(send_by)
+            if send_by is not None and time.monotonic() > send_by:
+                raise SlotMissed("not sent")
+            return clients.Reply(200, {}, '{"success": true}')
+
+    most = pipeline_module.MAX_SLOTS_MISSED
+    for missed, tokens, sent in ((1, 2, 1), (most + 5, most + 1, 1)):
+        pipeline.throttle, pipeline.http = Deadlines(missed), Exchange()
+        result = pipeline.deliver("loops", track(), attempt=1)
+        assert isinstance(result, Delivered) and result.status == 200
+        assert pipeline.throttle.tokens == tokens
+        assert len(pipeline.http.deadlines) == tokens
+        assert sum(d is None or d > time.monotonic() for d in pipeline.http.deadlines) == sent

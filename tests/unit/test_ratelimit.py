@@ -572,3 +572,25 @@ def test_the_throttle_tells_its_listeners_when_a_vendors_waiters_crowd_and_when_
     assert throttle.waiting("v") == 0
     assert [(v, crowded) for v, crowded, _ in told] == [("v", True), ("v", False)]
     assert told[1][2] <= 2, "told thinned out only at a third of the waiters"
+
+
+def test_an_admitted_slot_says_by_when_its_request_must_leave(client, key):
+    """What is left of the margin once the slot is admitted, less the way to the vendor: a thread that got no CPU
+    between the last look and the send is as late as one that woke late. Too small a margin to split: no deadline."""
+    from worker.limits.ratelimit import SEND_ALLOWANCE
+
+    limiter = WindowLimiter(client, key, rate=50, margin=0.03)
+    before = time.monotonic()
+    now = limiter.acquire(max_wait=0.0)
+    admission = limiter.hold(now, time.sleep)
+    after = time.monotonic()
+    assert admission.admitted and admission.send_by is not None
+    assert before < admission.send_by <= after + 0.03 - SEND_ALLOWANCE
+    ahead = limiter.acquire(max_wait=1.0)  # the next slot, 20 ms on: waited for, then the last look
+    assert ahead.granted and ahead.wait > 0
+    waited = limiter.hold(ahead, time.sleep)
+    if waited.admitted:  # (a thread woken too late gives the slot up: no deadline to check then)
+        assert waited.send_by is not None and waited.send_by <= time.monotonic() + 0.03 - SEND_ALLOWANCE
+    tight = WindowLimiter(client, key + ":tight", rate=50, margin=0.01)
+    assert tight.hold(tight.acquire(max_wait=0.0), time.sleep).send_by is None
+    assert Unlimited().hold(Unlimited().acquire(), time.sleep).send_by is None

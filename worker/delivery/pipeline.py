@@ -123,6 +123,9 @@ Outcome_ = Delivered | RetryLater | Merged | Parked | Yielded
 
 #: Requests one turn sends at most before the person's other messages take it (a flood cannot hold a thread).
 TURN_REQUESTS = 10
+#: Rate-limit slots a request may miss (its thread got no CPU in time to send on them: nothing sent) before it
+#: goes on the next one whenever it can.
+MAX_SLOTS_MISSED = 3
 
 
 class VendorDown(Exception):
@@ -467,9 +470,15 @@ class Pipeline:
         batcher = self._batcher(vendor) if vendor.batchable(event) and not probe else None
         if batcher is not None:
             return request, batcher.submit(event)
-        self.throttle.wait(vendor.name, self.limiters[vendor.name])
-        (sent,) = self._exchange(vendor, [event], request)
-        return request, sent
+        for missed in range(MAX_SLOTS_MISSED + 1):
+            send_by = self.throttle.wait(vendor.name, self.limiters[vendor.name])
+            try:
+                (sent,) = self._exchange(vendor, [event], request,
+                                         send_by=send_by if missed < MAX_SLOTS_MISSED else None)
+                return request, sent
+            except clients.SlotMissed as exc:
+                log.debug("%s event=%s: %s; taking another slot", vendor.name, event.id, exc)
+        raise AssertionError("unreachable: the last try has no deadline")
 
     # -- steps ----------------------------------------------------------------
 
@@ -487,15 +496,17 @@ class Pipeline:
                     deadline=self.settings.visibility_timeout / 2)
             return batcher
 
-    def _exchange(self, vendor: Vendor, events: list[AnyEvent], request: Request | None = None) -> list[Sent]:
+    def _exchange(self, vendor: Vendor, events: list[AnyEvent], request: Request | None = None,
+                  send_by: float | None = None) -> list[Sent]:
         """One request carrying ``events`` (a token is already held): one :class:`Sent` per event. ``request``:
-        the one event's request, built already."""
+        the one event's request, built already; ``send_by``: its token's deadline (past it: nothing sent,
+        :class:`~worker.clients.SlotMissed` raised)."""
         n = len(events)
         if request is None or n != 1:
             request = vendor.build_batch(events, self.settings)
         started = time.monotonic()
         try:
-            response = self._send(vendor, request)
+            response = self._send(vendor, request, send_by)
         except RETRYABLE_ERRORS as exc:
             self.metrics.request(vendor.name, time.monotonic() - started, None)
             self._health(vendor, None)
@@ -576,10 +587,12 @@ class Pipeline:
             observability.report_auth_pause(vendor.name, status, vendor.credential_env)
         return refusal.paused
 
-    def _send(self, vendor: Vendor, request: Request) -> clients.Reply:
+    def _send(self, vendor: Vendor, request: Request, send_by: float | None = None) -> clients.Reply:
         url = vendor.base_url(self.settings).rstrip("/") + request.path
         headers = {**_BASE_HEADERS, **request.headers, **vendor.auth_headers(self.settings)}
-        return self.http.exchange(request.method, url, headers, request.json, self._timeout)
+        if send_by is None:
+            return self.http.exchange(request.method, url, headers, request.json, self._timeout)
+        return self.http.exchange(request.method, url, headers, request.json, self._timeout, send_by=send_by)
 
     def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
                error: str, body: str | None = None) -> RetryLater | DeadLetter:

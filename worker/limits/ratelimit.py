@@ -113,6 +113,9 @@ class Admission:
     admitted: bool
     wait: float = 0.0
     why: str = ""
+    #: Admitted: the latest moment (this host's ``time.monotonic()``) the request may still leave, or None
+    #: (any time). A thread that got no CPU between the last look and the send is as late as one that woke late.
+    send_by: float | None = None
 
 
 class RateLimiter:
@@ -145,7 +148,7 @@ class RateLimiter:
         reserve another."""
         if reservation.wait <= 0:
             if self.tolerance is None or reservation.rtt <= self.tolerance:
-                return Admission(True)
+                return Admission(True, reservation.rtt, send_by=self._send_by(reservation.rtt, time.monotonic()))
         else:
             sleep(reservation.wait)
         for _ in range(3):
@@ -158,6 +161,11 @@ class RateLimiter:
 
     def effective_rate(self) -> float | None:
         """Requests per second in use now (None: unlimited)."""
+        return None
+
+    def _send_by(self, late: float, now: float) -> float | None:
+        """The latest moment a request admitted ``late`` seconds after its slot, at ``now``, may leave (None:
+        any time)."""
         return None
 
 
@@ -196,6 +204,9 @@ class TokenBucket(RateLimiter):
 DEFAULT_MARGIN = 0.03
 #: The same for a thread's first request to a vendor (or after ``COLD_AFTER`` idle): it opens a connection.
 DEFAULT_COLD_MARGIN = 0.3
+#: Seconds a request may take from the last check of its deadline (:attr:`Admission.send_by`) to its arrival
+#: at the vendor, warm: the rest of the margin is for reaching that check.
+SEND_ALLOWANCE = 0.005
 #: A thread that has not sent to a vendor for this long (seconds) counts as cold again.
 COLD_AFTER = 60.0
 #: Seconds the adaptive state outlives its last use.
@@ -379,13 +390,17 @@ class WindowLimiter(RateLimiter):
                 self._now(), reservation.seq, reservation.epoch, repr(reservation.at), latest])
         except redis.RedisError:  # Redis away (a restart): the slot was granted; keep it
             return Admission(True)
+        read = self._stopwatch()
         late = float(seconds)
-        if int(ok) and strict and late + (self._stopwatch() - asked) > self.tolerance:
+        if int(ok) and strict and late + (read - asked) > self.tolerance:
             # Redis admitted it in time, but this thread read the answer too late (not scheduled at once: a
             # busy GIL, or other greenlets ran first): do not send. The slot stays logged, unused: safe.
             return Admission(False, 0.0, "late")
         reason = why.decode() if isinstance(why, bytes) else why
-        return Admission(bool(int(ok)), late, reason)
+        if int(ok):
+            late += read - asked
+            return Admission(True, late, reason, self._send_by(late, time.monotonic()) if strict else None)
+        return Admission(False, late, reason)
 
     def observe(self, status: int, headers: Mapping[str, str]) -> None:
         s = adaptive.signals(status, headers)
@@ -399,6 +414,14 @@ class WindowLimiter(RateLimiter):
                 self._flush(announced=announce)
             except redis.RedisError as exc:  # the answer is in; the delivery must not fail over bookkeeping
                 log.warning("%s: could not record the vendor's rate-limit answer: %s", self.name, exc)
+
+    def _send_by(self, late: float, now: float) -> float | None:
+        """What is left of the margin after ``late``, less :data:`SEND_ALLOWANCE` for the way to the vendor (a
+        cold request's extra margin is for the connection it opens after that check). None with a margin too
+        small to split, or with a test clock."""
+        if self.clock is not None or self.margin <= 2 * SEND_ALLOWANCE:
+            return None
+        return now + self.margin - late - SEND_ALLOWANCE
 
     def effective_rate(self) -> float | None:
         """The rate every worker uses now (read from Redis)."""

@@ -129,11 +129,15 @@ class Throttle:
         since = self._binding.get(vendor)
         return since is not None and self.clock() - since <= BINDING_FOR
 
-    def wait(self, vendor: str, limiter: RateLimiter) -> None:
-        """Return when this thread holds a token for ``vendor``; raise :class:`Throttled` instead of queueing up."""
+    def wait(self, vendor: str, limiter: RateLimiter) -> float | None:
+        """Return when this thread holds a token for ``vendor``; raise :class:`Throttled` instead of queueing up.
+        Returns the latest moment (``time.monotonic()``) the request may leave on it, or None (any time): later,
+        it must not go (:class:`worker.clients.SlotMissed`) and this thread waits for another token."""
         now = limiter.acquire(max_wait=0.0)
-        if now.granted and limiter.hold(now, self.sleep).admitted:  # a token now (and its answer read in time)
-            return
+        if now.granted:
+            admission = limiter.hold(now, self.sleep)
+            if admission.admitted:  # a token now (and its answer read in time)
+                return admission.send_by
         self._binding[vendor] = self.clock()
         with self._lock:
             full = self._waiters[vendor] >= self.max_waiters
@@ -158,7 +162,7 @@ class Throttle:
                     # rate) or one this thread woke too late for is given up, and another taken.
                     admission = limiter.hold(r, self.sleep, strict=retakes < MAX_LATE_RETAKES)
                     if admission.admitted:
-                        return
+                        return admission.send_by
                     retakes += admission.why == "late"
                     continue
                 self.sleep(min(self.horizon, max(r.wait - self.horizon, 0.001), max(0.0, give_up - self.clock())))
