@@ -119,30 +119,13 @@ def held(queue: str) -> bool:
 def limit(queue: str) -> None:
     """Stop fetching from ``queue`` until :func:`unlimit`. Called on the consumer's own thread (as the bulkhead
     does when a message arrives) it stops at once: the consumer takes no further message from ``queue``."""
-    c = _consumer
-    if c is None:
-        return
-    with _lock:
-        if queue in _full:
-            return
-        _full.add(queue)
-    if threading.get_ident() == _consumer_thread:
-        _cancel(c, queue)  # inside a read, kombu cancels right after it: before the next take
-    else:
-        _soon(c, _cancel, c, queue)
-    log.debug("stopped taking messages from %s: its deliveries hold their share of the threads", queue)
+    if _stop(queue, _full):
+        log.debug("stopped taking messages from %s: its deliveries hold their share of the threads", queue)
 
 
 def unlimit(queue: str) -> None:
     """Fetch from ``queue`` again after :func:`limit`, unless a pause or :func:`hold` still stops it."""
-    c = _consumer
-    if c is None:
-        return
-    with _lock:
-        if queue not in _full:
-            return
-        _full.discard(queue)
-    _soon(c, _resume, c, queue)
+    _go(queue, _full)
 
 
 def limited(queue: str) -> bool:
@@ -153,34 +136,47 @@ def crowd(queue: str) -> None:
     """Stop fetching from ``queue`` until :func:`uncrowd`: two thirds of this process's threads that may wait for
     the vendor's tokens wait already, so the next messages would soon only be put back on the queue (each a
     throttled delivery: a whole task run, a rejection and a requeue, for nothing)."""
-    c = _consumer
-    if c is None:
-        return
-    with _lock:
-        if queue in _crowded:
-            return
-        _crowded.add(queue)
-    if threading.get_ident() == _consumer_thread:
-        _cancel(c, queue)
-    else:
-        _soon(c, _cancel, c, queue)
-    log.debug("stopped taking messages from %s: enough of its deliveries wait for tokens", queue)
+    if _stop(queue, _crowded):
+        log.debug("stopped taking messages from %s: enough of its deliveries wait for tokens", queue)
 
 
 def uncrowd(queue: str) -> None:
     """Fetch from ``queue`` again after :func:`crowd`, unless something else still stops it."""
-    c = _consumer
-    if c is None:
-        return
-    with _lock:
-        if queue not in _crowded:
-            return
-        _crowded.discard(queue)
-    _soon(c, _resume, c, queue)
+    _go(queue, _crowded)
 
 
 def crowded(queue: str) -> bool:
     return queue in _crowded
+
+
+def _stop(queue: str, stops: set[str]) -> bool:
+    """Add ``queue`` to ``stops`` and stop fetching it: at once on the consumer's own thread (inside a read, kombu
+    cancels right after it: before the next take), else through its loop. False if it was there already (or no
+    consumer runs)."""
+    c = _consumer
+    if c is None:
+        return False
+    with _lock:
+        if queue in stops:
+            return False
+        stops.add(queue)
+    if threading.get_ident() == _consumer_thread:
+        _cancel(c, queue)
+    else:
+        _soon(c, _cancel, c, queue)
+    return True
+
+
+def _go(queue: str, stops: set[str]) -> None:
+    """Take ``queue`` out of ``stops`` and fetch it again, unless another stop still holds it."""
+    c = _consumer
+    if c is None:
+        return
+    with _lock:
+        if queue not in stops:
+            return
+        stops.discard(queue)
+    _soon(c, _resume, c, queue)
 
 
 def _soon(c, fn, *args) -> None:

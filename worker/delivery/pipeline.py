@@ -470,15 +470,17 @@ class Pipeline:
         batcher = self._batcher(vendor) if vendor.batchable(event) and not probe else None
         if batcher is not None:
             return request, batcher.submit(event)
-        for missed in range(MAX_SLOTS_MISSED + 1):
-            send_by = self.throttle.wait(vendor.name, self.limiters[vendor.name])
+        limiter = self.limiters[vendor.name]
+        for _ in range(MAX_SLOTS_MISSED):
+            send_by = self.throttle.wait(vendor.name, limiter)
             try:
-                (sent,) = self._exchange(vendor, [event], request,
-                                         send_by=send_by if missed < MAX_SLOTS_MISSED else None)
+                (sent,) = self._exchange(vendor, [event], request, send_by)
                 return request, sent
             except clients.SlotMissed as exc:
                 log.debug("%s event=%s: %s; taking another slot", vendor.name, event.id, exc)
-        raise AssertionError("unreachable: the last try has no deadline")
+        self.throttle.wait(vendor.name, limiter)  # the last: sent whatever the time
+        (sent,) = self._exchange(vendor, [event], request)
+        return request, sent
 
     # -- steps ----------------------------------------------------------------
 
@@ -590,8 +592,6 @@ class Pipeline:
     def _send(self, vendor: Vendor, request: Request, send_by: float | None = None) -> clients.Reply:
         url = vendor.base_url(self.settings).rstrip("/") + request.path
         headers = {**_BASE_HEADERS, **request.headers, **vendor.auth_headers(self.settings)}
-        if send_by is None:
-            return self.http.exchange(request.method, url, headers, request.json, self._timeout)
         return self.http.exchange(request.method, url, headers, request.json, self._timeout, send_by=send_by)
 
     def _retry(self, this: _Attempt, request: Request, status: int | None, retry_after: float | None,
