@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+
+from worker.limits.ratelimit import RateLimiter, Reservation
 
 
 def kombu_envelope(tag: str, queue: str = "q") -> dict:
@@ -231,3 +234,20 @@ def celery_reads(redis_url: str, raw: str | bytes, queue: str = "loops") -> dict
     }
     return {"request": request, "context": context, "received": event, "args": args, "kwargs": kwargs,
             "embed": embed, "seen": seen}
+
+
+class ShutLimiter(RateLimiter):
+    """No token until ``opened`` is set; then every acquire is granted at once. :meth:`sleep` (a
+    :class:`~worker.limits.throttle.Throttle`'s) blocks until then, so its waiters wait on the test, not on a
+    clock. ``asked`` records each (thread, as a waiter) that asked for a token."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.asked: set[tuple[int, bool]] = set()
+
+    def acquire(self, max_wait: float = 0.0) -> Reservation:
+        self.asked.add((threading.get_ident(), max_wait > 0))
+        return Reservation(True, 0.0) if self.opened.is_set() else Reservation(False, 0.01)
+
+    def sleep(self, seconds: float) -> None:
+        self.opened.wait()

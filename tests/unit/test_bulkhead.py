@@ -4,14 +4,15 @@ with throttle pauses and circuit-breaker holds (worker/broker/gate.py), on a sta
 from __future__ import annotations
 
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
 from celery import signals
 
+from tests.helpers import ShutLimiter
 from worker.broker import bulkhead, gate
 from worker.broker.bulkhead import RECONCILE_GRACE, Bulkhead, thread_share
+from worker.dev.localstack import wait_until
 
 
 @pytest.mark.parametrize(("concurrency", "queues", "share", "expected"), [
@@ -213,26 +214,16 @@ def test_the_worker_stops_taking_a_vendor_while_its_token_waiters_crowd(consumer
     queue; back to a third takes it again."""
     from worker.broker import tasks
     from worker.limits import throttle as throttling
-    from worker.limits.ratelimit import RateLimiter, Reservation
     from worker.limits.throttle import Throttle
 
     assert tasks._crowded in throttling._listeners
-
-    class Shut(RateLimiter):
-        opened = threading.Event()
-
-        def acquire(self, max_wait: float = 0.0) -> Reservation:
-            return Reservation(True, 0.0) if self.opened.is_set() else Reservation(False, 0.01)
-
-    throttle = Throttle(max_waiters=3, sleep=lambda seconds: time.sleep(min(seconds, 0.005)))
-    limiter = Shut()
-    waiters = [threading.Thread(target=throttle.wait, args=("loops", limiter)) for _ in range(2)]
+    limiter = ShutLimiter()
+    throttle = Throttle(max_waiters=3, sleep=limiter.sleep, max_total=3600)  # waiters wait until opened
+    waiters = [threading.Thread(target=throttle.wait, args=("loops", limiter), daemon=True) for _ in range(2)]
     for t in waiters:
         t.start()
-    deadline = time.monotonic() + 20
-    while not consumer.soon:  # the second waiter asks the consumer's loop to stop the queue
-        assert time.monotonic() < deadline, "the queue was never stopped"
-        time.sleep(0.005)
+    # The second waiter asks the consumer's loop to stop the queue.
+    wait_until(lambda: consumer.soon, timeout=20, message="the queue to be stopped")
     consumer.run_soon()
     assert not consumer.consuming("loops") and consumer.consuming("convertloop")
     limiter.opened.set()
