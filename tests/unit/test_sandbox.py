@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import max_in_window
 from worker.dev.localstack import wait_until
 from worker.sandbox import SANDBOX_CREDENTIALS, Sandbox, SandboxClient, base_urls
 from worker.sandbox.state import RATE_LIMIT_MODES, FixedWindow, SandboxState, SlidingWindow, TokenBucket
@@ -512,6 +514,38 @@ def test_sliding_counts_any_one_second_window() -> None:
     assert w.remaining(2.4) == 9 and w.remaining(2.5) == 10  # 1.5 is in (1.4, 2.4], not in (1.5, 2.5]
 
 
+def test_sliding_never_admits_n_plus_one_in_any_second_whatever_order_arrivals_are_counted_in() -> None:
+    """The sandbox stamps a request when it reaches the host; the threads that read requests count them a few
+    milliseconds apart, not always in arrival order. The window holds over the arrival stamps all the same."""
+    for seed in range(10):
+        rng = random.Random(seed)
+        arrivals = sorted(rng.uniform(0.0, 20.0) for _ in range(600))  # 30/s offered against 10/s
+        counted = sorted(arrivals, key=lambda t: t + rng.uniform(0.0, 0.05))  # read up to 50 ms late, reordered
+        assert counted != arrivals
+        w = SlidingWindow(10)
+        admitted = [t for t in counted if w.take(t)]
+        assert max_in_window(admitted) == 10, f"seed {seed}"
+        # About as many admitted as counting in order: out of order never lets one more in, and costs little.
+        in_order = SlidingWindow(10)
+        assert abs(len(admitted) - sum(in_order.take(t) for t in arrivals)) <= 10, f"seed {seed}"
+
+
+def test_sliding_counts_a_late_read_arrival_against_the_window_it_arrived_in() -> None:
+    w = SlidingWindow(2)
+    assert w.take(1.0) and w.take(0.25)  # 0.25 arrived first, counted second
+    assert not w.take(0.5)  # 0.25, 0.5, 1.0 within one second
+    assert not w.take(1.125) and w.take(1.25)  # 0.25 and 1.25 are one second apart: in no window together
+
+
+def test_fixed_and_bucket_count_a_late_read_arrival_in_its_own_second() -> None:
+    w = FixedWindow(2)
+    assert w.take(0.9) and w.take(1.1) and w.take(0.95)  # 0.95 counted after 1.1: still the first second's
+    assert not w.take(0.99) and w.take(1.2) and not w.take(1.3)
+    b = TokenBucket(1)
+    assert b.take(5.0) and not b.take(4.0)  # a late stamp refills nothing: the bucket's time only moves on
+    assert b.take(6.0)
+
+
 def test_fixed_resets_on_the_clock_second_and_lets_two_windows_meet() -> None:
     w = FixedWindow(10)
     assert all(w.take(0.9 + i * 0.009) for i in range(10))  # ten in [0.9, 0.99)
@@ -567,6 +601,32 @@ def test_sliding_over_http_and_loops_rate_limit_headers(
     control.configure("convertloop", rate_limit=1, rate_limit_mode="fixed")
     codes = [convertloop(http, urls, "/people", {"email": "a@b.c"}).status_code for _ in range(2)]
     assert codes[0] == 200 and 429 in codes or codes == [200, 200]  # two clock seconds may meet
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="receive stamps (SO_TIMESTAMPNS) are Linux's")
+def test_a_request_is_stamped_and_counted_when_it_arrived_not_when_a_thread_read_it(
+    sandbox: Sandbox, control: SandboxClient
+) -> None:
+    """Two requests sent together on one connection: the second waits in the socket while the first is answered
+    after the vendor's latency. Its record (and its count against the rate limit) is its arrival, not its read."""
+    control.configure("loops", latency_ms=300, rate_limit=1)
+    head = ("POST /loops/api/v1/events/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sandbox-loops-key\r\n"
+            "Content-Type: application/json\r\nContent-Length: {n}\r\n\r\n")
+    raw = b""
+    for email in ("first@example.com", "second@example.com"):
+        body = json.dumps({"email": email, "eventName": "e"}).encode()
+        raw += head.format(n=len(body)).encode() + body
+    with socket.create_connection((sandbox.host, sandbox.port), timeout=10) as conn:
+        conn.sendall(raw)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 2 or not got.endswith(b"}"):
+            chunk = conn.recv(65536)
+            assert chunk, f"connection closed after {got!r}"
+            got += chunk
+    first, second = sorted(control.requests(vendor="loops"), key=lambda r: r["seq"])
+    # Read only after the first answer (0.3 s of latency), stamped with the first's arrival.
+    assert second["ts"] - first["ts"] < 0.3
+    assert [first["status"], second["status"]] == [200, 429]  # 1/s: both arrived in the same second
 
 
 def test_latency_jitter_spreads_latency(control: SandboxClient) -> None:

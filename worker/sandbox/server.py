@@ -16,7 +16,8 @@ Control API under ``/_sandbox``: ``GET /health``, ``GET /requests`` (filters ven
 since, status, limit), ``GET /stats``, ``GET /state`` (filters vendor, person: the
 final state per vendor and person, see `state`), ``GET``/``POST /config``, ``POST /reset``.
 
-Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival: record
+Vendor request pipeline (see `SandboxApp.vendor_request`): at arrival (when the
+request reached the host, the kernel's stamp: `_StampedSocket`): record
 (with the credential check's result, false while the vendor's ``revoke_key`` is on),
 take an injected failure (fail_all, fail_next: the first entry without a
 ``match`` or whose ``match`` is in the body or Idempotency-Key), count an authenticated request
@@ -30,9 +31,11 @@ limit is set.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -111,13 +114,17 @@ class SandboxApp:
         # Set while the server stops: a request still waiting out its latency stops waiting.
         self.stopping = threading.Event()
 
-    def dispatch(self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes) -> Reply:
-        """Answer one HTTP request.  ``headers`` has lower-case names."""
+    def dispatch(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes, arrived: float | None = None
+    ) -> Reply:
+        """Answer one HTTP request.  ``headers`` has lower-case names; ``arrived`` is when it reached
+        the host (`time.time` seconds, the kernel's receive stamp), now if not given."""
         if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
             return self.control_request(method, path[len(CONTROL_PREFIX) :], query, body)
         for vendor in self._mounts:
             if path == vendor.prefix or path.startswith(vendor.prefix + "/"):
-                return self.vendor_request(vendor, method, path[len(vendor.prefix) :] or "/", query, headers, body)
+                route = path[len(vendor.prefix) :] or "/"
+                return self.vendor_request(vendor, method, route, query, headers, body, arrived)
         mounts = {v.name: v.prefix for v in self.vendors.values()}
         status, payload = error(404, f"No vendor mounted at {path}", mounts=mounts, control=CONTROL_PREFIX)
         return status, payload, []
@@ -125,11 +132,18 @@ class SandboxApp:
     # -- vendors ----------------------------------------------------------
 
     def vendor_request(
-        self, vendor: VendorAPI, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
+        self,
+        vendor: VendorAPI,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        arrived: float | None = None,
     ) -> Reply:
         state, name = self.state, vendor.name
         idem_key = headers.get("idempotency-key")
-        record = state.begin(name, method, path, query, headers, body, vendor.check_auth(headers), idem_key)
+        record = state.begin(name, method, path, query, headers, body, vendor.check_auth(headers), idem_key, arrived)
         extra: list[tuple[str, str]]
         writes: list[PersonWrite]
         status, payload, extra, writes = 500, None, [], []
@@ -156,8 +170,10 @@ class SandboxApp:
         state, name = self.state, vendor.name
         # Decided at arrival (when the record was made), answered after the latency.
         failure = state.take_failure(name, body.decode("utf-8", "replace") + "\n" + (idem_key or ""))
-        retry_after = state.take_token(name) if failure is None and record["auth_ok"] else None
-        limit_headers = state.rate_limit_headers(name) if vendor.rate_limit_headers else []
+        # The rate limit counts the request at its arrival (the record's ``ts``), on the monotonic clock.
+        at = time.monotonic() - max(0.0, time.time() - record["ts"])
+        retry_after = state.take_token(name, at) if failure is None and record["auth_ok"] else None
+        limit_headers = state.rate_limit_headers(name, at) if vendor.rate_limit_headers else []
         delay = state.latency(name)
         if delay > 0:
             self.stopping.wait(delay)  # a long latency (a hanging vendor) holds only this connection's thread
@@ -272,6 +288,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.stamps = _StampedSocket.over(self.connection)
+        if self.stamps is not None:
+            self.rfile.close()  # the stdlib's reader: its open file would keep the socket from closing
+            self.rfile = io.BufferedReader(self.stamps, max(io.DEFAULT_BUFFER_SIZE, 65536))
         self.server.track(self.connection, True)
 
     def finish(self) -> None:
@@ -283,6 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         try:
             body = self._read_body()
+            # When its last byte reached this host (the kernel's stamp), not when this thread got to it.
+            arrived = self.stamps.arrived if self.stamps is not None else None
         except ValueError as exc:
             self.close_connection = True
             status, payload = error(413 if "too large" in str(exc) else 400, str(exc))
@@ -291,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         headers = {name.lower(): value for name, value in self.headers.items()}
         try:
-            status, payload, extra = self.server.app.dispatch(self.command, path, query, headers, body)
+            status, payload, extra = self.server.app.dispatch(self.command, path, query, headers, body, arrived)
         except Exception as exc:  # noqa: BLE001  # pragma: no cover - defensive
             status, payload, extra = 500, {"success": False, "message": f"sandbox bug: {exc!r}"}, []
         try:
@@ -354,6 +376,47 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         """Silence per-request logging (it would dominate the cost of a request)."""
+
+
+# SO_TIMESTAMPNS (Linux): every read also returns when the kernel received the data read.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform.startswith("linux") else None)
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class _StampedSocket(io.RawIOBase):
+    """A connection's reads, each keeping the kernel's receive time of the data it returned.
+
+    A vendor counts a request against its limit when the request reaches it. This process is
+    one of several on the same CPUs: its handler thread may read a request tens of milliseconds
+    after it arrived, and counting then would judge the client by this process' scheduling.
+    ``arrived`` is the `time.time` second at which the kernel received the latest data read.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.arrived: float | None = None
+
+    @classmethod
+    def over(cls, sock: socket.socket) -> _StampedSocket | None:
+        """Reads of ``sock`` with receive stamps; None where the platform has none."""
+        if _SO_TIMESTAMPNS is None:
+            return None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            return None
+        return cls(sock)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], _STAMP_SPACE)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", data[:16])
+                self.arrived = seconds + nanoseconds / 1e9
+        return n
 
 
 _date_cache: tuple[int, str] = (0, "")

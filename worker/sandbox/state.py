@@ -49,6 +49,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import math
@@ -129,8 +130,9 @@ def window_of(rate: float) -> tuple[int, float]:
 
 
 class Limit:
-    """A vendor's counter. ``take(now)`` admits or refuses one arrival at ``now``
-    (seconds, non-decreasing); ``remaining(now)`` is what is left in the window.
+    """A vendor's counter. ``take(now)`` admits or refuses one arrival at ``now`` (seconds);
+    ``remaining(now)`` is what is left in the window. Arrivals may come a little out of order
+    (requests stamped when they reached the host, counted by the connection threads that read them).
 
     Not thread-safe by itself; `SandboxState` calls it under its lock.
     """
@@ -151,69 +153,81 @@ class Limit:
 
 
 class SlidingWindow(Limit):
-    """At most ``capacity`` admitted arrivals in any ``window`` seconds.
+    """At most ``capacity`` admitted arrivals in any ``window`` seconds (two arrivals exactly
+    ``window`` apart are in no window together), whatever order they are counted in.
 
     >>> w = SlidingWindow(2)
     >>> [w.take(t) for t in (0.0, 0.1, 0.9, 1.0, 1.05, 1.1)]
     [True, True, False, True, False, True]
+    >>> w = SlidingWindow(2)
+    >>> [w.take(t) for t in (0.5, 0.0, 0.1, 1.0)]   # 0.1 counted late: 0.0, 0.1, 0.5 share a second
+    [True, True, False, True]
     """
 
     def __init__(self, rate: float) -> None:
         super().__init__(rate)
-        self.log: deque[float] = deque()
+        self.log: list[float] = []  # admitted arrivals, sorted
+        self.latest = -math.inf
 
     def _expire(self, now: float) -> None:
-        while self.log and self.log[0] <= now - self.window:
-            self.log.popleft()
+        # Keep what an arrival counted late could still share a window with.
+        self.latest = max(self.latest, now)
+        drop = bisect.bisect_right(self.log, self.latest - 2 * self.window)
+        if drop:
+            del self.log[:drop]
 
     def take(self, now: float) -> bool:
         self._expire(now)
-        if len(self.log) >= self.capacity:
-            return False
-        self.log.append(now)
+        log, cap = self.log, self.capacity
+        at = bisect.bisect_right(log, now)
+        with_now = [*log[max(0, at - cap) : at], now, *log[at : at + cap]]
+        # Every capacity + 1 consecutive arrivals, ``now`` among them, must span a whole window.
+        for first, last in zip(with_now, with_now[cap:], strict=False):
+            if first > last - self.window:
+                return False
+        log.insert(at, now)
         return True
 
     def spend(self, now: float) -> None:
         self._expire(now)
-        self.log.append(now)
+        bisect.insort(self.log, now)
 
     def remaining(self, now: float) -> int:
         self._expire(now)
-        return self.capacity - len(self.log)
+        return self.capacity - (len(self.log) - bisect.bisect_right(self.log, now - self.window))
 
 
 class FixedWindow(Limit):
     """At most ``capacity`` admitted arrivals per clock-aligned window (a wall-clock second for N >= 1).
 
     >>> w = FixedWindow(2)
-    >>> [w.take(t) for t in (0.0, 0.1, 0.9, 1.0, 1.05, 1.1)]
-    [True, True, False, True, True, False]
+    >>> [w.take(t) for t in (0.0, 0.1, 0.9, 1.0, 1.05, 1.1, 0.95)]
+    [True, True, False, True, True, False, False]
     """
 
     def __init__(self, rate: float) -> None:
         super().__init__(rate)
-        self.current = -1
-        self.count = 0
+        self.counts: dict[int, int] = {}
 
-    def _roll(self, now: float) -> None:
+    def _index(self, now: float) -> int:
         index = math.floor(now / self.window)
-        if index != self.current:
-            self.current, self.count = index, 0
+        for old in [i for i in self.counts if i < index - 2]:
+            del self.counts[old]
+        return index
 
     def take(self, now: float) -> bool:
-        self._roll(now)
-        if self.count >= self.capacity:
+        index = self._index(now)
+        if self.counts.get(index, 0) >= self.capacity:
             return False
-        self.count += 1
+        self.counts[index] = self.counts.get(index, 0) + 1
         return True
 
     def spend(self, now: float) -> None:
-        self._roll(now)
-        self.count += 1
+        index = self._index(now)
+        self.counts[index] = self.counts.get(index, 0) + 1
 
     def remaining(self, now: float) -> int:
-        self._roll(now)
-        return self.capacity - self.count
+        return self.capacity - self.counts.get(self._index(now), 0)
 
 
 class TokenBucket(Limit):
@@ -232,9 +246,11 @@ class TokenBucket(Limit):
         self.updated: float | None = None
 
     def _refill(self, now: float) -> None:
-        if self.updated is not None:
-            self.tokens = min(self.size, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        # An arrival counted late refills nothing: the bucket's time only moves forward.
+        if self.updated is None or now > self.updated:
+            if self.updated is not None:
+                self.tokens = min(self.size, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
 
     def take(self, now: float | None = None) -> bool:
         """Consume one token if available."""
@@ -591,8 +607,10 @@ class SandboxState:
         body: bytes,
         auth_ok: bool,
         idempotency_key: str | None,
+        arrived: float | None = None,
     ) -> dict[str, Any]:
-        """Record an incoming vendor request (status None until `finish`).
+        """Record an incoming vendor request (status None until `finish`), arrived at ``arrived``
+        (`time.time` seconds; now if None), its ``ts``.
 
         ``auth_ok`` is the vendor's credential check; while the vendor's ``revoke_key`` is on,
         it is False whatever the request carries.
@@ -607,7 +625,7 @@ class SandboxState:
             "auth_ok": auth_ok,
             "body": _decode_body(body),
             "status": None,
-            "ts": time.time(),
+            "ts": time.time() if arrived is None else arrived,
             "idempotency_key": idempotency_key,
         }
         with self._lock:
