@@ -123,7 +123,7 @@ class Sizes:
     def small(cls) -> Sizes:
         return cls(enqueue_calls=300, enqueue_warmup=50, throughput_events=500, sandbox_capacity_requests=500,
                    latency_extra_concurrency=0, diagnose_logging=False, diagnose_events=False, diagnose_http=False,
-                   rate_processes=(1, 4), rate_warmup=1.0, rate_window=3.0, memory_backlog=5000,
+                   rate_limits=(50.0,), rate_processes=(1, 4), rate_warmup=1.0, rate_window=3.0, memory_backlog=5000,
                    memory_small_backlog=200, memory_seconds=6.0,
                    batch_warmup=1.0, batch_window=4.0, import_runs=3, capacity_events=300,
                    web_requests=200, web_spool_requests=100, web_warmup=50,
