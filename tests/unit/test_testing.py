@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -209,14 +208,11 @@ def test_recording_never_touches_redis_nor_starts_the_spool_flusher(monkeypatch,
                 await worker.aio.segment(email="jill@acme.co", add=["vip"])]
 
     with worker.testing.recorder() as events:
-        started = time.monotonic()
         ids = [worker.identify(email="jill@acme.co"), worker.track("x", email="jill@acme.co"),
                worker.segment(email="jill@acme.co", add=["vip"])]
         ids += asyncio.run(from_asyncio())
-        elapsed = time.monotonic() - started
     assert [c.id for c in events] == ids and len(set(ids)) == 6
-    assert connects == []
-    assert elapsed < get_settings().publish_timeout  # no connect attempt, no timeout waited out
+    assert connects == []  # no connect attempt: no publish timeout waited out either
     assert Publisher._default is None
     assert len(AsyncPublisher._by_loop) == loops_before
     assert not any(t.name == "vdw-spool-flusher" for t in threading.enumerate())
