@@ -64,14 +64,14 @@ docs: $(STAMP)
 doctest: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider --doctest-modules --doctest-glob='*.md' worker tests/benchmarks docs
 
-# Full sizes, noisy figures 3 runs each, about 31-36 minutes on 2 cores (31 measured on 2026-12-06): table on stdout, JSON in bench-results.json,
+# Full sizes, noisy figures 3 runs each, about 36-43 minutes on 2 cores (36 and 43 measured on 2026-12-07/08): table on stdout, JSON in bench-results.json,
 # and docs/performance.md's Performance table rewritten from that JSON (not with --only or --no-table).
 # BENCH_ARGS e.g. --only enqueue, --profile var/profile. Again from a JSON: python -m tests.benchmarks.readme FILE
 bench: $(STAMP)
 	$(PY) -m tests.benchmarks --json bench-results.json $(BENCH_ARGS)
 
-# Small sizes, each figure once, about 4-5 minutes on 2 cores (246-307 s in the CI runs of 2026-12-06, before the rate-limit
-# rows were cut to 1 and 4 processes in the smoke): fails only if something breaks (not on a missed target);
+# Small sizes, each figure once, about 3-4 minutes on 2 cores (245-257 s in the CI runs of 2026-12-07, 213 s on 2026-12-08
+# before the rate-limit rows were cut to 50/s in the smoke): fails only if something breaks (not on a missed target);
 # never touches docs/performance.md.
 bench-smoke: $(STAMP)
 	$(PY) -m tests.benchmarks --smoke --json bench-smoke.json $(BENCH_ARGS)
