@@ -148,7 +148,7 @@ class RateLimiter:
         reserve another."""
         if reservation.wait <= 0:
             if self.tolerance is None or reservation.rtt <= self.tolerance:
-                return Admission(True, reservation.rtt, send_by=self._send_by(reservation.rtt, time.monotonic()))
+                return Admission(True, reservation.rtt, send_by=self._send_by(reservation.rtt))
         else:
             sleep(reservation.wait)
         for _ in range(3):
@@ -163,9 +163,9 @@ class RateLimiter:
         """Requests per second in use now (None: unlimited)."""
         return None
 
-    def _send_by(self, late: float, now: float) -> float | None:
-        """The latest moment a request admitted ``late`` seconds after its slot, at ``now``, may leave (None:
-        any time)."""
+    def _send_by(self, late: float) -> float | None:
+        """The latest moment (``time.monotonic()``) a request admitted just now, ``late`` seconds after its slot,
+        may leave (None: any time)."""
         return None
 
 
@@ -399,7 +399,7 @@ class WindowLimiter(RateLimiter):
         reason = why.decode() if isinstance(why, bytes) else why
         if int(ok):
             late += read - asked
-            return Admission(True, late, reason, self._send_by(late, time.monotonic()) if strict else None)
+            return Admission(True, late, reason, self._send_by(late) if strict else None)
         return Admission(False, late, reason)
 
     def observe(self, status: int, headers: Mapping[str, str]) -> None:
@@ -415,13 +415,13 @@ class WindowLimiter(RateLimiter):
             except redis.RedisError as exc:  # the answer is in; the delivery must not fail over bookkeeping
                 log.warning("%s: could not record the vendor's rate-limit answer: %s", self.name, exc)
 
-    def _send_by(self, late: float, now: float) -> float | None:
-        """What is left of the margin after ``late``, less :data:`SEND_ALLOWANCE` for the way to the vendor (a
-        cold request's extra margin is for the connection it opens after that check). None with a margin too
-        small to split, or with a test clock."""
+    def _send_by(self, late: float) -> float | None:
+        """From now, what is left of the margin after ``late``, less :data:`SEND_ALLOWANCE` for the way to the
+        vendor (a cold request's extra margin is for the connection it opens after that check). None with a margin
+        too small to split, or with a test clock."""
         if self.clock is not None or self.margin <= 2 * SEND_ALLOWANCE:
             return None
-        return now + self.margin - late - SEND_ALLOWANCE
+        return time.monotonic() + self.margin - late - SEND_ALLOWANCE
 
     def effective_rate(self) -> float | None:
         """The rate every worker uses now (read from Redis)."""
